@@ -1,0 +1,246 @@
+//! Types shared by the eBPF programs and the userspace agent.
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding and a size
+//! pinned by a compile-time assertion, so the two sides cannot disagree. The
+//! byte order of every field is documented: addresses are kept exactly as the
+//! kernel hands them to BPF programs (network order, read as a native `u32`),
+//! ports are converted to host order once, by the helpers in [`net`].
+#![no_std]
+
+pub mod net;
+
+use core::mem::size_of;
+
+/// Map names: the eBPF statics carry exactly these names (checked by the
+/// agent's tests against the built object).
+pub mod maps {
+    /// `HashMap<u64 netns cookie, NetnsConfig>`: which network namespaces are served.
+    pub const NETNS_CONFIG: &str = "NETNS_CONFIG";
+    /// `LruHashMap<u64 socket cookie, OrigDst>`: written by connect4, consumed
+    /// by sockops when the connection is established.
+    pub const ORIG_DST_BY_COOKIE: &str = "ORIG_DST_BY_COOKIE";
+    /// `HashMap<SockKey, OrigDst>`: the app's side of a redirected connection
+    /// (app → proxy tuple) to its original destination; read by getsockopt.
+    pub const ORIG_DST_BY_TUPLE: &str = "ORIG_DST_BY_TUPLE";
+    /// `SockHash<SockKey>`: both ends of every short-circuited connection.
+    pub const SOCKETS: &str = "SOCKETS";
+    /// `SkStorage<SockState>`: per-socket sk_msg verdict, sticky once decided.
+    pub const SOCK_STATE: &str = "SOCK_STATE";
+    /// `PerCpuArray<u64>`, indexed by [`crate::counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Program names (the entry-point functions in `agent-ebpf`).
+pub mod programs {
+    pub const CONNECT4: &str = "mesh_connect4";
+    pub const SOCKOPS: &str = "mesh_sockops";
+    pub const SK_MSG: &str = "mesh_sk_msg";
+    pub const GETSOCKOPT: &str = "mesh_getsockopt";
+}
+
+/// Capacities of the maps. Every map is bounded: the tuple and socket maps
+/// hold one entry per live short-circuited socket and are cleaned on close;
+/// the cookie map is an LRU for connects that never complete.
+pub mod capacity {
+    pub const NETNS_CONFIG: u32 = 1024;
+    pub const ORIG_DST_BY_COOKIE: u32 = 65_536;
+    pub const ORIG_DST_BY_TUPLE: u32 = 65_536;
+    pub const SOCKETS: u32 = 131_072;
+}
+
+/// Flag bits of [`NetnsConfig::flags`].
+pub mod flags {
+    /// connect4 rewrites outbound TCP connects to the outbound port.
+    pub const REDIRECT_OUTBOUND: u32 = 1 << 0;
+    /// sockops inserts app↔proxy sockets into the SOCKHASH and sk_msg
+    /// short-circuits them. Off: connect4 redirect only (plain loopback TCP).
+    pub const SOCKMAP: u32 = 1 << 1;
+    /// `proxy_uid` is set: connects by that uid are never redirected.
+    pub const PROXY_UID: u32 = 1 << 2;
+    /// `proxy_gid` is set: connects by that gid are never redirected.
+    pub const PROXY_GID: u32 = 1 << 3;
+}
+
+/// Per-network-namespace configuration, value of [`maps::NETNS_CONFIG`]
+/// keyed by the namespace's cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetnsConfig {
+    /// Host order.
+    pub outbound_port: u16,
+    /// Host order.
+    pub inbound_port: u16,
+    /// `SO_MARK` the proxy puts on its upstream sockets; 0 = none.
+    pub proxy_mark: u32,
+    pub proxy_uid: u32,
+    pub proxy_gid: u32,
+    /// Bits from [`flags`].
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<NetnsConfig>() == 20);
+
+impl NetnsConfig {
+    #[must_use]
+    pub const fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// An original destination, as `connect()` was asked for it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Network order, as in `sockaddr_in.sin_addr`.
+    pub ip4: u32,
+    /// Host order.
+    pub port: u16,
+    /// Always zero.
+    pub pad: u16,
+}
+const _: () = assert!(size_of::<OrigDst>() == 8);
+
+/// A TCP socket's 4-tuple within one network namespace, from that socket's
+/// own point of view (`src` is its local end).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub netns_cookie: u64,
+    /// Network order.
+    pub src_ip4: u32,
+    /// Network order.
+    pub dst_ip4: u32,
+    /// Host order.
+    pub src_port: u16,
+    /// Host order.
+    pub dst_port: u16,
+    /// Always zero.
+    pub pad: u32,
+}
+const _: () = assert!(size_of::<SockKey>() == 24);
+
+impl SockKey {
+    #[must_use]
+    pub const fn new(
+        netns_cookie: u64,
+        src_ip4: u32,
+        src_port: u16,
+        dst_ip4: u32,
+        dst_port: u16,
+    ) -> Self {
+        Self {
+            netns_cookie,
+            src_ip4,
+            dst_ip4,
+            src_port,
+            dst_port,
+            pad: 0,
+        }
+    }
+
+    /// The same connection seen from the peer socket.
+    #[must_use]
+    pub const fn reversed(&self) -> Self {
+        Self::new(
+            self.netns_cookie,
+            self.dst_ip4,
+            self.dst_port,
+            self.src_ip4,
+            self.src_port,
+        )
+    }
+}
+
+/// Per-socket sk_msg state, value of [`maps::SOCK_STATE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    /// One of the `VERDICT_*` constants.
+    pub verdict: u32,
+}
+const _: () = assert!(size_of::<SockState>() == 4);
+
+impl SockState {
+    /// Not decided yet: the first message decides.
+    pub const VERDICT_UNDECIDED: u32 = 0;
+    /// Every message of this socket goes to the peer's ingress queue.
+    pub const VERDICT_REDIRECT: u32 = 1;
+    /// Every message of this socket goes over TCP: once one did, switching
+    /// to redirect could let later bytes overtake earlier ones at the reader.
+    pub const VERDICT_PASS: u32 = 2;
+}
+
+/// Indexes of the per-CPU [`maps::COUNTERS`] array.
+pub mod counter {
+    /// connect4 rewrote a connect to the outbound port.
+    pub const CONNECT_REDIRECTED: u32 = 0;
+    /// connect4 left a connect alone because of its mark, uid/gid or destination.
+    pub const CONNECT_BYPASSED: u32 = 1;
+    /// connect4 could not store the original destination: connect left alone.
+    pub const CONNECT_STORE_FAILED: u32 = 2;
+    /// sockops put a socket into the SOCKHASH.
+    pub const SOCKHASH_INSERTED: u32 = 3;
+    /// sockops could not put a socket into the SOCKHASH (plain TCP is used).
+    pub const SOCKHASH_INSERT_FAILED: u32 = 4;
+    /// sockops could not move an original destination to the tuple map
+    /// (map full): the proxy will not learn it and closes the connection.
+    pub const ORIG_DST_STORE_FAILED: u32 = 5;
+    /// sk_msg redirected a message to the peer socket.
+    pub const MSG_REDIRECTED: u32 = 6;
+    /// sk_msg let a message continue over TCP (peer missing or sticky pass).
+    pub const MSG_PASSED: u32 = 7;
+    /// `getsockopt(SO_ORIGINAL_DST)` answered from the tuple map.
+    pub const GETSOCKOPT_ANSWERED: u32 = 8;
+    /// `getsockopt(SO_ORIGINAL_DST)` on a socket we know nothing about.
+    pub const GETSOCKOPT_MISSED: u32 = 9;
+    /// sockops removed a closed socket's entries.
+    pub const SOCKETS_CLOSED: u32 = 10;
+    /// Number of counters.
+    pub const COUNT: u32 = 11;
+
+    /// Names in index order, for metrics and reports.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "connect_redirected",
+        "connect_bypassed",
+        "connect_store_failed",
+        "sockhash_inserted",
+        "sockhash_insert_failed",
+        "orig_dst_store_failed",
+        "msg_redirected",
+        "msg_passed",
+        "getsockopt_answered",
+        "getsockopt_missed",
+        "sockets_closed",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is `repr(C)`, `Copy`, made only of integers, with all
+    // padding explicit, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::NetnsConfig {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::SockState {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reversed_swaps_ends_and_keeps_namespace() {
+        let k = SockKey::new(7, 1, 1000, 2, 15001);
+        let r = k.reversed();
+        assert_eq!(r, SockKey::new(7, 2, 15001, 1, 1000));
+        assert_eq!(r.reversed(), k);
+    }
+
+    #[test]
+    fn counter_names_are_unique() {
+        for (i, a) in counter::NAMES.iter().enumerate() {
+            for b in &counter::NAMES[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Byte order of addresses and ports in BPF contexts: one helper per field
+//! layout, so no call site converts by hand.
+//!
+//! The kernel's context fields disagree with each other:
+//!
+//! | field | layout of the `u32` as a BPF program reads it |
+//! |---|---|
+//! | `bpf_sock_ops.local_port`, `sk_msg_md.local_port`, `bpf_sock.src_port`, `bpf_sk_lookup.local_port` | host order |
+//! | `bpf_sock_ops.remote_port`, `sk_msg_md.remote_port` | network-order `u16` in the **upper** 16 bits |
+//! | `bpf_sock_addr.user_port`, `bpf_sock.dst_port`, `bpf_sk_lookup.remote_port` | network-order `u16` in the **lower** 16 bits |
+//!
+//! IPv4 addresses are network order everywhere: the bytes `a.b.c.d` in
+//! memory, read as a native `u32`. We keep them that way ("raw") in maps.
+
+/// Network order as a native `u32`: `ip4_raw([127, 0, 0, 1])`.
+#[must_use]
+pub const fn ip4_raw(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+
+/// The octets of a raw (network order) IPv4 address.
+#[must_use]
+pub const fn ip4_octets(raw: u32) -> [u8; 4] {
+    raw.to_ne_bytes()
+}
+
+/// 127.0.0.1, raw.
+pub const LOCALHOST: u32 = ip4_raw([127, 0, 0, 1]);
+
+/// Whether a raw address is in 127.0.0.0/8.
+#[must_use]
+pub const fn is_loopback(raw: u32) -> bool {
+    ip4_octets(raw)[0] == 127
+}
+
+/// A host-order port field (`local_port`, `src_port`).
+#[must_use]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "ports are 16-bit; the upper half is zero"
+)]
+pub const fn port_from_host_u32(field: u32) -> u16 {
+    field as u16
+}
+
+/// A network-order port in the upper 16 bits (`bpf_sock_ops.remote_port`,
+/// `sk_msg_md.remote_port`).
+#[must_use]
+pub const fn port_from_be_upper(field: u32) -> u16 {
+    u16::from_be((field >> 16) as u16)
+}
+
+/// A network-order port in the lower 16 bits (`bpf_sock_addr.user_port`,
+/// `bpf_sock.dst_port`, `bpf_sk_lookup.remote_port`).
+#[must_use]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the port is the low 16 bits"
+)]
+pub const fn port_from_be_lower(field: u32) -> u16 {
+    u16::from_be(field as u16)
+}
+
+/// The value to store in `bpf_sock_addr.user_port` for a host-order port.
+#[must_use]
+pub const fn port_to_be_lower(port: u16) -> u32 {
+    port.to_be() as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the kernel stores for port 15001 (0x3a99): `skc_dport` holds the
+    /// bytes `3a 99`; loaded as a little-endian `u16` that is 0x993a.
+    const PORT: u16 = 15001;
+
+    fn be16_as_loaded() -> u16 {
+        u16::from_ne_bytes(PORT.to_be_bytes())
+    }
+
+    #[test]
+    fn host_order_field() {
+        assert_eq!(port_from_host_u32(u32::from(PORT)), PORT);
+    }
+
+    #[test]
+    fn network_order_upper_half() {
+        // sock_ops/sk_msg: the loaded be16 shifted left by 16.
+        let field = u32::from(be16_as_loaded()) << 16;
+        assert_eq!(port_from_be_upper(field), PORT);
+    }
+
+    #[test]
+    fn network_order_lower_half_round_trips() {
+        let field = u32::from(be16_as_loaded());
+        assert_eq!(port_from_be_lower(field), PORT);
+        assert_eq!(port_to_be_lower(PORT), field);
+        assert_eq!(port_from_be_lower(port_to_be_lower(443)), 443);
+    }
+
+    #[test]
+    fn addresses_keep_memory_order() {
+        assert_eq!(ip4_octets(LOCALHOST), [127, 0, 0, 1]);
+        assert!(is_loopback(ip4_raw([127, 0, 0, 6])));
+        assert!(is_loopback(ip4_raw([127, 255, 1, 1])));
+        assert!(!is_loopback(ip4_raw([10, 0, 0, 1])));
+        assert!(!is_loopback(ip4_raw([128, 0, 0, 1])));
+        // The same bytes sockaddr_in.sin_addr carries.
+        assert_eq!(ip4_raw([10, 1, 2, 3]).to_ne_bytes(), [10, 1, 2, 3]);
+    }
+}

@@ -1,0 +1,88 @@
+//! `cgroup/connect4`: rewrite outbound TCP connects of served namespaces to
+//! the proxy's outbound port, remembering the original destination by socket
+//! cookie. sockops moves it to the connection's tuple once established.
+
+use agent_common::{NetnsConfig, OrigDst, counter, flags, net};
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{
+        bpf_get_current_uid_gid,
+        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    },
+    programs::SockAddrContext,
+};
+use aya_log_ebpf::debug;
+
+use crate::{NETNS_CONFIG, ORIG_DST_BY_COOKIE, counters::bump};
+
+const AF_INET: u32 = 2;
+const SOCK_STREAM: u32 = 1;
+
+#[inline(always)]
+pub fn connect4(ctx: &SockAddrContext) {
+    // SAFETY: the kernel hands us a valid context for the program's duration.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.user_family != AF_INET || sa.type_ != SOCK_STREAM {
+        return;
+    }
+    // SAFETY: helper call on our own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once.
+    let Some(cfg) = (unsafe { NETNS_CONFIG.get(netns) }).copied() else {
+        return;
+    };
+    if !cfg.has(flags::REDIRECT_OUTBOUND) {
+        return;
+    }
+    let dst_ip4 = sa.user_ip4;
+    let dst_port = net::port_from_be_lower(sa.user_port);
+    if net::is_loopback(dst_ip4) {
+        return;
+    }
+    if bypassed(sa, &cfg) {
+        bump(counter::CONNECT_BYPASSED);
+        return;
+    }
+    // SAFETY: helper call on our own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst {
+        ip4: dst_ip4,
+        port: dst_port,
+        pad: 0,
+    };
+    if ORIG_DST_BY_COOKIE.insert(cookie, orig, 0).is_err() {
+        // Without the original destination the proxy could not forward:
+        // leave the connect alone rather than break it.
+        bump(counter::CONNECT_STORE_FAILED);
+        return;
+    }
+    sa.user_ip4 = net::LOCALHOST;
+    sa.user_port = net::port_to_be_lower(cfg.outbound_port);
+    bump(counter::CONNECT_REDIRECTED);
+    debug!(
+        ctx,
+        "connect4: {:i}:{} redirected to 127.0.0.1:{}",
+        u32::from_be(dst_ip4),
+        dst_port,
+        cfg.outbound_port
+    );
+}
+
+/// The proxy's own connects (by socket mark, uid or gid) go where they asked.
+#[inline(always)]
+fn bypassed(sa: &aya_ebpf::bindings::bpf_sock_addr, cfg: &NetnsConfig) -> bool {
+    if cfg.proxy_mark != 0 {
+        // SAFETY: `sk` is the connecting socket, valid for the program's duration.
+        let sk = unsafe { sa.__bindgen_anon_1.sk };
+        // SAFETY: checked non-null; `mark` is readable on a full socket.
+        if !sk.is_null() && unsafe { (*sk).mark } == cfg.proxy_mark {
+            return true;
+        }
+    }
+    let uid_gid = bpf_get_current_uid_gid();
+    #[expect(clippy::cast_possible_truncation, reason = "the low half is the uid")]
+    let uid = uid_gid as u32;
+    let gid = (uid_gid >> 32) as u32;
+    (cfg.has(flags::PROXY_UID) && uid == cfg.proxy_uid)
+        || (cfg.has(flags::PROXY_GID) && gid == cfg.proxy_gid)
+}

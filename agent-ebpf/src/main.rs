@@ -1,0 +1,91 @@
+//! The agent's eBPF programs: maps and thin entry points. Each hook's logic
+//! lives in its own module; every entry point turns an internal error into
+//! "let the traffic through", never into a drop or a refused syscall.
+#![no_std]
+// On the host (clippy, check) this builds as an ordinary binary so the
+// programs get linted; a dependency brings std and its panic handler there.
+#![cfg_attr(target_arch = "bpf", no_main)]
+// Each program should stay one function for the verifier (bpf-to-bpf calls
+// cost stack and complicate older verifiers).
+#![allow(clippy::inline_always)]
+// The aya program macros hand each entry point its context by value.
+#![allow(clippy::needless_pass_by_value)]
+
+mod connect4;
+mod counters;
+mod getsockopt;
+mod sk_msg;
+mod sockops;
+
+use agent_common::{NetnsConfig, OrigDst, SockKey, SockState, capacity, counter};
+use aya_ebpf::{
+    btf_maps::SkStorage,
+    macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sk_msg, sock_ops},
+    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
+};
+
+/// `cgroup/connect4` and `cgroup/getsockopt` verdict: the syscall proceeds.
+pub const ALLOW: i32 = 1;
+/// sk_msg verdict: the message continues (to the redirect target if one was set).
+pub const SK_PASS: u32 = 1;
+/// sock_ops return value (ignored by the kernel for the callbacks we use).
+pub const SOCKOPS_OK: u32 = 1;
+
+#[map]
+static NETNS_CONFIG: HashMap<u64, NetnsConfig> =
+    HashMap::with_max_entries(capacity::NETNS_CONFIG, 0);
+
+#[map]
+static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst> =
+    LruHashMap::with_max_entries(capacity::ORIG_DST_BY_COOKIE, 0);
+
+#[map]
+static ORIG_DST_BY_TUPLE: HashMap<SockKey, OrigDst> =
+    HashMap::with_max_entries(capacity::ORIG_DST_BY_TUPLE, 0);
+
+#[map]
+static SOCKETS: SockHash<SockKey> = SockHash::with_max_entries(capacity::SOCKETS, 0);
+
+#[btf_map]
+static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    connect4::connect4(&ctx);
+    ALLOW
+}
+
+#[sock_ops]
+pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
+    sockops::sockops(&ctx);
+    SOCKOPS_OK
+}
+
+#[sk_msg]
+pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
+    sk_msg::sk_msg(&ctx);
+    SK_PASS
+}
+
+#[cgroup_sockopt(getsockopt)]
+pub fn mesh_getsockopt(ctx: SockoptContext) -> i32 {
+    getsockopt::getsockopt(&ctx);
+    ALLOW
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,68 @@
+//! `sk_msg`: move each message of a short-circuited socket straight into the
+//! peer socket's receive queue (`BPF_F_INGRESS`), found by the reversed tuple.
+//!
+//! A socket's choice is sticky. If its first message finds no peer (the
+//! proxy's end was not in the map yet), that message goes over TCP, and so
+//! must every later one: a redirected message lands in the peer's ingress
+//! queue, which the reader drains *before* its TCP receive queue, so mixing
+//! the two paths would reorder bytes.
+
+use agent_common::{SockKey, SockState, counter, net};
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::BPF_F_INGRESS,
+    helpers::generated::{bpf_get_netns_cookie, bpf_sk_storage_get},
+    programs::SkMsgContext,
+};
+
+use crate::{SK_PASS, SOCK_STATE, SOCKETS, counters::bump};
+
+#[inline(always)]
+pub fn sk_msg(ctx: &SkMsgContext) {
+    // SAFETY: the kernel hands us a valid context for the program's duration.
+    let md = unsafe { &*ctx.msg };
+    // SAFETY: `sk` is the sending socket.
+    let sk = unsafe { md.__bindgen_anon_3.sk };
+    if sk.is_null() {
+        bump(counter::MSG_PASSED);
+        return;
+    }
+    // SAFETY: BTF sk_storage map pointer and a full socket; no creation here.
+    let state = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&SOCK_STATE).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<SockState>();
+    if state.is_null() {
+        bump(counter::MSG_PASSED);
+        return;
+    }
+    // SAFETY: non-null storage of this socket; sendmsg holds the socket lock.
+    let state = unsafe { &mut *state };
+    if state.verdict == SockState::VERDICT_PASS {
+        bump(counter::MSG_PASSED);
+        return;
+    }
+    // SAFETY: helper call on our own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let mut peer = SockKey::new(
+        netns,
+        md.remote_ip4,
+        net::port_from_be_upper(md.remote_port),
+        md.local_ip4,
+        net::port_from_host_u32(md.local_port),
+    );
+    // On a miss the helper returns SK_DROP; we return SK_PASS regardless, so
+    // the message continues over TCP instead of being lost.
+    if SOCKETS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+        state.verdict = SockState::VERDICT_REDIRECT;
+        bump(counter::MSG_REDIRECTED);
+    } else {
+        state.verdict = SockState::VERDICT_PASS;
+        bump(counter::MSG_PASSED);
+    }
+}

@@ -1,0 +1,184 @@
+//! `sockops`: when an app↔proxy connection is established, move its original
+//! destination from the socket cookie to the connection's tuple and put both
+//! sockets into the SOCKHASH; when a socket closes, delete what it owned.
+//!
+//! Order of events on loopback: the app's socket reaches ESTABLISHED (active
+//! callback) before the proxy's accepted socket exists (passive callback), so
+//! the tuple entry is always in place when the proxy's socket shows up.
+
+use agent_common::{SockKey, SockState, counter, flags, net};
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_ANY, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_ops,
+    },
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_storage_get},
+    programs::SockOpsContext,
+};
+use aya_log_ebpf::debug;
+
+use crate::{
+    NETNS_CONFIG, ORIG_DST_BY_COOKIE, ORIG_DST_BY_TUPLE, SOCK_STATE, SOCKETS, counters::bump,
+};
+
+const AF_INET: u32 = 2;
+
+#[inline(always)]
+pub fn sockops(ctx: &SockOpsContext) {
+    if ctx.family() != AF_INET {
+        return;
+    }
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(ctx),
+        _ => {}
+    }
+}
+
+/// This socket's tuple, from its own point of view.
+#[inline(always)]
+fn own_key(ctx: &SockOpsContext) -> SockKey {
+    // SAFETY: helper call on our own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    SockKey::new(
+        netns,
+        ctx.local_ip4(),
+        net::port_from_host_u32(ctx.local_port()),
+        ctx.remote_ip4(),
+        net::port_from_be_upper(ctx.remote_port()),
+    )
+}
+
+#[inline(always)]
+fn cookie(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: helper call on our own context.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// Ask for state callbacks so the socket's entries go when it closes. A
+/// failure here only means the LRU (cookie map) or the next connection on
+/// the same tuple (tuple map) reclaims the entry.
+#[inline(always)]
+fn watch_close(ctx: &SockOpsContext) {
+    let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+    // The helper takes the flags as an int; they are small bit flags.
+    let _ = ctx.set_cb_flags(flags.cast_signed());
+}
+
+/// A redirected connect is about to send its SYN: watch it, so a connect
+/// that never completes frees its cookie entry.
+#[inline(always)]
+fn on_connect(ctx: &SockOpsContext) {
+    if ORIG_DST_BY_COOKIE.get_ptr(cookie(ctx)).is_some() {
+        watch_close(ctx);
+    }
+}
+
+#[inline(always)]
+fn on_active_established(ctx: &SockOpsContext) {
+    let cookie = cookie(ctx);
+    // SAFETY: copied out before the entry is removed.
+    let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).copied() else {
+        return;
+    };
+    let _ = ORIG_DST_BY_COOKIE.remove(cookie);
+    let key = own_key(ctx);
+    if ORIG_DST_BY_TUPLE
+        .insert(key, orig, u64::from(BPF_ANY))
+        .is_err()
+    {
+        bump(counter::ORIG_DST_STORE_FAILED);
+        return;
+    }
+    watch_close(ctx);
+    if sockmap_enabled(key.netns_cookie) {
+        insert_socket(ctx, key);
+    }
+}
+
+#[inline(always)]
+fn on_passive_established(ctx: &SockOpsContext) {
+    let key = own_key(ctx);
+    // SAFETY: copied out at once.
+    let Some(cfg) = (unsafe { NETNS_CONFIG.get(key.netns_cookie) }).copied() else {
+        return;
+    };
+    if !cfg.has(flags::SOCKMAP) || key.src_port != cfg.outbound_port {
+        return;
+    }
+    // Only the proxy's end of a connection connect4 redirected.
+    if ORIG_DST_BY_TUPLE.get_ptr(key.reversed()).is_none() {
+        return;
+    }
+    // Bytes that arrived over TCP before the socket joins the map (TCP Fast
+    // Open data) would be read after redirected ones: keep plain TCP.
+    // SAFETY: valid context.
+    if unsafe { (*ctx.ops).bytes_received } != 0 {
+        bump(counter::SOCKHASH_INSERT_FAILED);
+        return;
+    }
+    watch_close(ctx);
+    insert_socket(ctx, key);
+}
+
+#[inline(always)]
+fn sockmap_enabled(netns: u64) -> bool {
+    // SAFETY: read once.
+    unsafe { NETNS_CONFIG.get(netns) }.is_some_and(|c| c.has(flags::SOCKMAP))
+}
+
+/// Puts the socket into the SOCKHASH under its own tuple, with a fresh
+/// sk_msg state. Any failure leaves the connection on plain TCP.
+#[inline(always)]
+fn insert_socket(ctx: &SockOpsContext, mut key: SockKey) {
+    // SAFETY: valid context; `sk` is the full socket of this callback.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        bump(counter::SOCKHASH_INSERT_FAILED);
+        return;
+    }
+    // The state must exist before the socket can run sk_msg: sk_msg never
+    // creates it, so a socket without state consistently uses TCP.
+    let mut fresh = SockState {
+        verdict: SockState::VERDICT_UNDECIDED,
+    };
+    // SAFETY: map pointer of a BTF sk_storage map, full socket, valid init value.
+    let state = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&SOCK_STATE).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::from_mut(&mut fresh).cast(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    };
+    if state.is_null() {
+        bump(counter::SOCKHASH_INSERT_FAILED);
+        return;
+    }
+    let ops: *mut bpf_sock_ops = ctx.ops;
+    // SAFETY: `ops` is this callback's context.
+    match SOCKETS.update(&mut key, unsafe { &mut *ops }, u64::from(BPF_ANY)) {
+        Ok(()) => {
+            bump(counter::SOCKHASH_INSERTED);
+            debug!(
+                ctx,
+                "sockops: socket :{} -> :{} short-circuited", key.src_port, key.dst_port
+            );
+        }
+        Err(_) => bump(counter::SOCKHASH_INSERT_FAILED),
+    }
+}
+
+#[inline(always)]
+fn on_close(ctx: &SockOpsContext) {
+    let key = own_key(ctx);
+    if ORIG_DST_BY_TUPLE.remove(key).is_ok() {
+        bump(counter::SOCKETS_CLOSED);
+    }
+    // A connect that never reached ESTABLISHED still owns its cookie entry.
+    let _ = ORIG_DST_BY_COOKIE.remove(cookie(ctx));
+}

@@ -1,0 +1,14 @@
+//! mesh-redirect: an eBPF sockmap redirect agent for service-mesh sidecars.
+//!
+//! It captures a pod's outbound TCP connects with `cgroup/connect4`, answers
+//! `SO_ORIGINAL_DST` with `cgroup/getsockopt` so unmodified proxies keep
+//! working, and short-circuits the app↔proxy hop with a SOCKHASH and
+//! `sk_msg`; iptables REDIRECT is the fallback.
+
+pub mod bpf_sys;
+pub mod caps;
+pub mod cgroup;
+pub mod doctor;
+pub mod ebpf;
+pub mod mounts;
+pub mod netns;

@@ -1,0 +1,79 @@
+//! The `mesh-redirect` command line.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use agent::doctor;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "mesh-redirect",
+    version,
+    about = "eBPF sockmap redirect agent for service-mesh sidecars"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Probe this kernel and host: which hooks, maps, helpers, mounts,
+    /// iptables backends and capabilities are there, and which redirect
+    /// modes are usable.
+    Doctor {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also check that this is a cgroup2 directory the agent could serve.
+        #[arg(long, value_name = "PATH")]
+        cgroup: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Doctor { json, cgroup } => run_doctor(json, cgroup),
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run_doctor(json: bool, cgroup: Option<PathBuf>) -> ExitCode {
+    // A bad --cgroup is the user's input at fault: say so first and stop.
+    if let Some(path) = &cgroup
+        && let Err(err) = agent::cgroup::validate(path)
+    {
+        eprintln!("error: --cgroup: {err}");
+        return ExitCode::from(2);
+    }
+    let report = doctor::run(&doctor::Options { cgroup });
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serializes")
+        );
+    } else {
+        print!("{}", report.render());
+    }
+    if report.any_usable() {
+        ExitCode::SUCCESS
+    } else {
+        let missing: Vec<String> = report
+            .modes
+            .iter()
+            .map(|m| format!("{}: {}", m.mode.name(), m.missing.join(", ")))
+            .collect();
+        eprintln!("error: no redirect mode is usable ({})", missing.join("; "));
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,248 @@
+//! Helpers for the kernel integration tests: every test gets its own
+//! network namespace and cgroup, and cleans them up on drop.
+//!
+//! A test that cannot run here (not root, a kernel feature missing) skips
+//! with a line saying why, unless `MESH_REDIRECT_NO_SKIP=1` (CI), where a
+//! skip is a failure. Tests panic rather than return errors, so a failure
+//! keeps its backtrace.
+
+use std::{
+    fs,
+    io::Write as _,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use agent::netns::Netns;
+
+pub const NO_SKIP_ENV: &str = "MESH_REDIRECT_NO_SKIP";
+pub const AGENT_BIN_ENV: &str = "MESH_REDIRECT_BIN";
+
+/// Skips the current test with a reason, or fails it under `MESH_REDIRECT_NO_SKIP=1`.
+#[macro_export]
+macro_rules! skip {
+    ($($arg:tt)*) => {{
+        let reason = format!($($arg)*);
+        if $crate::no_skip() {
+            panic!("would skip, but {}=1: {reason}", $crate::NO_SKIP_ENV);
+        }
+        eprintln!("SKIPPED: {reason}");
+        return;
+    }};
+}
+
+/// Skips unless running as root.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            $crate::skip!("needs root (network namespaces, cgroups, eBPF)");
+        }
+    };
+}
+
+#[must_use]
+pub fn no_skip() -> bool {
+    std::env::var(NO_SKIP_ENV).is_ok_and(|v| v == "1")
+}
+
+#[must_use]
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A unique short name for this process's n-th resource.
+#[must_use]
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A child cgroup of the cgroup2 root, removed on drop (its processes are
+/// killed first).
+#[derive(Debug)]
+pub struct TestCgroup {
+    path: PathBuf,
+}
+
+impl TestCgroup {
+    #[must_use]
+    pub fn new() -> Self {
+        let root = agent::cgroup::cgroup2_root().expect("cgroup2 mounted");
+        let path = root.join(unique("mrt-"));
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self { path }
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// PIDs in the cgroup.
+    #[must_use]
+    pub fn pids(&self) -> Vec<u32> {
+        fs::read_to_string(self.path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.parse().ok())
+            .collect()
+    }
+}
+
+impl Default for TestCgroup {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            for pid in self.pids() {
+                // SAFETY: plain kill(2) of a process in our test cgroup.
+                unsafe { libc::kill(pid.cast_signed(), libc::SIGKILL) };
+            }
+            if fs::remove_dir(&self.path).is_ok() || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A named network namespace (`ip netns add`) with `lo` up, deleted on drop.
+#[derive(Debug)]
+pub struct TestNetns {
+    name: String,
+}
+
+impl TestNetns {
+    #[must_use]
+    pub fn new() -> Self {
+        let name = unique("mrt");
+        sh(&format!(
+            "ip netns add {name} && ip -n {name} link set lo up"
+        ));
+        Self { name }
+    }
+
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    #[must_use]
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    #[must_use]
+    pub fn open(&self) -> Netns {
+        Netns::open(&self.path()).expect("open test netns")
+    }
+
+    /// Runs a shell command inside the namespace; panics on failure.
+    #[expect(clippy::must_use_candidate, reason = "often run for its effect alone")]
+    pub fn sh(&self, script: &str) -> String {
+        sh(&format!(
+            "ip netns exec {} sh -c {}",
+            self.name,
+            shell_quote(script)
+        ))
+    }
+
+    /// Runs `f` on a thread inside the namespace.
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.open().run(f).expect("enter test netns")
+    }
+}
+
+impl Default for TestNetns {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Runs a shell script on the host; panics with its output on failure.
+#[expect(clippy::must_use_candidate, reason = "often run for its effect alone")]
+pub fn sh(script: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("run sh");
+    assert!(
+        out.status.success(),
+        "`{script}` failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[must_use]
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Starts `cmd` inside `netns` (if any) and `cgroup` (if any), before exec.
+pub fn spawn_in(
+    cmd: &mut Command,
+    netns: Option<&TestNetns>,
+    cgroup: Option<&TestCgroup>,
+) -> Child {
+    let ns = netns.map(TestNetns::open);
+    let procs = cgroup.map(|c| c.path().join("cgroup.procs"));
+    // SAFETY: the closure only makes async-signal-safe syscalls (setns,
+    // open/write/close) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(ns) = &ns {
+                ns.enter().map_err(std::io::Error::other)?;
+            }
+            if let Some(p) = &procs {
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(p)?
+                    .write_all(b"0")?;
+            }
+            Ok(())
+        });
+    }
+    cmd.stdin(Stdio::null())
+        .spawn()
+        .expect("spawn test process")
+}
+
+/// The agent binary: `MESH_REDIRECT_BIN`, else next to the test binaries.
+#[must_use]
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os(AGENT_BIN_ENV) {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/mesh-redirect
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("mesh-redirect"))
+        .expect("agent binary next to the test binaries")
+}

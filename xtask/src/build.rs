@@ -1,0 +1,86 @@
+//! `cargo xtask build`: the eBPF object (through agent/build.rs) and the agent.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    cmd,
+    setup::{self, EbpfToolchain},
+};
+
+pub const AGENT_BIN: &str = "mesh-redirect";
+pub const EBPF_OBJECT: &str = "target/ebpf/bpfel-unknown-none/release/agent-ebpf";
+
+/// The workspace root (xtask's manifest dir is `<root>/xtask`).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+/// A `cargo` command for the host build, with the environment that makes
+/// agent/build.rs build the eBPF object with `tc`.
+pub fn cargo(tc: &EbpfToolchain) -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root())
+        .env("AGENT_BUILD_EBPF", "1")
+        .env("AGENT_EBPF_CARGO", &tc.cargo)
+        .env("AGENT_EBPF_RUSTC", &tc.rustc)
+        .env("AGENT_EBPF_BOOTSTRAP", if tc.bootstrap { "1" } else { "0" })
+        .env(
+            "AGENT_EBPF_LINKER_DIR",
+            setup::bpf_linker_path().parent().expect("bin dir"),
+        );
+    c
+}
+
+/// Builds the agent (and so the eBPF object). Returns the agent binary.
+pub fn build(tc: &EbpfToolchain, release: bool) -> Result<PathBuf> {
+    eprintln!(
+        "build: eBPF object agent-ebpf for bpfel-unknown-none with {}",
+        tc.describe
+    );
+    let mut c = cargo(tc);
+    c.args(["build", "--package", "agent", "--bin", AGENT_BIN]);
+    if release {
+        c.arg("--release");
+    }
+    cmd::run(&mut c)?;
+    report_object()?;
+    let bin = root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join(AGENT_BIN);
+    eprintln!("build: agent binary {}", bin.display());
+    Ok(bin)
+}
+
+fn report_object() -> Result<()> {
+    let path = root().join(EBPF_OBJECT);
+    let len = std::fs::metadata(&path)
+        .with_context(|| format!("eBPF object {} missing after the build", path.display()))?
+        .len();
+    let sections = cmd::stdout_of(
+        Command::new("llvm-objdump-22")
+            .arg("--section-headers")
+            .arg(&path),
+    )
+    .map(|out| {
+        out.lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|s| s.starts_with("cgroup/") || ["sockops", "sk_msg"].contains(s))
+            .collect::<Vec<_>>()
+            .join(" ")
+    })
+    .unwrap_or_default();
+    eprintln!(
+        "build: eBPF object {} ({len} bytes) programs in sections: {sections}",
+        path.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! Project automation: `cargo xtask <command>`.
+
+mod build;
+mod cmd;
+mod setup;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, test, demo and benchmark the mesh-redirect agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what the eBPF build, tests, demo, bench and vm-test need
+    /// (idempotent; every other command installs its own part implicitly).
+    Setup,
+    /// Build the eBPF object and the agent (release).
+    Build,
+    /// fmt, clippy, unit tests, then the kernel integration tests as root.
+    Test {
+        /// Only kernel tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Build, then run the agent with these arguments (e.g. `doctor`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // The chain, without anyhow's backtrace (RUST_BACKTRACE is often set).
+            eprintln!("xtask: error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Setup => {
+            use setup::Need;
+            setup::ensure(&[Need::Tests, Need::Demo, Need::Bench, Need::Vm])?;
+            eprintln!("setup: everything is in place");
+        }
+        Command::Build => {
+            let tc = setup::ensure(&[])?;
+            build::build(&tc, true)?;
+        }
+        Command::Test { filter } => test::run(filter.as_deref())?,
+        Command::Run { args } => {
+            let tc = setup::ensure(&[])?;
+            let bin = build::build(&tc, true)?;
+            let status = std::process::Command::new(bin).args(args).status()?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+    }
+    Ok(())
+}
