@@ -197,61 +197,23 @@ impl Datapath {
 
     /// The counters, summed over CPUs, in `agent_common::counter` order.
     pub fn counters(&self) -> Result<[u64; counter::COUNT as usize], EbpfError> {
-        let map = self.ebpf.map(maps::COUNTERS).ok_or(EbpfError::Missing {
-            kind: "map",
-            name: maps::COUNTERS,
-        })?;
-        let arr: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(map).map_err(|source| EbpfError::Map {
-                name: maps::COUNTERS,
-                source,
-            })?;
-        let mut out = [0u64; counter::COUNT as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            let values = arr
-                .get(&u32::try_from(i).expect("few counters"), 0)
-                .map_err(|source| EbpfError::Map {
-                    name: maps::COUNTERS,
-                    source,
-                })?;
-            *slot = values.iter().sum();
-        }
-        Ok(out)
+        read_counters(self.map(maps::COUNTERS)?)
     }
 
     /// Entries currently held by each bounded map, with its capacity.
     pub fn map_usage(&self) -> Result<Vec<MapUsage>, EbpfError> {
-        let count_err = |name| move |source| EbpfError::Map { name, source };
-        let get = |name: &'static str| {
-            self.ebpf
-                .map(name)
-                .ok_or(EbpfError::Missing { kind: "map", name })
-        };
-        let cookie: HashMap<_, u64, OrigDst> = HashMap::try_from(get(maps::ORIG_DST_BY_COOKIE)?)
-            .map_err(count_err(maps::ORIG_DST_BY_COOKIE))?;
-        let tuple: HashMap<_, SockKey, OrigDst> = HashMap::try_from(get(maps::ORIG_DST_BY_TUPLE)?)
-            .map_err(count_err(maps::ORIG_DST_BY_TUPLE))?;
-        let netns: HashMap<_, u64, NetnsConfig> =
-            HashMap::try_from(get(maps::NETNS_CONFIG)?).map_err(count_err(maps::NETNS_CONFIG))?;
-        let sockets = self.sockets.keys().flatten().count();
-        Ok(vec![
-            MapUsage::new(
-                maps::NETNS_CONFIG,
-                netns.keys().flatten().count(),
-                agent_common::capacity::NETNS_CONFIG,
-            ),
-            MapUsage::new(
-                maps::ORIG_DST_BY_COOKIE,
-                cookie.keys().flatten().count(),
-                agent_common::capacity::ORIG_DST_BY_COOKIE,
-            ),
-            MapUsage::new(
-                maps::ORIG_DST_BY_TUPLE,
-                tuple.keys().flatten().count(),
-                agent_common::capacity::ORIG_DST_BY_TUPLE,
-            ),
-            MapUsage::new(maps::SOCKETS, sockets, agent_common::capacity::SOCKETS),
-        ])
+        usage_of(
+            self.map(maps::NETNS_CONFIG)?,
+            self.map(maps::ORIG_DST_BY_COOKIE)?,
+            self.map(maps::ORIG_DST_BY_TUPLE)?,
+            self.sockets.keys().flatten().count(),
+        )
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, EbpfError> {
+        self.ebpf
+            .map(name)
+            .ok_or(EbpfError::Missing { kind: "map", name })
     }
 
     fn map_mut<'a, M>(&'a mut self, name: &'static str) -> Result<M, EbpfError>
@@ -264,6 +226,64 @@ impl Datapath {
             .ok_or(EbpfError::Missing { kind: "map", name })?;
         M::try_from(map).map_err(|source| EbpfError::Map { name, source })
     }
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> EbpfError {
+    move |source| EbpfError::Map { name, source }
+}
+
+/// Reads the per-CPU counters, summed, in `agent_common::counter` order.
+pub fn read_counters(map: &aya::maps::Map) -> Result<[u64; counter::COUNT as usize], EbpfError> {
+    let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err(maps::COUNTERS))?;
+    let mut out = [0u64; counter::COUNT as usize];
+    for (i, slot) in (0u32..).zip(out.iter_mut()) {
+        *slot = arr
+            .get(&i, 0)
+            .map_err(map_err(maps::COUNTERS))?
+            .iter()
+            .sum();
+    }
+    Ok(out)
+}
+
+/// Entries of a SOCKHASH map.
+pub fn count_sockets(map: &aya::maps::Map) -> Result<usize, EbpfError> {
+    let s: SockHash<_, SockKey> = SockHash::try_from(map).map_err(map_err(maps::SOCKETS))?;
+    Ok(s.keys().flatten().count())
+}
+
+/// Usage of every bounded map.
+pub fn usage_of(
+    netns: &aya::maps::Map,
+    cookie: &aya::maps::Map,
+    tuple: &aya::maps::Map,
+    sockets: usize,
+) -> Result<Vec<MapUsage>, EbpfError> {
+    use agent_common::capacity;
+    let netns: HashMap<_, u64, NetnsConfig> =
+        HashMap::try_from(netns).map_err(map_err(maps::NETNS_CONFIG))?;
+    let cookie: HashMap<_, u64, OrigDst> =
+        HashMap::try_from(cookie).map_err(map_err(maps::ORIG_DST_BY_COOKIE))?;
+    let tuple: HashMap<_, SockKey, OrigDst> =
+        HashMap::try_from(tuple).map_err(map_err(maps::ORIG_DST_BY_TUPLE))?;
+    Ok(vec![
+        MapUsage::new(
+            maps::NETNS_CONFIG,
+            netns.keys().flatten().count(),
+            capacity::NETNS_CONFIG,
+        ),
+        MapUsage::new(
+            maps::ORIG_DST_BY_COOKIE,
+            cookie.keys().flatten().count(),
+            capacity::ORIG_DST_BY_COOKIE,
+        ),
+        MapUsage::new(
+            maps::ORIG_DST_BY_TUPLE,
+            tuple.keys().flatten().count(),
+            capacity::ORIG_DST_BY_TUPLE,
+        ),
+        MapUsage::new(maps::SOCKETS, sockets, capacity::SOCKETS),
+    ])
 }
 
 /// How full a map is.

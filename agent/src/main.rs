@@ -21,6 +21,20 @@ enum Command {
     /// Probe this kernel and host: which hooks, maps, helpers, mounts,
     /// iptables backends and capabilities are there, and which redirect
     /// modes are usable.
+    /// Capture a network namespace's outbound TCP for a cgroup's processes
+    /// and run the proxy that receives it. Stops on SIGTERM/SIGINT,
+    /// detaching everything it attached.
+    Run(Box<agent::run::RunArgs>),
+    /// What is attached to a cgroup and what the datapath's maps hold, read
+    /// from the kernel.
+    Status {
+        /// cgroup2 directory (default: the cgroup2 root).
+        #[arg(long, value_name = "PATH")]
+        cgroup: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     Doctor {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -36,6 +50,30 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Doctor { json, cgroup } => run_doctor(json, cgroup),
+        Command::Run(args) => report(agent::run::run(&args)),
+        Command::Status { cgroup, json } => {
+            report(agent::status::collect(cgroup.as_deref()).map(|s| {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&s).expect("status serializes")
+                    );
+                } else {
+                    print!("{}", s.render());
+                }
+            }))
+        }
+    }
+}
+
+/// Prints an error with its causes and turns it into an exit code.
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

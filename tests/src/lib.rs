@@ -18,6 +18,15 @@ use std::{
 
 use agent::netns::Netns;
 
+pub mod agent_proc;
+pub mod client;
+pub mod servers;
+pub mod topology;
+
+pub use agent_proc::Agent;
+pub use client::PollStream;
+pub use topology::{InCgroup, Topology};
+
 pub const NO_SKIP_ENV: &str = "MESH_REDIRECT_NO_SKIP";
 pub const AGENT_BIN_ENV: &str = "MESH_REDIRECT_BIN";
 

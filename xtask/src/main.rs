@@ -2,6 +2,7 @@
 
 mod build;
 mod cmd;
+mod demo;
 mod setup;
 mod test;
 
@@ -26,7 +27,13 @@ enum Command {
     Test {
         /// Only kernel tests whose name contains this.
         filter: Option<String>,
+        /// Skip fmt, clippy and unit tests (while iterating on kernel tests).
+        #[arg(long)]
+        kernel_only: bool,
     },
+    /// The main job: two throwaway network namespaces, an HTTP server in
+    /// one, the agent serving the other, curl through it, a table.
+    Demo,
     /// Build, then run the agent with these arguments (e.g. `doctor`).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -56,7 +63,11 @@ fn run(command: Command) -> Result<()> {
             let tc = setup::ensure(&[])?;
             build::build(&tc, true)?;
         }
-        Command::Test { filter } => test::run(filter.as_deref())?,
+        Command::Test {
+            filter,
+            kernel_only,
+        } => test::run(filter.as_deref(), kernel_only)?,
+        Command::Demo => demo::run()?,
         Command::Run { args } => {
             let tc = setup::ensure(&[])?;
             let bin = build::build(&tc, true)?;

@@ -18,22 +18,22 @@ pub const NO_SKIP: &str = "MESH_REDIRECT_NO_SKIP";
 /// Where kernel tests find the agent binary.
 pub const AGENT_BIN_ENV: &str = "MESH_REDIRECT_BIN";
 
-pub fn run(filter: Option<&str>) -> Result<()> {
+pub fn run(filter: Option<&str>, kernel_only: bool) -> Result<()> {
     let tc = setup::ensure(&[setup::Need::Tests, setup::Need::Demo])?;
-    cmd::run(
-        Command::new("cargo")
-            .current_dir(build::root())
-            .args(["fmt", "--all", "--check"]),
-    )?;
-    cmd::run(build::cargo(&tc).args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
-    cmd::run(build::cargo(&tc).args(["test", "--workspace", "--exclude", "tests"]))?;
+    if !kernel_only {
+        let fmt = ["fmt", "--all", "--check"];
+        cmd::run(Command::new("cargo").current_dir(build::root()).args(fmt))?;
+        let clippy = [
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ];
+        cmd::run(build::cargo(&tc).args(clippy))?;
+        cmd::run(build::cargo(&tc).args(["test", "--workspace", "--exclude", "tests"]))?;
+    }
     let agent = build::build(&tc, false)?;
     let binaries = kernel_test_binaries(&tc)?;
     run_kernel_tests(&binaries, &agent, filter)

@@ -1,0 +1,205 @@
+//! Copying bytes both ways between two connected sockets, with half-close
+//! propagated (EOF on one side becomes `shutdown(SHUT_WR)` on the other) and
+//! a reset on one side turned into a reset on the other.
+
+use std::{io, net::Shutdown};
+
+use socket2::SockRef;
+use tokio::net::TcpStream;
+
+use crate::socket;
+
+/// Which socket an error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+#[derive(Debug)]
+pub struct RelayError {
+    /// The socket that failed (its peer reset, or it could not be written).
+    pub side: Side,
+    pub source: io::Error,
+}
+
+/// What a relay moved, and how it ended.
+#[derive(Debug)]
+pub struct Outcome {
+    pub to_upstream: u64,
+    pub to_client: u64,
+    /// `None`: both sides closed cleanly.
+    pub error: Option<RelayError>,
+}
+
+/// Relays until both directions reached EOF, or one side failed. On a
+/// failure the *other* socket is set to reset when closed, so the failure
+/// reaches its peer as a reset, not as a clean end of stream.
+pub async fn relay(client: &TcpStream, upstream: &TcpStream, buffer_size: usize) -> Outcome {
+    let up = copy(client, Side::Client, upstream, Side::Upstream, buffer_size);
+    let down = copy(upstream, Side::Upstream, client, Side::Client, buffer_size);
+    tokio::pin!(up, down);
+    let (mut to_upstream, mut to_client) = (None, None);
+    let mut error = None;
+    while error.is_none() && (to_upstream.is_none() || to_client.is_none()) {
+        tokio::select! {
+            r = &mut up, if to_upstream.is_none() => match r {
+                Ok(n) => to_upstream = Some(n),
+                Err((n, e)) => { to_upstream = Some(n); error = Some(e); }
+            },
+            r = &mut down, if to_client.is_none() => match r {
+                Ok(n) => to_client = Some(n),
+                Err((n, e)) => { to_client = Some(n); error = Some(e); }
+            },
+        }
+    }
+    if let Some(e) = &error {
+        match e.side {
+            Side::Client => socket::reset_on_close(upstream),
+            Side::Upstream => socket::reset_on_close(client),
+        }
+    }
+    Outcome {
+        to_upstream: to_upstream.unwrap_or(0),
+        to_client: to_client.unwrap_or(0),
+        error,
+    }
+}
+
+/// Copies `from` → `to` until EOF, then shuts down `to`'s write side.
+/// The buffer is allocated when data first arrives, so an idle connection
+/// holds none.
+async fn copy(
+    from: &TcpStream,
+    from_side: Side,
+    to: &TcpStream,
+    to_side: Side,
+    buffer_size: usize,
+) -> Result<u64, (u64, RelayError)> {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut total: u64 = 0;
+    let fail = |side, source, total| (total, RelayError { side, source });
+    loop {
+        if let Err(e) = from.readable().await {
+            return Err(fail(from_side, e, total));
+        }
+        if buf.is_empty() {
+            buf.resize(buffer_size, 0);
+        }
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => {
+                return match SockRef::from(to).shutdown(Shutdown::Write) {
+                    Ok(()) => Ok(total),
+                    // The peer is already gone: nothing to half-close.
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(total),
+                    Err(e) => Err(fail(to_side, e, total)),
+                };
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(fail(from_side, e, total)),
+        };
+        if let Err(e) = write_all(to, &buf[..n]).await {
+            return Err(fail(to_side, e, total));
+        }
+        total += n as u64;
+    }
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::{TcpListener, TcpStream},
+    };
+
+    use super::*;
+
+    /// A connected pair: (the end we keep, the end the relay gets).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn half_close_is_propagated_both_ways() {
+        let (mut app, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let relay = tokio::spawn(async move { relay(&proxy_client, &proxy_upstream, 8).await });
+
+        app.write_all(b"request bytes").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"request bytes", "server sees the request, then EOF");
+
+        // The other direction still flows after the client's half-close.
+        server.write_all(b"response").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        app.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"response");
+
+        let outcome = relay.await.unwrap();
+        assert!(outcome.error.is_none(), "{outcome:?}");
+        assert_eq!((outcome.to_upstream, outcome.to_client), (13, 8));
+    }
+
+    #[tokio::test]
+    async fn an_upstream_reset_resets_the_client() {
+        let (mut app, proxy_client) = pair().await;
+        let (proxy_upstream, server) = pair().await;
+        let relay = tokio::spawn(async move {
+            let outcome = relay(&proxy_client, &proxy_upstream, 1024).await;
+            drop(proxy_client);
+            outcome
+        });
+        socket::reset_on_close(&server);
+        drop(server);
+        let outcome = tokio::time::timeout(Duration::from_secs(5), relay)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome.error.as_ref().map(|e| e.side), Some(Side::Upstream));
+        let mut buf = [0u8; 8];
+        let err = app.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn a_client_reset_resets_the_upstream() {
+        let (app, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let relay = tokio::spawn(async move {
+            let outcome = relay(&proxy_client, &proxy_upstream, 1024).await;
+            drop(proxy_upstream);
+            outcome
+        });
+        socket::reset_on_close(&app);
+        drop(app);
+        let outcome = tokio::time::timeout(Duration::from_secs(5), relay)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome.error.as_ref().map(|e| e.side), Some(Side::Client));
+        let mut buf = [0u8; 8];
+        let err = server.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+}

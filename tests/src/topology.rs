@@ -1,0 +1,98 @@
+//! A pod and a server, each in its own network namespace, joined by a veth
+//! pair; the pod's processes in their own cgroup.
+
+use std::{
+    fs,
+    io::Write as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use crate::{TestCgroup, TestNetns, sh};
+
+/// `pod` (10.77.0.1) ↔ `srv` (10.77.0.2), plus the pod's cgroup.
+/// Addresses repeat across tests: every pair lives in its own namespaces.
+pub struct Topology {
+    pub pod: TestNetns,
+    pub srv: TestNetns,
+    pub cgroup: TestCgroup,
+}
+
+pub const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+pub const SRV_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+
+impl Topology {
+    #[must_use]
+    pub fn new() -> Self {
+        let pod = TestNetns::new();
+        let srv = TestNetns::new();
+        let (a, b) = (format!("{}a", pod.name()), format!("{}b", srv.name()));
+        sh(&format!(
+            "ip link add {a} type veth peer name {b} && \
+             ip link set {a} netns {p} && ip link set {b} netns {s} && \
+             ip -n {p} addr add {POD_IP}/24 dev {a} && ip -n {s} addr add {SRV_IP}/24 dev {b} && \
+             ip -n {p} link set {a} up && ip -n {s} link set {b} up",
+            p = pod.name(),
+            s = srv.name()
+        ));
+        Self {
+            pod,
+            srv,
+            cgroup: TestCgroup::new(),
+        }
+    }
+
+    /// Moves this test process into the pod's cgroup until the guard drops.
+    /// Sockets a thread then creates inside the pod's namespace belong to
+    /// the pod, exactly as an app's would.
+    #[must_use]
+    pub fn enter_pod_cgroup(&self) -> InCgroup {
+        InCgroup::enter(self.cgroup.path())
+    }
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The whole test process in a cgroup (cgroup2 membership is per process),
+/// moved back where it was on drop.
+pub struct InCgroup {
+    previous: PathBuf,
+}
+
+impl InCgroup {
+    #[must_use]
+    pub fn enter(cgroup: &Path) -> Self {
+        let previous = agent::cgroup::own().expect("own cgroup");
+        move_self(cgroup);
+        Self { previous }
+    }
+}
+
+impl Drop for InCgroup {
+    fn drop(&mut self) {
+        move_self(&self.previous);
+    }
+}
+
+fn move_self(cgroup: &Path) {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .and_then(|mut f| f.write_all(std::process::id().to_string().as_bytes()))
+        .unwrap_or_else(|e| panic!("moving the test process into {}: {e}", cgroup.display()));
+}
+
+/// Packets `lo` sent, in the calling thread's namespace.
+#[must_use]
+pub fn lo_tx_packets() -> u64 {
+    let dev = fs::read_to_string("/proc/thread-self/net/dev").expect("read net/dev");
+    dev.lines()
+        .find_map(|l| l.trim_start().strip_prefix("lo:"))
+        .and_then(|rest| rest.split_whitespace().nth(9))
+        .and_then(|v| v.parse().ok())
+        .expect("lo line in net/dev")
+}

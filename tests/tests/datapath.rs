@@ -1,0 +1,586 @@
+//! The outbound datapath, end to end: an app in a pod (its own network
+//! namespace and cgroup) connects to a server in another namespace; the
+//! agent captures the connect and its proxy forwards it.
+
+use std::{
+    fmt::Write as _,
+    io::{ErrorKind, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use agent::{inspect, socket};
+use agent_common::counter;
+use rstest::rstest;
+use sha2::{Digest as _, Sha256};
+use tests::{
+    Agent, PollStream, Topology, require_root,
+    servers::{Behaviour, HTTP_BODY, Server, http_get},
+    topology::{POD_IP, SRV_IP, lo_tx_packets},
+};
+
+/// Where the agent process lives relative to the pod's cgroup.
+#[derive(Debug, Clone, Copy)]
+enum Placement {
+    /// In the test's own cgroup (the agent serves a pod it is not part of).
+    Outside,
+    /// In the pod's cgroup, like a sidecar.
+    Inside,
+}
+
+fn start_agent(topo: &Topology, placement: Placement, extra: &[&str]) -> Agent {
+    let netns = topo.pod.path();
+    let args = [
+        &[
+            "--netns",
+            netns.to_str().unwrap(),
+            "--cgroup",
+            topo.cgroup.path().to_str().unwrap(),
+        ],
+        extra,
+    ]
+    .concat();
+    let cg = match placement {
+        Placement::Outside => None,
+        Placement::Inside => Some(&topo.cgroup),
+    };
+    Agent::run(&args, cg)
+}
+
+/// Connects from inside the pod: the socket is created in the pod's
+/// namespace, by a process in the pod's cgroup (the caller holds the guard).
+fn pod_connect_blocking(topo: &Topology, addr: SocketAddrV4) -> TcpStream {
+    let s = topo
+        .pod
+        .run(|| TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5)))
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s
+}
+
+/// [`pod_connect_blocking`], driven like a network app: poll, then I/O.
+fn pod_connect(topo: &Topology, addr: SocketAddrV4) -> PollStream {
+    PollStream::new(pod_connect_blocking(topo, addr), Duration::from_secs(30)).unwrap()
+}
+
+fn snapshot(topo: &Topology) -> inspect::Snapshot {
+    inspect::snapshot(topo.cgroup.path())
+        .unwrap()
+        .expect("our programs on the pod cgroup")
+}
+
+#[rstest]
+fn http_and_raw_tcp_reach_the_intended_upstream(
+    #[values(Placement::Outside, Placement::Inside)] placement: Placement,
+) {
+    require_root!();
+    let topo = Topology::new();
+    let http = Server::start(&topo.srv, SRV_IP, 8080, Behaviour::Http);
+    let echo = Server::start(
+        &topo.srv,
+        SRV_IP,
+        9000,
+        Behaviour::Echo { write_size: 4096 },
+    );
+    let _agent = start_agent(&topo, placement, &[]);
+    let _in_pod = topo.enter_pod_cgroup();
+
+    let mut conn = pod_connect(&topo, http.addr);
+    // The app sees itself connected to the proxy, not to the server.
+    assert_eq!(conn.peer_addr().unwrap().ip(), Ipv4Addr::LOCALHOST);
+    assert_eq!(http_get(&mut conn, "upstream"), HTTP_BODY);
+    drop(conn);
+
+    let mut raw = pod_connect(&topo, echo.addr);
+    raw.write_all(b"ping over raw tcp").unwrap();
+    let mut buf = [0u8; 17];
+    raw.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping over raw tcp");
+
+    for server in [&http, &echo] {
+        let peers = server.peers();
+        assert_eq!(peers.len(), 1, "{peers:?}");
+        assert_eq!(peers[0].ip(), POD_IP, "the upstream sees the pod's address");
+    }
+    let s = snapshot(&topo);
+    assert_eq!(s.counter(counter::CONNECT_REDIRECTED), 2);
+    assert_eq!(s.counter(counter::GETSOCKOPT_ANSWERED), 2);
+}
+
+#[rstest]
+fn bulk_64_mib_each_way_is_byte_exact(#[values(1024, 16 * 1024, 256 * 1024)] write_size: usize) {
+    const TOTAL: usize = 64 << 20;
+    require_root!();
+    let topo = Topology::new();
+    let echo = Server::start(&topo.srv, SRV_IP, 9000, Behaviour::Echo { write_size });
+    let _agent = start_agent(&topo, Placement::Outside, &[]);
+    let _in_pod = topo.enter_pod_cgroup();
+    let conn = pod_connect(&topo, echo.addr);
+
+    let mut writer = conn.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut hash = Sha256::new();
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut chunk = vec![0u8; write_size];
+        let mut sent = 0;
+        while sent < TOTAL {
+            let n = write_size.min(TOTAL - sent);
+            for b in &mut chunk[..n] {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                *b = rng.to_le_bytes()[0];
+            }
+            writer.write_all(&chunk[..n]).unwrap();
+            hash.update(&chunk[..n]);
+            sent += n;
+        }
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+        <[u8; 32]>::from(hash.finalize())
+    });
+    let mut reader = conn;
+    let mut hash = Sha256::new();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut longest_stall = Duration::ZERO;
+    let mut last = Instant::now();
+    loop {
+        let n = reader.read(&mut buf).expect("read echo");
+        let now = Instant::now();
+        longest_stall = longest_stall.max(now - last);
+        last = now;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+        got += n;
+    }
+    let sent_hash = sender.join().unwrap();
+    assert_eq!(got, TOTAL, "bytes back");
+    assert_eq!(
+        <[u8; 32]>::from(hash.finalize()),
+        sent_hash,
+        "echoed bytes differ"
+    );
+    let seen = echo.seen.lock().unwrap();
+    assert_eq!(seen.received_bytes, vec![TOTAL as u64]);
+    assert_eq!(
+        seen.received_sha256,
+        vec![sent_hash],
+        "bytes at the upstream differ"
+    );
+    eprintln!("write size {write_size}: longest stall {longest_stall:?}");
+    assert!(
+        longest_stall < Duration::from_secs(1),
+        "a read stalled {longest_stall:?}"
+    );
+}
+
+/// Keep-alive requests after the connection is up: the short-circuit puts
+/// no packets on the pod's loopback; plain loopback TCP (connect4 redirect
+/// only) puts at least one per request there, which shows the measurement
+/// can see them.
+#[rstest]
+#[case::sockmap(&[], Placement::Outside, false)]
+#[case::sockmap_agent_in_pod(&[], Placement::Inside, false)]
+#[case::connect4_only(&["--no-sockmap"], Placement::Outside, true)]
+fn keep_alive_requests_and_loopback_packets(
+    #[case] extra: &[&str],
+    #[case] placement: Placement,
+    #[case] expect_packets: bool,
+) {
+    const REQUESTS: u32 = 200;
+    require_root!();
+    let topo = Topology::new();
+    let http = Server::start(&topo.srv, SRV_IP, 8080, Behaviour::Http);
+    let _agent = start_agent(&topo, placement, extra);
+    let _in_pod = topo.enter_pod_cgroup();
+    let mut conn = pod_connect(&topo, http.addr);
+    assert_eq!(http_get(&mut conn, "warmup"), HTTP_BODY);
+
+    let before = topo.pod.run(lo_tx_packets);
+    let redirected_before = snapshot(&topo).counter(counter::MSG_REDIRECTED);
+    for _ in 0..REQUESTS {
+        assert_eq!(http_get(&mut conn, "upstream"), HTTP_BODY);
+    }
+    let packets = topo.pod.run(lo_tx_packets) - before;
+    let redirected = snapshot(&topo).counter(counter::MSG_REDIRECTED) - redirected_before;
+    let per_request = f64::from(u32::try_from(packets).unwrap()) / f64::from(REQUESTS);
+    eprintln!(
+        "{packets} packets on lo for {REQUESTS} requests ({per_request:.2}/request), {redirected} messages redirected"
+    );
+    if expect_packets {
+        assert!(
+            per_request >= 1.0,
+            "plain TCP should show on lo: {per_request}"
+        );
+        assert_eq!(redirected, 0);
+    } else {
+        assert!(
+            per_request <= 0.1,
+            "{per_request} packets per request on lo"
+        );
+        assert!(
+            redirected >= u64::from(REQUESTS),
+            "only {redirected} messages redirected"
+        );
+        assert_eq!(
+            snapshot(&topo).counter(counter::MSG_PASSED),
+            0,
+            "a message fell back to TCP"
+        );
+    }
+}
+
+#[rstest]
+fn an_unmodified_listener_gets_the_original_destination() {
+    require_root!();
+    let topo = Topology::new();
+    let _agent = start_agent(&topo, Placement::Outside, &["--proxy", "external"]);
+    let _in_pod = topo.enter_pod_cgroup();
+    // "Some other proxy" on the outbound port, in the pod, using plain
+    // getsockopt(SOL_IP, SO_ORIGINAL_DST) as it would under iptables.
+    let listener = topo
+        .pod
+        .run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 15001)).unwrap());
+    let dst = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 4242);
+    let app = std::thread::spawn({
+        let pod = topo.pod.open();
+        move || {
+            pod.run(|| TcpStream::connect_timeout(&dst.into(), Duration::from_secs(5)))
+                .unwrap()
+        }
+    });
+    let (accepted, _) = listener.accept().unwrap();
+    let _app = app.join().unwrap().expect("app connect");
+    assert_eq!(socket::original_dst(&accepted).unwrap(), dst);
+    // Raw bytes, as netfilter's getorigdst() writes them.
+    let raw = raw_original_dst(&accepted).expect("raw SO_ORIGINAL_DST");
+    assert_eq!(
+        raw,
+        [2, 0, 0x10, 0x92, 198, 51, 100, 7, 0, 0, 0, 0, 0, 0, 0, 0]
+    );
+}
+
+/// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` into a 16-byte buffer.
+fn raw_original_dst(s: &TcpStream) -> Result<[u8; 16], std::io::Error> {
+    use std::os::fd::AsRawFd as _;
+    let mut buf = [0xAAu8; 16];
+    let mut len: libc::socklen_t = 16;
+    // SAFETY: valid fd, 16-byte buffer and its length.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_IP,
+            80,
+            buf.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    assert_eq!(len, 16);
+    Ok(buf)
+}
+
+#[rstest]
+fn getsockopt_on_a_socket_we_do_not_know_gives_the_kernels_errno() {
+    require_root!();
+    let topo = Topology::new();
+    // The kernel's own answer, without our program.
+    let listener = topo
+        .pod
+        .run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap());
+    let addr = listener.local_addr().unwrap();
+    let expected = {
+        let _c = topo.pod.run(|| TcpStream::connect(addr).unwrap());
+        let (s, _) = listener.accept().unwrap();
+        raw_original_dst(&s).unwrap_err().raw_os_error()
+    };
+    let _agent = start_agent(&topo, Placement::Outside, &[]);
+    let _in_pod = topo.enter_pod_cgroup();
+    let _c = topo.pod.run(|| TcpStream::connect(addr).unwrap());
+    let (s, _) = listener.accept().unwrap();
+    assert_eq!(raw_original_dst(&s).unwrap_err().raw_os_error(), expected);
+    assert!(snapshot(&topo).counter(counter::GETSOCKOPT_MISSED) >= 1);
+}
+
+#[rstest]
+fn upstream_refusal_resets_the_client_within_a_second() {
+    require_root!();
+    let topo = Topology::new();
+    let _agent = start_agent(&topo, Placement::Outside, &[]);
+    let _in_pod = topo.enter_pod_cgroup();
+    let start = Instant::now();
+    let mut conn = pod_connect(&topo, SocketAddrV4::new(SRV_IP, 1));
+    let mut buf = [0u8; 16];
+    let r = conn.read(&mut buf);
+    let elapsed = start.elapsed();
+    match r {
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused
+            ) => {}
+        other => panic!("expected a reset, got {other:?}"),
+    }
+    assert!(elapsed < Duration::from_secs(1), "took {elapsed:?}");
+}
+
+#[rstest]
+fn upstream_reset_midstream_reaches_the_client_as_a_reset() {
+    require_root!();
+    let topo = Topology::new();
+    let server = Server::start(
+        &topo.srv,
+        SRV_IP,
+        9100,
+        Behaviour::ResetAfter { bytes: 1000 },
+    );
+    let _agent = start_agent(&topo, Placement::Outside, &[]);
+    let _in_pod = topo.enter_pod_cgroup();
+    let mut conn = pod_connect(&topo, server.addr);
+    let mut buf = [0u8; 4096];
+    let mut got = 0;
+    let end = loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => got += n,
+            Err(e) => break Err(e),
+        }
+    };
+    match end {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!(
+            "expected a reset after {got} bytes, got {other:?} (a clean EOF hides the upstream's failure)"
+        ),
+    }
+}
+
+/// A *blocking* reader asleep in read(2) when the upstream resets. The
+/// kernel may wake it with EAGAIN rather than the reset (see README); what
+/// must hold is that it never sees a clean end of stream and that the reset
+/// is reported on the next read.
+#[rstest]
+fn a_blocking_reader_never_sees_a_reset_as_a_clean_end() {
+    require_root!();
+    let topo = Topology::new();
+    let server = Server::start(&topo.srv, SRV_IP, 9100, Behaviour::ResetAfter { bytes: 0 });
+    let _agent = start_agent(&topo, Placement::Outside, &[]);
+    let _in_pod = topo.enter_pod_cgroup();
+    let mut conn = pod_connect_blocking(&topo, server.addr);
+    conn.set_read_timeout(None).unwrap();
+    let mut buf = [0u8; 64];
+    let mut spurious = 0;
+    let end = loop {
+        match conn.read(&mut buf) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock && spurious < 3 => spurious += 1,
+            other => break other,
+        }
+    };
+    eprintln!("spurious EAGAIN before the reset: {spurious}");
+    match end {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("expected the reset, got {other:?}"),
+    }
+}
+
+#[rstest]
+fn maps_return_to_baseline_after_1000_short_connections() {
+    require_root!();
+    let topo = Topology::new();
+    let echo = Server::start(&topo.srv, SRV_IP, 9000, Behaviour::Echo { write_size: 64 });
+    let _agent = start_agent(&topo, Placement::Outside, &[]);
+    let _in_pod = topo.enter_pod_cgroup();
+    let baseline = snapshot(&topo).maps;
+    for i in 0..1000 {
+        let mut c = pod_connect(&topo, echo.addr);
+        c.write_all(b"0123456789").unwrap();
+        let mut buf = [0u8; 10];
+        c.read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = snapshot(&topo);
+        if now.maps == baseline {
+            assert!(
+                now.counter(counter::SOCKHASH_INSERTED) >= 2000,
+                "{:?}",
+                now.counters
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "maps did not return to baseline: {:?} vs {baseline:?}",
+            now.maps
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[rstest]
+fn a_signal_detaches_everything(#[values(libc::SIGTERM, libc::SIGINT)] signal: i32) {
+    require_root!();
+    let topo = Topology::new();
+    let agent = start_agent(&topo, Placement::Outside, &[]);
+    let root = agent::cgroup::cgroup2_root().unwrap();
+    assert!(
+        inspect::attached(topo.cgroup.path())
+            .unwrap()
+            .iter()
+            .any(|p| p.ours)
+    );
+    let status = agent.stop_with(signal);
+    assert!(status.success(), "agent exit: {status}");
+    for cg in [topo.cgroup.path(), root.as_path()] {
+        let ours: Vec<_> = inspect::attached(cg)
+            .unwrap()
+            .into_iter()
+            .filter(|p| p.ours)
+            .collect();
+        assert!(ours.is_empty(), "left on {}: {ours:?}", cg.display());
+    }
+    let refused = topo
+        .pod
+        .run(|| TcpStream::connect((Ipv4Addr::LOCALHOST, 15001)));
+    assert_eq!(
+        refused.unwrap_err().kind(),
+        ErrorKind::ConnectionRefused,
+        "listener left open"
+    );
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/mesh-redirect").exists(),
+        "pins left behind"
+    );
+}
+
+#[rstest]
+fn large_getsockopt_replies_pass_through_untouched() {
+    require_root!();
+    let topo = Topology::new();
+    // Enough legacy nat rules that IPT_SO_GET_ENTRIES needs more than a page.
+    let rules = (0..80).fold(String::new(), |mut acc, i| {
+        let _ = writeln!(
+            acc,
+            "-A OUTPUT -d 192.0.2.{i}/32 -p tcp --dport {} -j RETURN",
+            1000 + i
+        );
+        acc
+    });
+    topo.pod.sh(&format!(
+        "printf '*nat\\n{}COMMIT\\n' | iptables-legacy-restore",
+        rules.replace('\n', "\\n")
+    ));
+    let _agent = start_agent(&topo, Placement::Outside, &[]);
+    let mut cmd = std::process::Command::new("iptables-legacy");
+    cmd.args(["-w", "-t", "nat", "-S"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = tests::spawn_in(&mut cmd, Some(&topo.pod), Some(&topo.cgroup))
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "iptables -S in the served cgroup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("-A OUTPUT")).count(),
+        80,
+        "{text}"
+    );
+}
+
+#[rstest]
+fn ebpf_log_lines_reach_the_agents_tracing_output() {
+    require_root!();
+    let topo = Topology::new();
+    let echo = Server::start(&topo.srv, SRV_IP, 9000, Behaviour::Echo { write_size: 64 });
+    let netns = topo.pod.path();
+    let agent = Agent::start(
+        &[
+            "run",
+            "--netns",
+            netns.to_str().unwrap(),
+            "--cgroup",
+            topo.cgroup.path().to_str().unwrap(),
+        ],
+        None,
+        "info,agent_ebpf=debug",
+    );
+    {
+        let _in_pod = topo.enter_pod_cgroup();
+        let mut c = pod_connect(&topo, echo.addr);
+        c.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let want = format!("connect4: {SRV_IP}:9000 redirected to 127.0.0.1:15001");
+    while !agent.log_text().contains(&want) {
+        assert!(
+            Instant::now() < deadline,
+            "no eBPF log line `{want}` in:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(agent.log_text().contains("DEBUG"), "logged at debug level");
+}
+
+#[rstest]
+#[case::cgroup_not_cgroup2(&["--cgroup", "/proc"], "/proc")]
+#[case::netns_missing(&["--netns", "/nonexistent/netns"], "/nonexistent/netns")]
+#[case::netns_not_a_netns(&["--netns", "/etc/hostname"], "/etc/hostname")]
+#[case::same_ports(&["--outbound-port", "15006"], "--outbound-port")]
+#[case::port_zero(&["--outbound-port", "0"], "--outbound-port")]
+#[case::port_too_big(&["--inbound-port", "70000"], "--inbound-port")]
+fn bad_input_is_named_and_nothing_is_attached(#[case] args: &[&str], #[case] named: &str) {
+    require_root!();
+    let topo = Topology::new();
+    let root = agent::cgroup::cgroup2_root().unwrap();
+    // Everything else points at throwaway resources, should validation fail
+    // to stop the agent.
+    let netns = topo.pod.path();
+    let mut full = vec!["run"];
+    if !args.contains(&"--netns") {
+        full.extend(["--netns", netns.to_str().unwrap()]);
+    }
+    if !args.contains(&"--cgroup") {
+        full.extend(["--cgroup", topo.cgroup.path().to_str().unwrap()]);
+    }
+    full.extend(args);
+    let out = tests::agent_proc::run_to_end(&full);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(named), "error does not name {named}: {err}");
+    assert!(
+        !inspect::attached(&root).unwrap().iter().any(|p| p.ours),
+        "something got attached"
+    );
+}
+
+#[rstest]
+fn a_port_in_use_fails_before_anything_is_attached() {
+    require_root!();
+    let topo = Topology::new();
+    let _taken = topo
+        .pod
+        .run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 15001)).unwrap());
+    let netns = topo.pod.path();
+    let out = tests::agent_proc::run_to_end(&[
+        "run",
+        "--netns",
+        netns.to_str().unwrap(),
+        "--cgroup",
+        topo.cgroup.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("127.0.0.1:15001"), "{err}");
+    assert!(inspect::attached(topo.cgroup.path()).unwrap().is_empty());
+}
