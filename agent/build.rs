@@ -12,6 +12,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+/// Where the nested eBPF build leaves its object, relative to the workspace.
+const BUILT_OBJECT: &str = "target/ebpf/bpfel-unknown-none/release/agent-ebpf";
+
 fn main() -> Result<()> {
     for var in [
         "AGENT_BUILD_EBPF",
@@ -102,7 +105,7 @@ fn build(root: &Path) -> Result<PathBuf> {
             "building agent-ebpf failed ({status}); run `cargo xtask setup` if the toolchain is missing"
         );
     }
-    let object = target_dir.join("bpfel-unknown-none/release/agent-ebpf");
+    let object = root.join(BUILT_OBJECT);
     if !object.is_file() {
         bail!("{} was not produced", object.display());
     }

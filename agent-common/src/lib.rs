@@ -28,14 +28,31 @@ pub mod maps {
     pub const SOCK_STATE: &str = "SOCK_STATE";
     /// `PerCpuArray<u64>`, indexed by [`crate::counter`].
     pub const COUNTERS: &str = "COUNTERS";
+    /// `LpmTrie<CidrKey, u8>`: outbound destinations never captured (`-x`).
+    pub const OUT_CIDR_EXCLUDE: &str = "OUT_CIDR_EXCLUDE";
+    /// `LpmTrie<CidrKey, u8>`: outbound destinations captured (`-i`).
+    pub const OUT_CIDR_INCLUDE: &str = "OUT_CIDR_INCLUDE";
+    /// `HashMap<PortKey, u8>`: outbound ports, a [`PortRule`] each (`-q`/`-o`).
+    pub const OUT_PORTS: &str = "OUT_PORTS";
+    /// `HashMap<PortKey, u8>`: inbound ports, a [`PortRule`] each (`-b`/`-d`).
+    pub const IN_PORTS: &str = "IN_PORTS";
+    /// `Array<InboundConfig>` of one: the namespace sk_lookup serves.
+    pub const INBOUND_CONFIG: &str = "INBOUND_CONFIG";
+    /// `SockMap` of one: the proxy's inbound listener (index 0).
+    pub const INBOUND_LISTENER: &str = "INBOUND_LISTENER";
+    /// `LruHashMap<SockKey, u8>`: connections sk_lookup steered to the
+    /// inbound listener, by the accepted socket's own tuple; read by getsockopt.
+    pub const INBOUND_STEERED: &str = "INBOUND_STEERED";
 }
 
 /// Program names (the entry-point functions in `agent-ebpf`).
 pub mod programs {
     pub const CONNECT4: &str = "mesh_connect4";
+    pub const GETPEERNAME4: &str = "mesh_getpeer4";
     pub const SOCKOPS: &str = "mesh_sockops";
     pub const SK_MSG: &str = "mesh_sk_msg";
     pub const GETSOCKOPT: &str = "mesh_getsockopt";
+    pub const SK_LOOKUP: &str = "mesh_sk_lookup";
 }
 
 /// Capacities of the maps. Every map is bounded: the tuple and socket maps
@@ -46,6 +63,10 @@ pub mod capacity {
     pub const ORIG_DST_BY_COOKIE: u32 = 65_536;
     pub const ORIG_DST_BY_TUPLE: u32 = 65_536;
     pub const SOCKETS: u32 = 131_072;
+    /// Each include/exclude list (CIDRs, ports), per map: far above the 20
+    /// entries merbridge allowed.
+    pub const RULES: u32 = 4096;
+    pub const INBOUND_STEERED: u32 = 65_536;
 }
 
 /// Flag bits of [`NetnsConfig::flags`].
@@ -59,6 +80,100 @@ pub mod flags {
     pub const PROXY_UID: u32 = 1 << 2;
     /// `proxy_gid` is set: connects by that gid are never redirected.
     pub const PROXY_GID: u32 = 1 << 3;
+    /// Capture outbound connects to every destination not excluded
+    /// (istio's `-i '*'`); otherwise only [`maps::OUT_CIDR_INCLUDE`] ones.
+    pub const OUT_ALL_CIDRS: u32 = 1 << 4;
+    /// sk_lookup steers inbound connections to the inbound listener.
+    pub const REDIRECT_INBOUND: u32 = 1 << 5;
+    /// Steer inbound connections on every port not excluded (istio's
+    /// `-b '*'`); otherwise only [`maps::IN_PORTS`] includes.
+    pub const IN_ALL_PORTS: u32 = 1 << 6;
+}
+
+/// Source address of the proxy's inbound passthrough connections to the app
+/// (Envoy's convention): never captured again, and short-circuited.
+pub const INBOUND_PASSTHROUGH_SRC: u32 = net::ip4_raw([127, 0, 0, 6]);
+
+/// What a port list says about a port.
+pub struct PortRule;
+
+impl PortRule {
+    /// Captured.
+    pub const INCLUDE: u8 = 1;
+    /// Never captured.
+    pub const EXCLUDE: u8 = 2;
+}
+
+/// Key of the port maps: a port within one network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub netns_cookie: u64,
+    /// Host order.
+    pub port: u16,
+    /// Always zero.
+    pub pad: [u8; 6],
+}
+const _: () = assert!(size_of::<PortKey>() == 16);
+
+impl PortKey {
+    #[must_use]
+    pub const fn new(netns_cookie: u64, port: u16) -> Self {
+        Self {
+            netns_cookie,
+            port,
+            pad: [0; 6],
+        }
+    }
+}
+
+/// Data of an LPM-trie key for the CIDR maps: the namespace cookie (its 64
+/// bits always part of the prefix) followed by the IPv4 address, both big
+/// endian so the trie's bitwise prefix match works. The prefix length that
+/// goes with it is `64 + cidr_len`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CidrKeyData {
+    /// Namespace cookie, big-endian bytes.
+    pub netns_be: [u8; 8],
+    /// Network order.
+    pub ip4: [u8; 4],
+}
+const _: () = assert!(size_of::<CidrKeyData>() == 12);
+
+impl CidrKeyData {
+    /// Prefix bits taken by the namespace cookie.
+    pub const NETNS_BITS: u32 = 64;
+
+    #[must_use]
+    pub const fn new(netns_cookie: u64, ip4_raw: u32) -> Self {
+        Self {
+            netns_be: netns_cookie.to_be_bytes(),
+            ip4: net::ip4_octets(ip4_raw),
+        }
+    }
+}
+
+/// sk_lookup's view of the namespace it serves, value of
+/// [`maps::INBOUND_CONFIG`] (sk_lookup cannot read the netns cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundConfig {
+    pub netns_cookie: u64,
+    /// Host order.
+    pub inbound_port: u16,
+    /// Host order.
+    pub outbound_port: u16,
+    /// Bits from [`flags`]; sk_lookup acts only with `REDIRECT_INBOUND`.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<InboundConfig>() == 16);
+
+impl InboundConfig {
+    #[must_use]
+    pub const fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
 }
 
 /// Per-network-namespace configuration, value of [`maps::NETNS_CONFIG`]
@@ -194,8 +309,20 @@ pub mod counter {
     pub const GETSOCKOPT_MISSED: u32 = 9;
     /// sockops removed a closed socket's entries.
     pub const SOCKETS_CLOSED: u32 = 10;
+    /// sk_lookup steered a connection to the inbound listener.
+    pub const INBOUND_STEERED: u32 = 11;
+    /// sk_lookup left a connection alone (excluded port, loopback, passthrough).
+    pub const INBOUND_BYPASSED: u32 = 12;
+    /// sk_lookup found no inbound listener: the connection is refused, as
+    /// iptables REDIRECT to a closed port would.
+    pub const INBOUND_NO_LISTENER: u32 = 13;
+    /// sk_lookup could not assign the listener: the connection goes on
+    /// without the proxy (an internal miss, counted, never dropped).
+    pub const INBOUND_ASSIGN_FAILED: u32 = 14;
+    /// sockops registered a proxy's inbound listener (on listen(2)).
+    pub const INBOUND_LISTENER_REGISTERED: u32 = 15;
     /// Number of counters.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 16;
 
     /// Names in index order, for metrics and reports.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -210,6 +337,11 @@ pub mod counter {
         "getsockopt_answered",
         "getsockopt_missed",
         "sockets_closed",
+        "inbound_steered",
+        "inbound_bypassed",
+        "inbound_no_listener",
+        "inbound_assign_failed",
+        "inbound_listener_registered",
     ];
 }
 
@@ -221,6 +353,9 @@ mod pod {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::SockState {}
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::CidrKeyData {}
+    unsafe impl aya::Pod for super::InboundConfig {}
 }
 
 #[cfg(test)]

@@ -13,7 +13,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 
-use crate::{NETNS_CONFIG, ORIG_DST_BY_COOKIE, counters::bump};
+use crate::{
+    NETNS_CONFIG, ORIG_DST_BY_COOKIE,
+    counters::bump,
+    rules::{self, Outbound},
+};
 
 const AF_INET: u32 = 2;
 const SOCK_STREAM: u32 = 1;
@@ -36,12 +40,13 @@ pub fn connect4(ctx: &SockAddrContext) {
     }
     let dst_ip4 = sa.user_ip4;
     let dst_port = net::port_from_be_lower(sa.user_port);
-    if net::is_loopback(dst_ip4) {
-        return;
-    }
-    if bypassed(sa, &cfg) {
-        bump(counter::CONNECT_BYPASSED);
-        return;
+    match rules::outbound(netns, &cfg, dst_ip4, dst_port, || is_proxy(sa, &cfg)) {
+        Outbound::Capture => {}
+        Outbound::Ignore => return,
+        Outbound::Bypass => {
+            bump(counter::CONNECT_BYPASSED);
+            return;
+        }
     }
     // SAFETY: helper call on our own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -70,7 +75,7 @@ pub fn connect4(ctx: &SockAddrContext) {
 
 /// The proxy's own connects (by socket mark, uid or gid) go where they asked.
 #[inline(always)]
-fn bypassed(sa: &aya_ebpf::bindings::bpf_sock_addr, cfg: &NetnsConfig) -> bool {
+fn is_proxy(sa: &aya_ebpf::bindings::bpf_sock_addr, cfg: &NetnsConfig) -> bool {
     if cfg.proxy_mark != 0 {
         // SAFETY: `sk` is the connecting socket, valid for the program's duration.
         let sk = unsafe { sa.__bindgen_anon_1.sk };

@@ -2,19 +2,21 @@
 //! proxy's end of a redirected connection, as netfilter would, and leave
 //! every other option exactly as the kernel answered it.
 
-use agent_common::{SockKey, counter, net};
+use agent_common::{OrigDst, SockKey, counter, net};
 use aya_ebpf::{
     EbpfContext as _, helpers::generated::bpf_get_netns_cookie, programs::SockoptContext,
 };
 use aya_log_ebpf::debug;
 
-use crate::{ORIG_DST_BY_TUPLE, counters::bump};
+use crate::{INBOUND_STEERED, ORIG_DST_BY_TUPLE, counters::bump};
 
 const SOL_IP: i32 = 0;
 const SO_ORIGINAL_DST: i32 = 80;
 const AF_INET: u32 = 2;
 const AF_INET_U16: u16 = 2;
 const IPPROTO_TCP: u32 = 6;
+/// The most of a reply the kernel hands a getsockopt program (x86-64).
+const PAGE_SIZE: i32 = 4096;
 
 /// `struct sockaddr_in`, as netfilter's `getorigdst()` fills it.
 #[repr(C)]
@@ -35,13 +37,32 @@ const SOCKADDR_IN_LEN_I32: i32 = 16;
 pub fn getsockopt(ctx: &SockoptContext) {
     // SAFETY: the kernel hands us a valid context for the program's duration.
     let so = unsafe { &mut *ctx.sockopt };
-    if !(so.level == SOL_IP && so.optname == SO_ORIGINAL_DST && answer(ctx)) {
-        // optlen 0: the caller gets the kernel's own buffer and length back,
-        // untouched. This is also what keeps options larger than a page
-        // (iptables' IPT_SO_GET_ENTRIES) from failing with EFAULT.
-        // SAFETY: writable field of our context.
-        unsafe { core::ptr::write_volatile(&raw mut so.optlen, 0) };
+    let ours = so.level == SOL_IP && so.optname == SO_ORIGINAL_DST;
+    if ours && answer(ctx) {
+        return;
     }
+    // Pass through without clobbering anything another program attached to
+    // the same hook may have answered before us (multi-attach): touch
+    // optlen only where we must.
+    // - More than a page: the kernel only gave us the first page; optlen 0
+    //   hands the caller the kernel's own full reply (else EFAULT on older
+    //   kernels; iptables' IPT_SO_GET_ENTRIES is the classic case).
+    // - Our option, unanswered (retval < 0): optlen 0 keeps the caller's
+    //   buffer untouched, as netfilter leaves it when it fails.
+    if so.optlen > PAGE_SIZE || (ours && so.retval < 0) {
+        clear_optlen(ctx.sockopt);
+    }
+}
+
+/// `optlen = 0`, in a function of its own: inlined, the optimizer derives
+/// the store's address from a pointer it already moved to the field for the
+/// load above, and the verifier refuses stores through a modified context
+/// pointer ("dereference of modified ctx ptr"). As a call, the context
+/// arrives in r1 and the store is always `*(r1 + offset)`.
+#[inline(never)]
+fn clear_optlen(sockopt: *mut aya_ebpf::bindings::bpf_sockopt) {
+    // SAFETY: the program's own context; optlen is writable.
+    unsafe { core::ptr::write_volatile(&raw mut (*sockopt).optlen, 0) };
 }
 
 /// Fills in the original destination if this socket is the proxy's end of a
@@ -71,7 +92,17 @@ fn answer(ctx: &SockoptContext) -> bool {
         net::port_from_host_u32(sk.src_port),
     );
     // SAFETY: copied out at once.
-    let Some(orig) = (unsafe { ORIG_DST_BY_TUPLE.get(app) }).copied() else {
+    let orig = if let Some(orig) = unsafe { ORIG_DST_BY_TUPLE.get(app) }.copied() {
+        orig
+    } else if INBOUND_STEERED.get_ptr(app.reversed()).is_some() {
+        // Steered inbound by sk_lookup, no NAT: the original destination is
+        // the socket's own local address.
+        OrigDst {
+            ip4: sk.src_ip4,
+            port: net::port_from_host_u32(sk.src_port),
+            pad: 0,
+        }
+    } else {
         bump(counter::GETSOCKOPT_MISSED);
         return false;
     };

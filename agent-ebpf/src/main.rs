@@ -1,10 +1,9 @@
 //! The agent's eBPF programs: maps and thin entry points. Each hook's logic
 //! lives in its own module; every entry point turns an internal error into
 //! "let the traffic through", never into a drop or a refused syscall.
-#![no_std]
-// On the host (clippy, check) this builds as an ordinary binary so the
-// programs get linted; a dependency brings std and its panic handler there.
-#![cfg_attr(target_arch = "bpf", no_main)]
+// On the host (clippy, check) this builds as an ordinary std binary so the
+// programs get linted; only the BPF target is no_std/no_main.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
 // Each program should stay one function for the verifier (bpf-to-bpf calls
 // cost stack and complicate older verifiers).
 #![allow(clippy::inline_always)]
@@ -13,22 +12,31 @@
 
 mod connect4;
 mod counters;
+mod getpeername4;
 mod getsockopt;
+mod rules;
+mod sk_lookup;
 mod sk_msg;
 mod sockops;
 
-use agent_common::{NetnsConfig, OrigDst, SockKey, SockState, capacity, counter};
+use agent_common::{
+    CidrKeyData, InboundConfig, NetnsConfig, OrigDst, PortKey, SockKey, SockState, capacity,
+    counter,
+};
 use aya_ebpf::{
     btf_maps::SkStorage,
-    macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sk_msg, sock_ops},
-    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
-    programs::{SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
+    macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, SockMap},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 
-/// `cgroup/connect4` and `cgroup/getsockopt` verdict: the syscall proceeds.
+/// `cgroup/connect4`, `cgroup/getpeername4` and `cgroup/getsockopt` verdict: the syscall proceeds.
 pub const ALLOW: i32 = 1;
-/// sk_msg verdict: the message continues (to the redirect target if one was set).
+/// sk_msg / sk_lookup verdict: continue (with the redirect or the socket
+/// selected, if any).
 pub const SK_PASS: u32 = 1;
+/// sk_lookup verdict: refuse the connection.
+pub const SK_DROP: u32 = 0;
 /// sock_ops return value (ignored by the kernel for the callbacks we use).
 pub const SOCKOPS_OK: u32 = 1;
 
@@ -53,9 +61,37 @@ static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
+#[map]
+static OUT_CIDR_EXCLUDE: LpmTrie<CidrKeyData, u8> = LpmTrie::with_max_entries(capacity::RULES, 0);
+
+#[map]
+static OUT_CIDR_INCLUDE: LpmTrie<CidrKeyData, u8> = LpmTrie::with_max_entries(capacity::RULES, 0);
+
+#[map]
+static OUT_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(capacity::RULES, 0);
+
+#[map]
+static IN_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(capacity::RULES, 0);
+
+#[map]
+static INBOUND_CONFIG: Array<InboundConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+static INBOUND_LISTENER: SockMap = SockMap::with_max_entries(1, 0);
+
+#[map]
+static INBOUND_STEERED: LruHashMap<SockKey, u8> =
+    LruHashMap::with_max_entries(capacity::INBOUND_STEERED, 0);
+
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     connect4::connect4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn mesh_getpeer4(ctx: SockAddrContext) -> i32 {
+    getpeername4::getpeername4(&ctx);
     ALLOW
 }
 
@@ -69,6 +105,11 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
 pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     sk_msg::sk_msg(&ctx);
     SK_PASS
+}
+
+#[sk_lookup]
+pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
+    sk_lookup::sk_lookup(&ctx)
 }
 
 #[cgroup_sockopt(getsockopt)]

@@ -6,13 +6,13 @@
 //! callback) before the proxy's accepted socket exists (passive callback), so
 //! the tuple entry is always in place when the proxy's socket shows up.
 
-use agent_common::{SockKey, SockState, counter, flags, net};
+use agent_common::{INBOUND_PASSTHROUGH_SRC, SockKey, SockState, counter, flags, net};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_ANY, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_ops,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, bpf_sock_ops,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_storage_get},
     programs::SockOpsContext,
@@ -20,7 +20,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 
 use crate::{
-    NETNS_CONFIG, ORIG_DST_BY_COOKIE, ORIG_DST_BY_TUPLE, SOCK_STATE, SOCKETS, counters::bump,
+    INBOUND_LISTENER, INBOUND_STEERED, NETNS_CONFIG, ORIG_DST_BY_COOKIE, ORIG_DST_BY_TUPLE,
+    SOCK_STATE, SOCKETS, counters::bump,
 };
 
 const AF_INET: u32 = 2;
@@ -34,6 +35,7 @@ pub fn sockops(ctx: &SockOpsContext) {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(ctx),
         _ => {}
     }
@@ -80,6 +82,15 @@ fn on_connect(ctx: &SockOpsContext) {
 
 #[inline(always)]
 fn on_active_established(ctx: &SockOpsContext) {
+    // The proxy's inbound passthrough connection to the app.
+    if ctx.local_ip4() == INBOUND_PASSTHROUGH_SRC {
+        let key = own_key(ctx);
+        if sockmap_enabled(key.netns_cookie) {
+            watch_close(ctx);
+            insert_socket(ctx, key);
+        }
+        return;
+    }
     let cookie = cookie(ctx);
     // SAFETY: copied out before the entry is removed.
     let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).copied() else {
@@ -107,11 +118,22 @@ fn on_passive_established(ctx: &SockOpsContext) {
     let Some(cfg) = (unsafe { NETNS_CONFIG.get(key.netns_cookie) }).copied() else {
         return;
     };
-    if !cfg.has(flags::SOCKMAP) || key.src_port != cfg.outbound_port {
+    // A connection sk_lookup steered to the inbound listener: its entry
+    // goes when it closes.
+    if INBOUND_STEERED.get_ptr(key).is_some() {
+        watch_close(ctx);
         return;
     }
-    // Only the proxy's end of a connection connect4 redirected.
-    if ORIG_DST_BY_TUPLE.get_ptr(key.reversed()).is_none() {
+    if !cfg.has(flags::SOCKMAP) {
+        return;
+    }
+    // The app's end of the proxy's inbound passthrough connection, or the
+    // proxy's end of a connection connect4 redirected.
+    let passthrough = key.dst_ip4 == INBOUND_PASSTHROUGH_SRC;
+    if !passthrough
+        && (key.src_port != cfg.outbound_port
+            || ORIG_DST_BY_TUPLE.get_ptr(key.reversed()).is_none())
+    {
         return;
     }
     // Bytes that arrived over TCP before the socket joins the map (TCP Fast
@@ -173,12 +195,35 @@ fn insert_socket(ctx: &SockOpsContext, mut key: SockKey) {
     }
 }
 
+/// A socket starts listening: if it is the served namespace's inbound
+/// port, it becomes the listener sk_lookup steers to. Any proxy (ours or
+/// external) registers this way, as long as it listens after the agent
+/// attached; the built-in proxy's listener is also put there directly.
+#[inline(always)]
+fn on_listen(ctx: &SockOpsContext) {
+    let key = own_key(ctx);
+    // SAFETY: copied out at once.
+    let Some(cfg) = (unsafe { NETNS_CONFIG.get(key.netns_cookie) }).copied() else {
+        return;
+    };
+    if !cfg.has(flags::REDIRECT_INBOUND) || key.src_port != cfg.inbound_port {
+        return;
+    }
+    let ops: *mut bpf_sock_ops = ctx.ops;
+    // SAFETY: `ops` is this callback's context, a listening full socket.
+    match unsafe { INBOUND_LISTENER.update(0, ops, u64::from(BPF_ANY)) } {
+        Ok(()) => bump(counter::INBOUND_LISTENER_REGISTERED),
+        Err(_) => bump(counter::SOCKHASH_INSERT_FAILED),
+    }
+}
+
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
     let key = own_key(ctx);
     if ORIG_DST_BY_TUPLE.remove(key).is_ok() {
         bump(counter::SOCKETS_CLOSED);
     }
+    let _ = INBOUND_STEERED.remove(key);
     // A connect that never reached ESTABLISHED still owns its cookie entry.
     let _ = ORIG_DST_BY_COOKIE.remove(cookie(ctx));
 }

@@ -37,6 +37,7 @@ pub mod attach_type {
     pub const SK_MSG_VERDICT: u32 = 7;
     pub const CGROUP_INET4_CONNECT: u32 = 10;
     pub const CGROUP_GETSOCKOPT: u32 = 21;
+    pub const CGROUP_INET4_GETPEERNAME: u32 = 29;
     pub const SK_LOOKUP: u32 = 36;
 }
 

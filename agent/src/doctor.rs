@@ -221,6 +221,12 @@ fn program_probes() -> Vec<Probe> {
             pt::CGROUP_SOCK_ADDR,
             at::CGROUP_INET4_CONNECT,
         ),
+        (
+            "prog.getpeername4",
+            "cgroup sock_addr (getpeername4)",
+            pt::CGROUP_SOCK_ADDR,
+            at::CGROUP_INET4_GETPEERNAME,
+        ),
         ("prog.sock_ops", "sock_ops", pt::SOCK_OPS, 0),
         ("prog.sk_msg", "sk_msg", pt::SK_MSG, 0),
         (

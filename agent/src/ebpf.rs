@@ -5,12 +5,22 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{NetnsConfig, OrigDst, SockKey, counter, maps, programs};
+use agent_common::{
+    CidrKeyData, InboundConfig, NetnsConfig, OrigDst, PortKey, PortRule, SockKey, counter, flags,
+    maps, programs,
+};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SkMsg, SockOps},
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, SockHash, SockMap,
+        lpm_trie::Key,
+    },
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps,
+    },
 };
+
+use crate::rules::CaptureRules;
 
 /// The eBPF object built by `agent/build.rs` (empty when built without it).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf.o"));
@@ -51,21 +61,32 @@ pub enum EbpfError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
     Connect4,
+    GetPeerName4,
     SockOps,
     SkMsg,
     GetSockopt,
+    SkLookup,
 }
 
 impl Hook {
-    pub const ALL: [Self; 4] = [Self::Connect4, Self::SockOps, Self::SkMsg, Self::GetSockopt];
+    pub const ALL: [Self; 6] = [
+        Self::Connect4,
+        Self::GetPeerName4,
+        Self::SockOps,
+        Self::SkMsg,
+        Self::GetSockopt,
+        Self::SkLookup,
+    ];
 
     #[must_use]
     pub const fn program(self) -> &'static str {
         match self {
             Self::Connect4 => programs::CONNECT4,
+            Self::GetPeerName4 => programs::GETPEERNAME4,
             Self::SockOps => programs::SOCKOPS,
             Self::SkMsg => programs::SK_MSG,
             Self::GetSockopt => programs::GETSOCKOPT,
+            Self::SkLookup => programs::SK_LOOKUP,
         }
     }
 }
@@ -108,6 +129,9 @@ impl Datapath {
         prog_mut::<CgroupSockAddr>(e, programs::CONNECT4)?
             .load()
             .map_err(program_err(programs::CONNECT4))?;
+        prog_mut::<CgroupSockAddr>(e, programs::GETPEERNAME4)?
+            .load()
+            .map_err(program_err(programs::GETPEERNAME4))?;
         prog_mut::<SockOps>(e, programs::SOCKOPS)?
             .load()
             .map_err(program_err(programs::SOCKOPS))?;
@@ -117,6 +141,9 @@ impl Datapath {
         prog_mut::<CgroupSockopt>(e, programs::GETSOCKOPT)?
             .load()
             .map_err(program_err(programs::GETSOCKOPT))?;
+        prog_mut::<SkLookup>(e, programs::SK_LOOKUP)?
+            .load()
+            .map_err(program_err(programs::SK_LOOKUP))?;
         let map = ebpf.take_map(maps::SOCKETS).ok_or(EbpfError::Missing {
             kind: "map",
             name: maps::SOCKETS,
@@ -144,7 +171,7 @@ impl Datapath {
         let name = hook.program();
         let e = &mut self.ebpf;
         match hook {
-            Hook::Connect4 => prog_mut::<CgroupSockAddr>(e, name)?
+            Hook::Connect4 | Hook::GetPeerName4 => prog_mut::<CgroupSockAddr>(e, name)?
                 .attach(&cgroup, mode)
                 .map(drop),
             Hook::SockOps => prog_mut::<SockOps>(e, name)?
@@ -153,7 +180,9 @@ impl Datapath {
             Hook::GetSockopt => prog_mut::<CgroupSockopt>(e, name)?
                 .attach(&cgroup, mode)
                 .map(drop),
-            Hook::SkMsg => panic!("sk_msg attaches to the socket map, not to a cgroup"),
+            Hook::SkMsg | Hook::SkLookup => {
+                panic!("{name} attaches to a socket map or a netns, not to a cgroup")
+            }
         }
         .map_err(program_err(name))
     }
@@ -164,6 +193,52 @@ impl Datapath {
             .attach(self.sockets.fd())
             .map(drop)
             .map_err(program_err(programs::SK_MSG))
+    }
+
+    /// Attaches the sk_lookup program to a network namespace (bpf_link).
+    pub fn attach_sk_lookup(&mut self, netns: &crate::netns::Netns) -> Result<(), EbpfError> {
+        prog_mut::<SkLookup>(&mut self.ebpf, programs::SK_LOOKUP)?
+            .attach(netns)
+            .map(drop)
+            .map_err(program_err(programs::SK_LOOKUP))
+    }
+
+    /// Tells sk_lookup which namespace it serves and how.
+    pub fn set_inbound(&mut self, config: InboundConfig) -> Result<(), EbpfError> {
+        let mut a: Array<_, InboundConfig> = self.map_mut(maps::INBOUND_CONFIG)?;
+        a.set(0, config, 0).map_err(map_err(maps::INBOUND_CONFIG))
+    }
+
+    /// Puts the proxy's inbound listener where sk_lookup steers to.
+    pub fn set_inbound_listener(
+        &mut self,
+        listener: &impl std::os::fd::AsFd,
+    ) -> Result<(), EbpfError> {
+        use std::os::fd::AsRawFd as _;
+        let mut m: SockMap<_> = self.map_mut(maps::INBOUND_LISTENER)?;
+        m.set(0, &listener.as_fd().as_raw_fd(), 0)
+            .map_err(map_err(maps::INBOUND_LISTENER))
+    }
+
+    /// Replaces the capture rules of a namespace.
+    pub fn set_rules(&mut self, netns_cookie: u64, rules: &CaptureRules) -> Result<(), EbpfError> {
+        write_rules(&mut self.rule_maps()?, netns_cookie, rules)
+    }
+
+    fn rule_maps(&mut self) -> Result<RuleMaps<'_>, EbpfError> {
+        let [a, b, c, d] = self.ebpf.maps_disjoint_mut([
+            maps::OUT_CIDR_EXCLUDE,
+            maps::OUT_CIDR_INCLUDE,
+            maps::OUT_PORTS,
+            maps::IN_PORTS,
+        ]);
+        let missing = |name| EbpfError::Missing { kind: "map", name };
+        Ok(RuleMaps {
+            out_cidr_exclude: a.ok_or_else(|| missing(maps::OUT_CIDR_EXCLUDE))?,
+            out_cidr_include: b.ok_or_else(|| missing(maps::OUT_CIDR_INCLUDE))?,
+            out_ports: c.ok_or_else(|| missing(maps::OUT_PORTS))?,
+            in_ports: d.ok_or_else(|| missing(maps::IN_PORTS))?,
+        })
     }
 
     /// The SOCKHASH's fd, to ask the kernel what is attached to it.
@@ -284,6 +359,195 @@ pub fn usage_of(
         ),
         MapUsage::new(maps::SOCKETS, sockets, capacity::SOCKETS),
     ])
+}
+
+/// The four rule maps, borrowed together.
+pub struct RuleMaps<'a> {
+    pub out_cidr_exclude: &'a mut Map,
+    pub out_cidr_include: &'a mut Map,
+    pub out_ports: &'a mut Map,
+    pub in_ports: &'a mut Map,
+}
+
+/// The rule-related flag bits of a namespace's configuration.
+#[must_use]
+pub fn rule_flags(rules: &CaptureRules) -> u32 {
+    let mut f = 0;
+    if rules.outbound_include_cidrs.is_all() {
+        f |= flags::OUT_ALL_CIDRS;
+    }
+    if rules.inbound_include_ports.is_all() {
+        f |= flags::IN_ALL_PORTS;
+    }
+    f
+}
+
+fn cidr_key(netns: u64, net: crate::rules::Ipv4Net) -> Key<CidrKeyData> {
+    Key::new(
+        CidrKeyData::NETNS_BITS + u32::from(net.prefix),
+        CidrKeyData::new(netns, u32::from_ne_bytes(net.addr.octets())),
+    )
+}
+
+/// Replaces every rule entry of namespace `netns` with `rules` (the flag
+/// bits that go with them are set by the caller, see [`rule_flags`]).
+/// Entries are added before stale ones are removed, so a connect racing
+/// the update sees either the old or the new list, or their union.
+pub fn write_rules(
+    m: &mut RuleMaps<'_>,
+    netns: u64,
+    rules: &CaptureRules,
+) -> Result<(), EbpfError> {
+    let mut port_rules: Vec<(PortKey, u8)> = Vec::new();
+    port_rules.extend(
+        rules
+            .outbound_include_ports
+            .iter()
+            .map(|&p| (PortKey::new(netns, p), PortRule::INCLUDE)),
+    );
+    port_rules.extend(
+        rules
+            .outbound_exclude_ports
+            .iter()
+            .map(|&p| (PortKey::new(netns, p), PortRule::EXCLUDE)),
+    );
+    replace_ports(m.out_ports, maps::OUT_PORTS, netns, &port_rules)?;
+    let mut in_rules: Vec<(PortKey, u8)> = Vec::new();
+    in_rules.extend(
+        rules
+            .inbound_include_ports
+            .items()
+            .iter()
+            .map(|&p| (PortKey::new(netns, p), PortRule::INCLUDE)),
+    );
+    in_rules.extend(
+        rules
+            .inbound_exclude_ports
+            .iter()
+            .map(|&p| (PortKey::new(netns, p), PortRule::EXCLUDE)),
+    );
+    replace_ports(m.in_ports, maps::IN_PORTS, netns, &in_rules)?;
+    let include: Vec<_> = rules
+        .outbound_include_cidrs
+        .items()
+        .iter()
+        .map(|&n| cidr_key(netns, n))
+        .collect();
+    replace_cidrs(m.out_cidr_include, maps::OUT_CIDR_INCLUDE, netns, &include)?;
+    let exclude: Vec<_> = rules
+        .outbound_exclude_cidrs
+        .iter()
+        .map(|&n| cidr_key(netns, n))
+        .collect();
+    replace_cidrs(m.out_cidr_exclude, maps::OUT_CIDR_EXCLUDE, netns, &exclude)
+}
+
+/// Reads back the rules of namespace `netns` (`netns_flags`: its
+/// `NetnsConfig::flags`, which hold the "all" switches).
+pub fn read_rules(
+    m: &mut RuleMaps<'_>,
+    netns: u64,
+    netns_flags: u32,
+) -> Result<CaptureRules, EbpfError> {
+    use crate::rules::{Ipv4Net, Selection};
+    let ports = |map: &mut Map, name: &'static str| -> Result<(Vec<u16>, Vec<u16>), EbpfError> {
+        let h: HashMap<_, PortKey, u8> = HashMap::try_from(map).map_err(map_err(name))?;
+        let (mut inc, mut exc) = (Vec::new(), Vec::new());
+        for (k, v) in h.iter().flatten().filter(|(k, _)| k.netns_cookie == netns) {
+            if v == PortRule::EXCLUDE {
+                exc.push(k.port);
+            } else {
+                inc.push(k.port);
+            }
+        }
+        inc.sort_unstable();
+        exc.sort_unstable();
+        Ok((inc, exc))
+    };
+    let cidrs = |map: &mut Map, name: &'static str| -> Result<Vec<Ipv4Net>, EbpfError> {
+        let t: LpmTrie<_, CidrKeyData, u8> = LpmTrie::try_from(map).map_err(map_err(name))?;
+        let mut v: Vec<Ipv4Net> = t
+            .keys()
+            .flatten()
+            .filter(|k| k.data().netns_be == netns.to_be_bytes())
+            .filter_map(|k| {
+                let prefix =
+                    u8::try_from(k.prefix_len().checked_sub(CidrKeyData::NETNS_BITS)?).ok()?;
+                Some(Ipv4Net::new(std::net::Ipv4Addr::from(k.data().ip4), prefix))
+            })
+            .collect();
+        v.sort_by_key(|n| (u32::from(n.addr), n.prefix));
+        Ok(v)
+    };
+    let (out_inc, out_exc) = ports(m.out_ports, maps::OUT_PORTS)?;
+    let (in_inc, in_exc) = ports(m.in_ports, maps::IN_PORTS)?;
+    let include = cidrs(m.out_cidr_include, maps::OUT_CIDR_INCLUDE)?;
+    Ok(CaptureRules {
+        outbound_include_cidrs: if netns_flags & flags::OUT_ALL_CIDRS != 0 {
+            Selection::All
+        } else {
+            Selection::Some(include)
+        },
+        outbound_exclude_cidrs: cidrs(m.out_cidr_exclude, maps::OUT_CIDR_EXCLUDE)?,
+        outbound_include_ports: out_inc,
+        outbound_exclude_ports: out_exc,
+        inbound_include_ports: if netns_flags & flags::IN_ALL_PORTS != 0 {
+            Selection::All
+        } else {
+            Selection::Some(in_inc)
+        },
+        inbound_exclude_ports: in_exc,
+    })
+}
+
+fn replace_ports(
+    map: &mut Map,
+    name: &'static str,
+    netns: u64,
+    wanted: &[(PortKey, u8)],
+) -> Result<(), EbpfError> {
+    let mut h: HashMap<_, PortKey, u8> = HashMap::try_from(map).map_err(map_err(name))?;
+    // Excludes win over includes for the same port, as in istio (they come first).
+    for (k, v) in wanted
+        .iter()
+        .filter(|(_, v)| *v == PortRule::INCLUDE)
+        .chain(wanted.iter().filter(|(_, v)| *v == PortRule::EXCLUDE))
+    {
+        h.insert(k, v, 0).map_err(map_err(name))?;
+    }
+    let stale: Vec<PortKey> = h
+        .keys()
+        .flatten()
+        .filter(|k| k.netns_cookie == netns && !wanted.iter().any(|(w, _)| w == k))
+        .collect();
+    for k in stale {
+        h.remove(&k).map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+fn replace_cidrs(
+    map: &mut Map,
+    name: &'static str,
+    netns: u64,
+    wanted: &[Key<CidrKeyData>],
+) -> Result<(), EbpfError> {
+    let mut t: LpmTrie<_, CidrKeyData, u8> = LpmTrie::try_from(map).map_err(map_err(name))?;
+    for k in wanted {
+        t.insert(k, 1, 0).map_err(map_err(name))?;
+    }
+    let same = |a: &Key<CidrKeyData>, b: &Key<CidrKeyData>| {
+        a.prefix_len() == b.prefix_len() && a.data() == b.data()
+    };
+    let stale: Vec<Key<CidrKeyData>> = t
+        .keys()
+        .flatten()
+        .filter(|k| k.data().netns_be == netns.to_be_bytes() && !wanted.iter().any(|w| same(w, k)))
+        .collect();
+    for k in stale {
+        t.remove(&k).map_err(map_err(name))?;
+    }
+    Ok(())
 }
 
 /// How full a map is.

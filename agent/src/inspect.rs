@@ -18,8 +18,9 @@ use crate::{
 };
 
 /// The cgroup attach types of our hooks (sk_msg attaches to the SOCKHASH).
-pub const CGROUP_HOOKS: [(Hook, u32); 3] = [
+pub const CGROUP_HOOKS: [(Hook, u32); 4] = [
     (Hook::Connect4, attach_type::CGROUP_INET4_CONNECT),
+    (Hook::GetPeerName4, attach_type::CGROUP_INET4_GETPEERNAME),
     (Hook::SockOps, attach_type::CGROUP_SOCK_OPS),
     (Hook::GetSockopt, attach_type::CGROUP_GETSOCKOPT),
 ];
@@ -69,9 +70,10 @@ impl Snapshot {
     }
 }
 
-/// The maps of the datapath `prog_id` belongs to, by (kernel) name: the
-/// union of the maps of every loaded program of ours that shares its
-/// `NETNS_CONFIG` map. (Each program references only the maps it uses.)
+/// The maps of the datapath `prog_id` belongs to, by (kernel) name: every
+/// map reachable from it through our programs that share maps (each
+/// program references only the maps it uses; sk_lookup shares none with
+/// connect4, only with sockops).
 pub fn datapath_maps(prog_id: u32) -> Result<Vec<(String, Map)>, EbpfError> {
     let not_found = EbpfError::Missing {
         kind: "program id",
@@ -85,27 +87,33 @@ pub fn datapath_maps(prog_id: u32) -> Result<Vec<(String, Map)>, EbpfError> {
         .iter()
         .find(|p| p.id() == prog_id)
         .ok_or(not_found)?;
+    let ours: Vec<Vec<u32>> = programs
+        .iter()
+        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("mesh_")))
+        .map(ids_of)
+        .collect();
+    let mut ids = ids_of(first);
+    loop {
+        let before = ids.len();
+        for maps in &ours {
+            if maps.iter().any(|m| ids.contains(m)) {
+                ids.extend(
+                    maps.iter()
+                        .filter(|m| !ids.contains(m))
+                        .copied()
+                        .collect::<Vec<_>>(),
+                );
+            }
+        }
+        if ids.len() == before {
+            break;
+        }
+    }
     let name_of = |id: u32| {
         MapInfo::from_id(id)
             .ok()
             .and_then(|i| i.name_as_str().map(str::to_owned))
     };
-    let netns_map = ids_of(first)
-        .into_iter()
-        .find(|&id| name_of(id).is_some_and(|n| maps::NETNS_CONFIG.starts_with(&n)))
-        .ok_or(EbpfError::Missing {
-            kind: "map",
-            name: maps::NETNS_CONFIG,
-        })?;
-    let mut ids: Vec<u32> = programs
-        .iter()
-        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("mesh_")))
-        .map(ids_of)
-        .filter(|ids| ids.contains(&netns_map))
-        .flatten()
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
     let mut out = Vec::new();
     for id in ids {
         let Some(name) = name_of(id) else { continue };

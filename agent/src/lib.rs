@@ -8,12 +8,15 @@
 pub mod bpf_sys;
 pub mod caps;
 pub mod cgroup;
+pub mod control;
 pub mod doctor;
 pub mod ebpf;
 pub mod inspect;
+pub mod iptables;
 pub mod mounts;
 pub mod netns;
 pub mod proxy;
+pub mod rules;
 pub mod run;
 pub mod socket;
 pub mod status;

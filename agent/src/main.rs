@@ -35,6 +35,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A drop-in for istio-iptables: the same flags, defaults and
+    /// environment variables, the same iptables-restore input.
+    Iptables(Box<agent::iptables::istio::IstioIptablesArgs>),
+    /// Show or change the capture rules of a running eBPF datapath, at once
+    /// and without a restart: each list given replaces the current one.
+    Rules {
+        /// cgroup2 directory the datapath serves (default: the cgroup2 root).
+        #[arg(long, value_name = "PATH")]
+        cgroup: Option<PathBuf>,
+        #[command(flatten)]
+        rules: agent::rules::RuleArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     Doctor {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -50,7 +65,41 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Doctor { json, cgroup } => run_doctor(json, cgroup),
+        Command::Rules {
+            cgroup,
+            rules,
+            json,
+        } => report(
+            agent::control::update_rules(cgroup.as_deref(), &rules).map(|r| {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&r).expect("rules serialize")
+                    );
+                } else {
+                    println!("outbound include (-i): {}", r.outbound_include_cidrs);
+                    println!(
+                        "outbound exclude (-x): {}",
+                        agent::rules::Selection::Some(r.outbound_exclude_cidrs.clone())
+                    );
+                    println!(
+                        "outbound ports include (-q): {}",
+                        agent::rules::Selection::Some(r.outbound_include_ports.clone())
+                    );
+                    println!(
+                        "outbound ports exclude (-o): {}",
+                        agent::rules::Selection::Some(r.outbound_exclude_ports.clone())
+                    );
+                    println!("inbound ports include (-b): {}", r.inbound_include_ports);
+                    println!(
+                        "inbound ports exclude (-d): {}",
+                        agent::rules::Selection::Some(r.inbound_exclude_ports.clone())
+                    );
+                }
+            }),
+        ),
         Command::Run(args) => report(agent::run::run(&args)),
+        Command::Iptables(args) => report(agent::iptables::istio::main(&args)),
         Command::Status { cgroup, json } => {
             report(agent::status::collect(cgroup.as_deref()).map(|s| {
                 if json {

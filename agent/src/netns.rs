@@ -112,6 +112,26 @@ impl Netns {
             })
     }
 
+    /// A command that runs inside this namespace (it enters it between fork
+    /// and exec), e.g. `iptables-restore` for the served namespace.
+    #[must_use]
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+        use std::os::unix::process::CommandExt as _;
+        let mut cmd = std::process::Command::new(program);
+        let fd = self.file.as_raw_fd();
+        // SAFETY: only setns(2) runs between fork and exec; the fd stays open
+        // for as long as `self` lives, which outlives the spawn call.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
     /// Duplicates the handle (for a thread that must enter it later).
     pub fn try_clone(&self) -> io::Result<Self> {
         Ok(Self {

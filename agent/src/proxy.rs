@@ -35,14 +35,67 @@ use crate::{
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
-    /// Where app connections arrive (127.0.0.1:<outbound-port>).
+    /// Where captured outbound connections arrive (127.0.0.1:<outbound-port>).
     pub outbound: SocketAddrV4,
+    /// Where captured inbound connections arrive (0.0.0.0:<inbound-port>),
+    /// if the proxy serves inbound.
+    pub inbound: Option<SocketAddrV4>,
     /// `SO_MARK` on upstream sockets, so no redirect mode captures them (0 = none).
     pub mark: u32,
     pub connect_timeout: Duration,
     /// Per-direction relay buffer, allocated when a connection first has data.
     pub buffer_size: usize,
     pub worker_threads: usize,
+}
+
+/// Which way a proxied connection goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// App in the pod → somewhere else.
+    Outbound,
+    /// Somewhere else → app in the pod, forwarded from 127.0.0.6.
+    Inbound,
+}
+
+impl Direction {
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound",
+            Self::Inbound => "inbound",
+        }
+    }
+}
+
+/// The proxy's listening sockets, bound inside the served namespace before
+/// anything is attached (so a port in use fails with nothing to undo).
+#[derive(Debug)]
+pub struct Listeners {
+    pub outbound: std::net::TcpListener,
+    pub inbound: Option<std::net::TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the listeners of `config` inside `netns`.
+    pub fn bind(netns: &Netns, config: &ProxyConfig) -> Result<Self, ProxyError> {
+        netns.run(|| {
+            let outbound = bind_std(config.outbound)?;
+            let inbound = config.inbound.map(bind_std).transpose()?;
+            Ok(Self { outbound, inbound })
+        })?
+    }
+}
+
+fn bind_std(addr: SocketAddrV4) -> Result<std::net::TcpListener, ProxyError> {
+    let bind = || -> io::Result<std::net::TcpListener> {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        sock.set_reuse_address(true)?;
+        sock.set_nonblocking(true)?;
+        sock.bind(&SocketAddr::V4(addr).into())?;
+        sock.listen(4096)?;
+        Ok(sock.into())
+    };
+    bind().map_err(|source| ProxyError::Bind { addr, source })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,9 +133,13 @@ pub struct ProxyHandle {
 }
 
 impl ProxyHandle {
-    /// Enters `netns` on a new thread, binds the listener there and starts
-    /// serving. Returns once the listener is bound (or failed to bind).
-    pub fn start(netns: &Netns, config: ProxyConfig) -> Result<Self, ProxyError> {
+    /// Serves `listeners` on a new thread that enters `netns` first (so
+    /// every upstream socket is created there too).
+    pub fn start(
+        netns: &Netns,
+        config: ProxyConfig,
+        listeners: Listeners,
+    ) -> Result<Self, ProxyError> {
         let netns = netns.try_clone().map_err(ProxyError::Runtime)?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ProxyError>>();
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -91,13 +148,10 @@ impl ProxyHandle {
         let thread = std::thread::Builder::new()
             .name("proxy".into())
             .spawn(move || {
-                let fail = |e| {
-                    let _ = ready_tx.send(Err(e));
-                };
                 if let Err(e) = netns.enter() {
-                    return fail(e.into());
+                    let _ = ready_tx.send(Err(e.into()));
+                    return;
                 }
-                let ready_tx = ready_tx.clone();
                 let rt = match tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(config.worker_threads.max(1))
                     .thread_name("proxy-worker")
@@ -105,16 +159,32 @@ impl ProxyHandle {
                     .build()
                 {
                     Ok(rt) => rt,
-                    Err(e) => return fail(ProxyError::Runtime(e)),
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(ProxyError::Runtime(e)));
+                        return;
+                    }
                 };
                 rt.block_on(async move {
-                    let listener = match bind(config.outbound) {
+                    let register = |l: std::net::TcpListener| TcpListener::from_std(l).map_err(ProxyError::Runtime);
+                    let outbound = match register(listeners.outbound) {
                         Ok(l) => l,
-                        Err(source) => return fail(ProxyError::Bind { addr: config.outbound, source }),
+                        Err(e) => return drop(ready_tx.send(Err(e))),
                     };
-                    info!(listen = %config.outbound, mark = config.mark, "proxy: outbound listener up");
+                    let inbound = match listeners.inbound.map(register).transpose() {
+                        Ok(l) => l,
+                        Err(e) => return drop(ready_tx.send(Err(e))),
+                    };
+                    info!(outbound = %config.outbound, inbound = ?config.inbound, mark = config.mark, "proxy: listeners up");
                     let _ = ready_tx.send(Ok(()));
-                    serve_outbound(listener, Arc::new(config), thread_stats, shutdown_rx).await;
+                    let config = Arc::new(config);
+                    let out = serve(outbound, Direction::Outbound, Arc::clone(&config), Arc::clone(&thread_stats), shutdown_rx.clone());
+                    match inbound {
+                        Some(l) => {
+                            let inb = serve(l, Direction::Inbound, config, thread_stats, shutdown_rx);
+                            tokio::join!(out, inb);
+                        }
+                        None => out.await,
+                    }
                 });
                 // Connections still open are dropped (closed) here.
                 rt.shutdown_timeout(Duration::from_millis(100));
@@ -133,7 +203,7 @@ impl ProxyHandle {
             Err(_) => {
                 let _ = thread.join();
                 Err(ProxyError::Runtime(io::Error::other(
-                    "proxy thread exited before binding",
+                    "proxy thread exited before serving",
                 )))
             }
         }
@@ -158,15 +228,9 @@ impl Drop for ProxyHandle {
     }
 }
 
-fn bind(addr: SocketAddrV4) -> io::Result<TcpListener> {
-    let sock = TcpSocket::new_v4()?;
-    sock.set_reuseaddr(true)?;
-    sock.bind(SocketAddr::V4(addr))?;
-    sock.listen(4096)
-}
-
-async fn serve_outbound(
+async fn serve(
     listener: TcpListener,
+    direction: Direction,
     config: Arc<ProxyConfig>,
     stats: Arc<Stats>,
     mut shutdown: watch::Receiver<bool>,
@@ -178,7 +242,7 @@ async fn serve_outbound(
                 Ok(c) => c,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "proxy: accept failed");
+                    warn!(error = %e, direction = direction.name(), "proxy: accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -186,12 +250,12 @@ async fn serve_outbound(
             _ = shutdown.changed() => break,
         };
         next_id += 1;
-        let span = info_span!("conn", id = next_id, src = %peer, dst = tracing::field::Empty);
+        let span = info_span!("conn", dir = direction.name(), id = next_id, src = %peer, dst = tracing::field::Empty);
         let config = Arc::clone(&config);
         let stats = Arc::clone(&stats);
-        tokio::spawn(handle_outbound(client, config, stats).instrument(span));
+        tokio::spawn(handle(client, direction, config, stats).instrument(span));
     }
-    debug!("proxy: outbound listener closed");
+    debug!(direction = direction.name(), "proxy: listener closed");
 }
 
 /// Decrements the open-connection gauge on every exit path.
@@ -211,7 +275,12 @@ impl Drop for OpenGuard<'_> {
     }
 }
 
-async fn handle_outbound(client: TcpStream, config: Arc<ProxyConfig>, stats: Arc<Stats>) {
+async fn handle(
+    client: TcpStream,
+    direction: Direction,
+    config: Arc<ProxyConfig>,
+    stats: Arc<Stats>,
+) {
     let _open = OpenGuard::new(&stats);
     let _ = client.set_nodelay(true);
     let dst = match socket::original_dst(&client) {
@@ -224,17 +293,19 @@ async fn handle_outbound(client: TcpStream, config: Arc<ProxyConfig>, stats: Arc
         }
     };
     tracing::Span::current().record("dst", tracing::field::display(dst));
-    if dst == config.outbound {
-        warn!("original destination is the proxy itself; resetting to avoid a loop");
+    if dst.port() == config.outbound.port()
+        || config.inbound.is_some_and(|i| i.port() == dst.port())
+    {
+        warn!("original destination is one of the proxy's own ports; resetting to avoid a loop");
         socket::reset_on_close(&client);
         return;
     }
-    let upstream = match tokio::time::timeout(
-        config.connect_timeout,
-        connect_marked(dst, config.mark),
-    )
-    .await
-    {
+    let source = match direction {
+        Direction::Outbound => None,
+        Direction::Inbound => Some(SocketAddrV4::new(INBOUND_PASSTHROUGH_SOURCE, 0)),
+    };
+    let connect = connect_marked(source, dst, config.mark);
+    let upstream = match tokio::time::timeout(config.connect_timeout, connect).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             if socket::is_reset(&e) {
@@ -276,12 +347,23 @@ async fn handle_outbound(client: TcpStream, config: Arc<ProxyConfig>, stats: Arc
     }
 }
 
-/// Connects to `dst` from a socket carrying `mark`, set before `connect()`
-/// so the connect4 program (and iptables) see it.
-async fn connect_marked(dst: SocketAddrV4, mark: u32) -> io::Result<TcpStream> {
+/// Envoy's inbound passthrough source: connections from it to the app are
+/// never captured again (both modes).
+pub const INBOUND_PASSTHROUGH_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
+
+/// Connects to `dst` (from `source`, if given) with a socket carrying `mark`,
+/// set before `connect()` so the connect4 program (and iptables) see it.
+async fn connect_marked(
+    source: Option<SocketAddrV4>,
+    dst: SocketAddrV4,
+    mark: u32,
+) -> io::Result<TcpStream> {
     let sock = TcpSocket::new_v4()?;
     if mark != 0 {
         SockRef::from(&sock).set_mark(mark)?;
+    }
+    if let Some(src) = source {
+        sock.bind(SocketAddr::V4(src))?;
     }
     sock.connect(SocketAddr::V4(dst)).await
 }

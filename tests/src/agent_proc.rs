@@ -39,10 +39,13 @@ impl Agent {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[agent] {line}");
-                if line.contains("mesh-redirect ready") {
+                let ready = line.contains("mesh-redirect ready");
+                // Stored before the ready signal, so a test that looks at the
+                // log right after start sees the ready line too.
+                thread_log.lock().unwrap().push(line);
+                if ready {
                     let _ = ready_tx.send(());
                 }
-                thread_log.lock().unwrap().push(line);
             }
         });
         let mut agent = Self {

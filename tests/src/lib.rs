@@ -22,8 +22,27 @@ pub mod agent_proc;
 pub mod client;
 pub mod servers;
 pub mod topology;
+pub mod transfer;
 
 pub use agent_proc::Agent;
+
+/// The redirect mode a shared test body runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedirectMode {
+    Ebpf,
+    Iptables,
+}
+
+impl RedirectMode {
+    /// `run --mode ...`
+    #[must_use]
+    pub const fn arg(self) -> &'static str {
+        match self {
+            Self::Ebpf => "ebpf",
+            Self::Iptables => "iptables",
+        }
+    }
+}
 pub use client::PollStream;
 pub use topology::{InCgroup, Topology};
 

@@ -31,7 +31,8 @@ impl Topology {
             "ip link add {a} type veth peer name {b} && \
              ip link set {a} netns {p} && ip link set {b} netns {s} && \
              ip -n {p} addr add {POD_IP}/24 dev {a} && ip -n {s} addr add {SRV_IP}/24 dev {b} && \
-             ip -n {p} link set {a} up && ip -n {s} link set {b} up",
+             ip -n {p} link set {a} up && ip -n {s} link set {b} up && \
+             ip -n {p} route add default via {SRV_IP}",
             p = pod.name(),
             s = srv.name()
         ));

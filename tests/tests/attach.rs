@@ -17,6 +17,7 @@ fn every_program_attaches_to_a_fresh_cgroup_and_detaches() {
     let cg_file = File::open(cg.path()).unwrap();
     let cgroup_hooks = [
         (Hook::Connect4, attach_type::CGROUP_INET4_CONNECT),
+        (Hook::GetPeerName4, attach_type::CGROUP_INET4_GETPEERNAME),
         (Hook::SockOps, attach_type::CGROUP_SOCK_OPS),
         (Hook::GetSockopt, attach_type::CGROUP_GETSOCKOPT),
     ];

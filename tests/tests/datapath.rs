@@ -12,9 +12,8 @@ use std::{
 use agent::{inspect, socket};
 use agent_common::counter;
 use rstest::rstest;
-use sha2::{Digest as _, Sha256};
 use tests::{
-    Agent, PollStream, Topology, require_root,
+    Agent, PollStream, RedirectMode, Topology, require_root,
     servers::{Behaviour, HTTP_BODY, Server, http_get},
     topology::{POD_IP, SRV_IP, lo_tx_packets},
 };
@@ -28,10 +27,12 @@ enum Placement {
     Inside,
 }
 
-fn start_agent(topo: &Topology, placement: Placement, extra: &[&str]) -> Agent {
+fn start_agent(topo: &Topology, mode: RedirectMode, placement: Placement, extra: &[&str]) -> Agent {
     let netns = topo.pod.path();
     let args = [
         &[
+            "--mode",
+            mode.arg(),
             "--netns",
             netns.to_str().unwrap(),
             "--cgroup",
@@ -71,6 +72,7 @@ fn snapshot(topo: &Topology) -> inspect::Snapshot {
 
 #[rstest]
 fn http_and_raw_tcp_reach_the_intended_upstream(
+    #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
     #[values(Placement::Outside, Placement::Inside)] placement: Placement,
 ) {
     require_root!();
@@ -82,12 +84,15 @@ fn http_and_raw_tcp_reach_the_intended_upstream(
         9000,
         Behaviour::Echo { write_size: 4096 },
     );
-    let _agent = start_agent(&topo, placement, &[]);
+    let _agent = start_agent(&topo, mode, placement, &[]);
     let _in_pod = topo.enter_pod_cgroup();
 
     let mut conn = pod_connect(&topo, http.addr);
-    // The app sees itself connected to the proxy, not to the server.
-    assert_eq!(conn.peer_addr().unwrap().ip(), Ipv4Addr::LOCALHOST);
+    // The app sees the server as its peer, not the proxy, as under NAT.
+    assert_eq!(
+        conn.peer_addr().unwrap(),
+        std::net::SocketAddr::V4(http.addr)
+    );
     assert_eq!(http_get(&mut conn, "upstream"), HTTP_BODY);
     drop(conn);
 
@@ -102,77 +107,32 @@ fn http_and_raw_tcp_reach_the_intended_upstream(
         assert_eq!(peers.len(), 1, "{peers:?}");
         assert_eq!(peers[0].ip(), POD_IP, "the upstream sees the pod's address");
     }
-    let s = snapshot(&topo);
-    assert_eq!(s.counter(counter::CONNECT_REDIRECTED), 2);
-    assert_eq!(s.counter(counter::GETSOCKOPT_ANSWERED), 2);
+    if mode == RedirectMode::Ebpf {
+        let s = snapshot(&topo);
+        assert_eq!(s.counter(counter::CONNECT_REDIRECTED), 2);
+        assert_eq!(s.counter(counter::GETSOCKOPT_ANSWERED), 2);
+    }
 }
 
 #[rstest]
-fn bulk_64_mib_each_way_is_byte_exact(#[values(1024, 16 * 1024, 256 * 1024)] write_size: usize) {
+fn bulk_64_mib_each_way_is_byte_exact(
+    #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
+    #[values(1024, 16 * 1024, 256 * 1024)] write_size: usize,
+) {
     const TOTAL: usize = 64 << 20;
     require_root!();
     let topo = Topology::new();
     let echo = Server::start(&topo.srv, SRV_IP, 9000, Behaviour::Echo { write_size });
-    let _agent = start_agent(&topo, Placement::Outside, &[]);
+    let _agent = start_agent(&topo, mode, Placement::Outside, &[]);
     let _in_pod = topo.enter_pod_cgroup();
-    let conn = pod_connect(&topo, echo.addr);
-
-    let mut writer = conn.try_clone().unwrap();
-    let sender = std::thread::spawn(move || {
-        let mut hash = Sha256::new();
-        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut chunk = vec![0u8; write_size];
-        let mut sent = 0;
-        while sent < TOTAL {
-            let n = write_size.min(TOTAL - sent);
-            for b in &mut chunk[..n] {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                *b = rng.to_le_bytes()[0];
-            }
-            writer.write_all(&chunk[..n]).unwrap();
-            hash.update(&chunk[..n]);
-            sent += n;
-        }
-        writer.shutdown(std::net::Shutdown::Write).unwrap();
-        <[u8; 32]>::from(hash.finalize())
-    });
-    let mut reader = conn;
-    let mut hash = Sha256::new();
-    let mut got = 0usize;
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut longest_stall = Duration::ZERO;
-    let mut last = Instant::now();
-    loop {
-        let n = reader.read(&mut buf).expect("read echo");
-        let now = Instant::now();
-        longest_stall = longest_stall.max(now - last);
-        last = now;
-        if n == 0 {
-            break;
-        }
-        hash.update(&buf[..n]);
-        got += n;
-    }
-    let sent_hash = sender.join().unwrap();
-    assert_eq!(got, TOTAL, "bytes back");
-    assert_eq!(
-        <[u8; 32]>::from(hash.finalize()),
-        sent_hash,
-        "echoed bytes differ"
-    );
+    let mut conn = pod_connect(&topo, echo.addr);
+    let sent_hash = tests::transfer::echo_round_trip(&mut conn, TOTAL, write_size);
     let seen = echo.seen.lock().unwrap();
     assert_eq!(seen.received_bytes, vec![TOTAL as u64]);
     assert_eq!(
         seen.received_sha256,
         vec![sent_hash],
         "bytes at the upstream differ"
-    );
-    eprintln!("write size {write_size}: longest stall {longest_stall:?}");
-    assert!(
-        longest_stall < Duration::from_secs(1),
-        "a read stalled {longest_stall:?}"
     );
 }
 
@@ -181,10 +141,12 @@ fn bulk_64_mib_each_way_is_byte_exact(#[values(1024, 16 * 1024, 256 * 1024)] wri
 /// only) puts at least one per request there, which shows the measurement
 /// can see them.
 #[rstest]
-#[case::sockmap(&[], Placement::Outside, false)]
-#[case::sockmap_agent_in_pod(&[], Placement::Inside, false)]
-#[case::connect4_only(&["--no-sockmap"], Placement::Outside, true)]
+#[case::sockmap(RedirectMode::Ebpf, &[], Placement::Outside, false)]
+#[case::sockmap_agent_in_pod(RedirectMode::Ebpf, &[], Placement::Inside, false)]
+#[case::connect4_only(RedirectMode::Ebpf, &["--no-sockmap"], Placement::Outside, true)]
+#[case::iptables(RedirectMode::Iptables, &[], Placement::Outside, true)]
 fn keep_alive_requests_and_loopback_packets(
+    #[case] mode: RedirectMode,
     #[case] extra: &[&str],
     #[case] placement: Placement,
     #[case] expect_packets: bool,
@@ -193,18 +155,22 @@ fn keep_alive_requests_and_loopback_packets(
     require_root!();
     let topo = Topology::new();
     let http = Server::start(&topo.srv, SRV_IP, 8080, Behaviour::Http);
-    let _agent = start_agent(&topo, placement, extra);
+    let _agent = start_agent(&topo, mode, placement, extra);
     let _in_pod = topo.enter_pod_cgroup();
     let mut conn = pod_connect(&topo, http.addr);
     assert_eq!(http_get(&mut conn, "warmup"), HTTP_BODY);
 
+    let redirected_now = || match mode {
+        RedirectMode::Ebpf => snapshot(&topo).counter(counter::MSG_REDIRECTED),
+        RedirectMode::Iptables => 0,
+    };
     let before = topo.pod.run(lo_tx_packets);
-    let redirected_before = snapshot(&topo).counter(counter::MSG_REDIRECTED);
+    let redirected_before = redirected_now();
     for _ in 0..REQUESTS {
         assert_eq!(http_get(&mut conn, "upstream"), HTTP_BODY);
     }
     let packets = topo.pod.run(lo_tx_packets) - before;
-    let redirected = snapshot(&topo).counter(counter::MSG_REDIRECTED) - redirected_before;
+    let redirected = redirected_now() - redirected_before;
     let per_request = f64::from(u32::try_from(packets).unwrap()) / f64::from(REQUESTS);
     eprintln!(
         "{packets} packets on lo for {REQUESTS} requests ({per_request:.2}/request), {redirected} messages redirected"
@@ -233,10 +199,12 @@ fn keep_alive_requests_and_loopback_packets(
 }
 
 #[rstest]
-fn an_unmodified_listener_gets_the_original_destination() {
+fn an_unmodified_listener_gets_the_original_destination(
+    #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
+) {
     require_root!();
     let topo = Topology::new();
-    let _agent = start_agent(&topo, Placement::Outside, &["--proxy", "external"]);
+    let _agent = start_agent(&topo, mode, Placement::Outside, &["--proxy", "external"]);
     let _in_pod = topo.enter_pod_cgroup();
     // "Some other proxy" on the outbound port, in the pod, using plain
     // getsockopt(SOL_IP, SO_ORIGINAL_DST) as it would under iptables.
@@ -251,8 +219,18 @@ fn an_unmodified_listener_gets_the_original_destination() {
                 .unwrap()
         }
     });
-    let (accepted, _) = listener.accept().unwrap();
     let _app = app.join().unwrap().expect("app connect");
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let accepted = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("the redirected connection never arrived: {e}"),
+        }
+    };
     assert_eq!(socket::original_dst(&accepted).unwrap(), dst);
     // Raw bytes, as netfilter's getorigdst() writes them.
     let raw = raw_original_dst(&accepted).expect("raw SO_ORIGINAL_DST");
@@ -298,7 +276,7 @@ fn getsockopt_on_a_socket_we_do_not_know_gives_the_kernels_errno() {
         let (s, _) = listener.accept().unwrap();
         raw_original_dst(&s).unwrap_err().raw_os_error()
     };
-    let _agent = start_agent(&topo, Placement::Outside, &[]);
+    let _agent = start_agent(&topo, RedirectMode::Ebpf, Placement::Outside, &[]);
     let _in_pod = topo.enter_pod_cgroup();
     let _c = topo.pod.run(|| TcpStream::connect(addr).unwrap());
     let (s, _) = listener.accept().unwrap();
@@ -307,10 +285,12 @@ fn getsockopt_on_a_socket_we_do_not_know_gives_the_kernels_errno() {
 }
 
 #[rstest]
-fn upstream_refusal_resets_the_client_within_a_second() {
+fn upstream_refusal_resets_the_client_within_a_second(
+    #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
+) {
     require_root!();
     let topo = Topology::new();
-    let _agent = start_agent(&topo, Placement::Outside, &[]);
+    let _agent = start_agent(&topo, mode, Placement::Outside, &[]);
     let _in_pod = topo.enter_pod_cgroup();
     let start = Instant::now();
     let mut conn = pod_connect(&topo, SocketAddrV4::new(SRV_IP, 1));
@@ -329,7 +309,9 @@ fn upstream_refusal_resets_the_client_within_a_second() {
 }
 
 #[rstest]
-fn upstream_reset_midstream_reaches_the_client_as_a_reset() {
+fn upstream_reset_midstream_reaches_the_client_as_a_reset(
+    #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
+) {
     require_root!();
     let topo = Topology::new();
     let server = Server::start(
@@ -338,7 +320,7 @@ fn upstream_reset_midstream_reaches_the_client_as_a_reset() {
         9100,
         Behaviour::ResetAfter { bytes: 1000 },
     );
-    let _agent = start_agent(&topo, Placement::Outside, &[]);
+    let _agent = start_agent(&topo, mode, Placement::Outside, &[]);
     let _in_pod = topo.enter_pod_cgroup();
     let mut conn = pod_connect(&topo, server.addr);
     let mut buf = [0u8; 4096];
@@ -367,7 +349,7 @@ fn a_blocking_reader_never_sees_a_reset_as_a_clean_end() {
     require_root!();
     let topo = Topology::new();
     let server = Server::start(&topo.srv, SRV_IP, 9100, Behaviour::ResetAfter { bytes: 0 });
-    let _agent = start_agent(&topo, Placement::Outside, &[]);
+    let _agent = start_agent(&topo, RedirectMode::Ebpf, Placement::Outside, &[]);
     let _in_pod = topo.enter_pod_cgroup();
     let mut conn = pod_connect_blocking(&topo, server.addr);
     conn.set_read_timeout(None).unwrap();
@@ -391,7 +373,7 @@ fn maps_return_to_baseline_after_1000_short_connections() {
     require_root!();
     let topo = Topology::new();
     let echo = Server::start(&topo.srv, SRV_IP, 9000, Behaviour::Echo { write_size: 64 });
-    let _agent = start_agent(&topo, Placement::Outside, &[]);
+    let _agent = start_agent(&topo, RedirectMode::Ebpf, Placement::Outside, &[]);
     let _in_pod = topo.enter_pod_cgroup();
     let baseline = snapshot(&topo).maps;
     for i in 0..1000 {
@@ -422,17 +404,28 @@ fn maps_return_to_baseline_after_1000_short_connections() {
 }
 
 #[rstest]
-fn a_signal_detaches_everything(#[values(libc::SIGTERM, libc::SIGINT)] signal: i32) {
+fn a_signal_detaches_everything(
+    #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
+    #[values(libc::SIGTERM, libc::SIGINT)] signal: i32,
+) {
     require_root!();
     let topo = Topology::new();
-    let agent = start_agent(&topo, Placement::Outside, &[]);
+    let agent = start_agent(&topo, mode, Placement::Outside, &[]);
     let root = agent::cgroup::cgroup2_root().unwrap();
-    assert!(
-        inspect::attached(topo.cgroup.path())
-            .unwrap()
-            .iter()
-            .any(|p| p.ours)
-    );
+    let iptables_save = || topo.pod.sh("iptables-legacy-save; iptables-nft-save");
+    match mode {
+        RedirectMode::Ebpf => assert!(
+            inspect::attached(topo.cgroup.path())
+                .unwrap()
+                .iter()
+                .any(|p| p.ours)
+        ),
+        RedirectMode::Iptables => assert!(
+            iptables_save().contains("ISTIO_OUTPUT"),
+            "{}",
+            iptables_save()
+        ),
+    }
     let status = agent.stop_with(signal);
     assert!(status.success(), "agent exit: {status}");
     for cg in [topo.cgroup.path(), root.as_path()] {
@@ -455,6 +448,11 @@ fn a_signal_detaches_everything(#[values(libc::SIGTERM, libc::SIGINT)] signal: i
         !std::path::Path::new("/sys/fs/bpf/mesh-redirect").exists(),
         "pins left behind"
     );
+    let left = iptables_save();
+    assert!(
+        !left.contains("ISTIO"),
+        "chains of ours left behind:\n{left}"
+    );
 }
 
 #[rstest]
@@ -474,7 +472,7 @@ fn large_getsockopt_replies_pass_through_untouched() {
         "printf '*nat\\n{}COMMIT\\n' | iptables-legacy-restore",
         rules.replace('\n', "\\n")
     ));
-    let _agent = start_agent(&topo, Placement::Outside, &[]);
+    let _agent = start_agent(&topo, RedirectMode::Ebpf, Placement::Outside, &[]);
     let mut cmd = std::process::Command::new("iptables-legacy");
     cmd.args(["-w", "-t", "nat", "-S"])
         .stdout(std::process::Stdio::piped())

@@ -41,7 +41,7 @@ pub enum Need {
     Demo,
     /// HAProxy, the peer proxy `bench` compares against.
     Bench,
-    /// qemu and cpio for `vm-test`.
+    /// qemu, cpio and kmod for `vm-test`.
     Vm,
 }
 
@@ -57,12 +57,20 @@ impl Need {
                     "iproute2",
                     "kernel tests create network namespaces and veth pairs",
                 ),
+                (
+                    "haproxy",
+                    "kernel tests use it as a third-party transparent proxy",
+                ),
             ],
             Self::Demo => &[("curl", "the demo's HTTP client")],
             Self::Bench => &[("haproxy", "the peer proxy the benchmark compares against")],
             Self::Vm => &[
                 ("qemu-system-x86", "vm-test boots Debian kernels under qemu"),
                 ("cpio", "vm-test packs an initramfs"),
+                (
+                    "kmod",
+                    "vm-test indexes the guest kernel's modules (depmod); the guest loads them (modprobe)",
+                ),
             ],
         }
     }

@@ -1,0 +1,324 @@
+//! What gets captured: inbound capture without NAT, the include/exclude
+//! lists with istio's flags and meaning, runtime rule changes, and the
+//! bypass log. One body per behaviour, run over both redirect modes where
+//! the behaviour must match.
+//!
+//! The oracle: the agent runs with `--proxy external` and the test itself
+//! listens on the proxy's ports inside the pod. A captured connection lands
+//! on those listeners (and `SO_ORIGINAL_DST` names where it was going); one
+//! that is not captured reaches its real destination.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use agent::socket;
+use rstest::rstest;
+use tests::{
+    Agent, RedirectMode, Topology,
+    agent_proc::run_to_end,
+    require_root,
+    servers::{Behaviour, Server},
+    topology::{POD_IP, SRV_IP},
+};
+
+fn start_agent(topo: &Topology, mode: RedirectMode, extra: &[&str]) -> Agent {
+    let netns = topo.pod.path();
+    let args = [
+        &[
+            "--mode",
+            mode.arg(),
+            "--netns",
+            netns.to_str().unwrap(),
+            "--cgroup",
+            topo.cgroup.path().to_str().unwrap(),
+            "--proxy",
+            "external",
+            "--proxy-uid",
+            "1337",
+        ][..],
+        extra,
+    ]
+    .concat();
+    Agent::run(&args, None)
+}
+
+/// The test's stand-ins for the proxy's listeners, in the pod (created
+/// while the test process is in the pod's cgroup, as a sidecar's would be).
+struct FakeProxy {
+    outbound: TcpListener,
+    inbound: TcpListener,
+}
+
+impl FakeProxy {
+    fn new(topo: &Topology) -> Self {
+        topo.pod.run(|| {
+            let outbound = TcpListener::bind((Ipv4Addr::LOCALHOST, 15001)).unwrap();
+            let inbound = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 15006)).unwrap();
+            outbound.set_nonblocking(true).unwrap();
+            inbound.set_nonblocking(true).unwrap();
+            Self { outbound, inbound }
+        })
+    }
+}
+
+/// Where a connection ended up.
+#[derive(Debug, PartialEq, Eq)]
+enum Landed {
+    /// On the proxy's listener, with this original destination.
+    Proxy(SocketAddrV4),
+    /// Not on the proxy: at the real destination (or refused there).
+    Direct,
+}
+
+/// Accepts from `proxy` for a short while; `Direct` if nothing arrives.
+fn landed(proxy: &TcpListener) -> Landed {
+    let deadline = Instant::now() + Duration::from_millis(500);
+    loop {
+        match proxy.accept() {
+            Ok((s, _)) => return Landed::Proxy(socket::original_dst(&s).expect("SO_ORIGINAL_DST")),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return Landed::Direct,
+        }
+    }
+}
+
+/// An outbound connect from the app in the pod to `dst`; where it lands.
+fn outbound(topo: &Topology, proxy: &FakeProxy, dst: SocketAddrV4) -> Landed {
+    let _ = topo
+        .pod
+        .run(|| TcpStream::connect_timeout(&dst.into(), Duration::from_millis(300)));
+    landed(&proxy.outbound)
+}
+
+/// An inbound connect from the server namespace to the pod's `port`.
+fn inbound(topo: &Topology, proxy: &FakeProxy, port: u16) -> Landed {
+    let dst = SocketAddrV4::new(POD_IP, port);
+    let _ = topo
+        .srv
+        .run(|| TcpStream::connect_timeout(&dst.into(), Duration::from_millis(300)));
+    landed(&proxy.inbound)
+}
+
+const OTHER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const OTHER: SocketAddrV4 = SocketAddrV4::new(OTHER_IP, 80);
+
+#[rstest]
+#[case::defaults(&[], &[(SRV_IP, 9000, true), (OTHER_IP, 80, true)], &[(8080, true), (15021, false), (15008, false)])]
+#[case::exclude_cidr(&["-x", "10.77.0.0/24"], &[(SRV_IP, 9000, false), (OTHER_IP, 80, true)], &[])]
+#[case::include_cidr(&["-i", "192.0.2.0/24"], &[(SRV_IP, 9000, false), (OTHER_IP, 80, true)], &[])]
+#[case::include_port(&["-i", "192.0.2.0/24", "-q", "9000"], &[(SRV_IP, 9000, true), (SRV_IP, 9001, false)], &[])]
+#[case::exclude_port(&["-o", "9000"], &[(SRV_IP, 9000, false), (SRV_IP, 9001, true)], &[])]
+#[case::exclude_cidr_beats_include_port(&["-x", "10.77.0.0/24", "-q", "9000"], &[(SRV_IP, 9000, false)], &[])]
+#[case::inbound_exclude(&["-d", "8080"], &[], &[(8080, false), (8081, true)])]
+#[case::inbound_include(&["-b", "9090"], &[], &[(8080, false), (9090, true)])]
+fn include_and_exclude_lists_decide_what_is_captured(
+    #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
+    #[case] flags: &[&str],
+    #[case] outbound_cases: &[(Ipv4Addr, u16, bool)],
+    #[case] inbound_cases: &[(u16, bool)],
+) {
+    require_root!();
+    let topo = Topology::new();
+    let _agent = start_agent(&topo, mode, flags);
+    let _in_pod = topo.enter_pod_cgroup();
+    let proxy = FakeProxy::new(&topo);
+    for &(ip, port, captured) in outbound_cases {
+        let dst = SocketAddrV4::new(ip, port);
+        let expected = if captured {
+            Landed::Proxy(dst)
+        } else {
+            Landed::Direct
+        };
+        assert_eq!(
+            outbound(&topo, &proxy, dst),
+            expected,
+            "outbound to {dst} with {flags:?}"
+        );
+    }
+    for &(port, captured) in inbound_cases {
+        let expected = if captured {
+            Landed::Proxy(SocketAddrV4::new(POD_IP, port))
+        } else {
+            Landed::Direct
+        };
+        assert_eq!(
+            inbound(&topo, &proxy, port),
+            expected,
+            "inbound to port {port} with {flags:?}"
+        );
+    }
+}
+
+#[rstest]
+fn rules_change_at_runtime_without_a_restart() {
+    require_root!();
+    let topo = Topology::new();
+    let agent = start_agent(&topo, RedirectMode::Ebpf, &[]);
+    let _in_pod = topo.enter_pod_cgroup();
+    let proxy = FakeProxy::new(&topo);
+    let dst = SocketAddrV4::new(SRV_IP, 9000);
+    let cg = topo.cgroup.path().to_str().unwrap().to_owned();
+    let rules = |args: &[&str]| {
+        let out = run_to_end(&[&["rules", "--cgroup", &cg], args].concat());
+        assert!(
+            out.status.success(),
+            "rules {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(outbound(&topo, &proxy, dst), Landed::Proxy(dst));
+    assert_eq!(
+        inbound(&topo, &proxy, 8080),
+        Landed::Proxy(SocketAddrV4::new(POD_IP, 8080))
+    );
+
+    let shown = rules(&["-x", "10.77.0.0/24", "-d", "8080,15021"]);
+    assert!(
+        shown.contains("outbound exclude (-x): 10.77.0.0/24"),
+        "{shown}"
+    );
+    assert_eq!(
+        outbound(&topo, &proxy, dst),
+        Landed::Direct,
+        "-x applies to new connections"
+    );
+    assert_eq!(
+        inbound(&topo, &proxy, 8080),
+        Landed::Direct,
+        "-d applies to new connections"
+    );
+
+    let shown = rules(&["-x", "", "-i", "192.0.2.0/24", "-q", "9000"]);
+    assert!(
+        shown.contains("outbound include (-i): 192.0.2.0/24"),
+        "{shown}"
+    );
+    assert_eq!(
+        outbound(&topo, &proxy, dst),
+        Landed::Proxy(dst),
+        "-q 9000 captures again"
+    );
+    assert_eq!(
+        outbound(&topo, &proxy, SocketAddrV4::new(SRV_IP, 9001)),
+        Landed::Direct
+    );
+    assert_eq!(outbound(&topo, &proxy, OTHER), Landed::Proxy(OTHER));
+    // The agent process never restarted.
+    assert!(agent.log_text().contains("mesh-redirect ready"));
+    assert_eq!(agent.log_text().matches("mesh-redirect ready").count(), 1);
+}
+
+#[rstest]
+fn bad_rule_lists_are_named_and_nothing_is_attached(
+    #[values(&["-x", "10.0.0.0/33"][..], &["-i", "ten.0.0.0/8"][..], &["-b", "0"][..], &["-o", "70000"][..], &["-d", "*"][..])]
+    flags: &[&str],
+) {
+    require_root!();
+    let topo = Topology::new();
+    let netns = topo.pod.path();
+    let args = [
+        &[
+            "run",
+            "--netns",
+            netns.to_str().unwrap(),
+            "--cgroup",
+            topo.cgroup.path().to_str().unwrap(),
+        ][..],
+        flags,
+    ]
+    .concat();
+    let out = run_to_end(&args);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(flags[0]),
+        "error does not name {}: {err}",
+        flags[0]
+    );
+    assert!(
+        agent::inspect::attached(topo.cgroup.path())
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[rstest]
+fn the_bypass_identities_are_logged_once_at_startup() {
+    require_root!();
+    let topo = Topology::new();
+    let agent = start_agent(
+        &topo,
+        RedirectMode::Ebpf,
+        &["-x", "10.9.0.0/16", "-o", "25"],
+    );
+    let log = agent.log_text();
+    for line in [
+        "bypass: outbound ports never captured: 25",
+        "bypass: outbound destinations never captured: 10.9.0.0/16",
+        "bypass: inbound ports never captured: 15008,15090,15021,15020",
+        "bypass: connects by uid 1337 (the proxy) are never captured",
+    ] {
+        assert_eq!(
+            log.matches(line).count(),
+            1,
+            "`{line}` not logged exactly once:\n{log}"
+        );
+    }
+}
+
+/// Inbound through the built-in proxy: a client elsewhere reaches the app,
+/// the app sees the passthrough source, 64 MiB each way byte-exact.
+#[rstest]
+fn inbound_reaches_the_app_from_the_passthrough_source(
+    #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
+) {
+    require_root!();
+    let topo = Topology::new();
+    let netns = topo.pod.path();
+    let _agent = Agent::run(
+        &[
+            "--mode",
+            mode.arg(),
+            "--netns",
+            netns.to_str().unwrap(),
+            "--cgroup",
+            topo.cgroup.path().to_str().unwrap(),
+        ],
+        None,
+    );
+    let app = {
+        let _in_pod = topo.enter_pod_cgroup();
+        Server::start(
+            &topo.pod,
+            Ipv4Addr::UNSPECIFIED,
+            8080,
+            Behaviour::Echo {
+                write_size: 16 * 1024,
+            },
+        )
+    };
+    let conn = topo
+        .srv
+        .run(|| {
+            TcpStream::connect_timeout(
+                &SocketAddrV4::new(POD_IP, 8080).into(),
+                Duration::from_secs(5),
+            )
+        })
+        .unwrap();
+    let mut conn = tests::PollStream::new(conn, Duration::from_secs(30)).unwrap();
+    let sent = tests::transfer::echo_round_trip(&mut conn, 64 << 20, 16 * 1024);
+    let seen = app.seen.lock().unwrap();
+    assert_eq!(seen.peers.len(), 1);
+    assert_eq!(
+        seen.peers[0].ip(),
+        Ipv4Addr::new(127, 0, 0, 6),
+        "the app sees the passthrough source"
+    );
+    assert_eq!(seen.received_sha256, vec![sent], "bytes at the app differ");
+}
