@@ -88,6 +88,9 @@ pub mod flags {
     /// Steer inbound connections on every port not excluded (istio's
     /// `-b '*'`); otherwise only [`maps::IN_PORTS`] includes.
     pub const IN_ALL_PORTS: u32 = 1 << 6;
+    /// Fail open: while no proxy listens, connections go where they were
+    /// going instead of being refused.
+    pub const FAIL_OPEN: u32 = 1 << 7;
 }
 
 /// Source address of the proxy's inbound passthrough connections to the app
@@ -313,16 +316,20 @@ pub mod counter {
     pub const INBOUND_STEERED: u32 = 11;
     /// sk_lookup left a connection alone (excluded port, loopback, passthrough).
     pub const INBOUND_BYPASSED: u32 = 12;
-    /// sk_lookup found no inbound listener: the connection is refused, as
-    /// iptables REDIRECT to a closed port would.
+    /// sk_lookup found no inbound listener: refused (fail closed, as iptables
+    /// REDIRECT to a closed port would) or passed (fail open).
     pub const INBOUND_NO_LISTENER: u32 = 13;
     /// sk_lookup could not assign the listener: the connection goes on
     /// without the proxy (an internal miss, counted, never dropped).
     pub const INBOUND_ASSIGN_FAILED: u32 = 14;
     /// sockops registered a proxy's inbound listener (on listen(2)).
     pub const INBOUND_LISTENER_REGISTERED: u32 = 15;
+    /// Fail open: a connect went direct because no proxy listened.
+    pub const CONNECT_FAIL_OPEN: u32 = 16;
+    /// Fail open: an inbound connection went to the app because no proxy listened.
+    pub const INBOUND_FAIL_OPEN: u32 = 17;
     /// Number of counters.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 18;
 
     /// Names in index order, for metrics and reports.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -342,6 +349,8 @@ pub mod counter {
         "inbound_no_listener",
         "inbound_assign_failed",
         "inbound_listener_registered",
+        "connect_fail_open",
+        "inbound_fail_open",
     ];
 }
 

@@ -5,9 +5,15 @@
 use agent_common::{NetnsConfig, OrigDst, counter, flags, net};
 use aya_ebpf::{
     EbpfContext as _,
+    bindings::{
+        BPF_F_CURRENT_NETNS, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+    },
     helpers::{
         bpf_get_current_uid_gid,
-        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+        generated::{
+            bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
+        },
     },
     programs::SockAddrContext,
 };
@@ -48,6 +54,10 @@ pub fn connect4(ctx: &SockAddrContext) {
             return;
         }
     }
+    if cfg.has(flags::FAIL_OPEN) && !proxy_listening(ctx, cfg.outbound_port) {
+        bump(counter::CONNECT_FAIL_OPEN);
+        return;
+    }
     // SAFETY: helper call on our own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let orig = OrigDst {
@@ -71,6 +81,39 @@ pub fn connect4(ctx: &SockAddrContext) {
         dst_port,
         cfg.outbound_port
     );
+}
+
+/// The IPv4 part of `bpf_sock_tuple`.
+const TUPLE4_SIZE: u32 = 12;
+const _: () = assert!(
+    core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() == TUPLE4_SIZE as usize
+);
+
+/// Whether a socket listens on 127.0.0.1:`port` in this namespace.
+#[inline(always)]
+fn proxy_listening(ctx: &SockAddrContext, port: u16) -> bool {
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: 0,
+                daddr: net::LOCALHOST,
+                sport: 0,
+                dport: port.to_be(),
+            },
+        },
+    };
+    // BPF_F_CURRENT_NETNS is -1 as a u64.
+    let current_netns = u64::from_ne_bytes(i64::from(BPF_F_CURRENT_NETNS).to_ne_bytes());
+    // SAFETY: a valid IPv4 tuple of the size given; the socket found, if
+    // any, is released at once.
+    unsafe {
+        let sk = bpf_sk_lookup_tcp(ctx.as_ptr(), &raw mut tuple, TUPLE4_SIZE, current_netns, 0);
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk.cast());
+    }
+    true
 }
 
 /// The proxy's own connects (by socket mark, uid or gid) go where they asked.

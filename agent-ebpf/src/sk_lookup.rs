@@ -48,8 +48,13 @@ pub fn sk_lookup(ctx: &SkLookupContext) -> u32 {
     match INBOUND_LISTENER.redirect_sk_lookup(ctx, 0, 0) {
         Ok(()) => {}
         Err(err) if err == -ENOENT => {
-            // No proxy listening: refuse, as a REDIRECT to a closed port would.
+            // No proxy listening: fail open (the app gets it directly) or
+            // closed (refused, as a REDIRECT to a closed port would be).
             bump(counter::INBOUND_NO_LISTENER);
+            if cfg.has(flags::FAIL_OPEN) {
+                bump(counter::INBOUND_FAIL_OPEN);
+                return SK_PASS;
+            }
             return SK_DROP;
         }
         Err(_) => {

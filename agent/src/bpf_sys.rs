@@ -19,7 +19,10 @@ const BPF_PROG_DETACH: u32 = 9;
 const BPF_PROG_GET_FD_BY_ID: u32 = 13;
 const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
 const BPF_PROG_QUERY: u32 = 16;
+const BPF_OBJ_PIN: u32 = 6;
+const BPF_OBJ_GET: u32 = 7;
 const BPF_LINK_CREATE: u32 = 28;
+const BPF_LINK_UPDATE: u32 = 29;
 
 /// Program types (`enum bpf_prog_type`).
 pub mod prog_type {
@@ -166,6 +169,34 @@ pub fn link_create(prog: impl AsFd, target: impl AsFd, attach_type: u32) -> io::
         .u32(4, raw(&target))
         .u32(8, attach_type);
     sys_bpf(BPF_LINK_CREATE, &mut attr).map(fd_result)
+}
+
+fn c_path(path: &std::path::Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt as _;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)
+}
+
+/// `BPF_OBJ_PIN`: pins a map, program or link at `path` on a bpffs.
+pub fn obj_pin(fd: impl AsFd, path: &std::path::Path) -> io::Result<()> {
+    let c = c_path(path)?;
+    let mut attr = Attr::new();
+    attr.u64(0, c.as_ptr() as u64).u32(8, raw(&fd));
+    sys_bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
+/// `BPF_OBJ_GET`: opens what is pinned at `path`.
+pub fn obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
+    let c = c_path(path)?;
+    let mut attr = Attr::new();
+    attr.u64(0, c.as_ptr() as u64);
+    sys_bpf(BPF_OBJ_GET, &mut attr).map(fd_result)
+}
+
+/// `BPF_LINK_UPDATE`: atomically replaces the program behind a link.
+pub fn link_update(link: impl AsFd, new_prog: impl AsFd) -> io::Result<()> {
+    let mut attr = Attr::new();
+    attr.u32(0, raw(&link)).u32(4, raw(&new_prog));
+    sys_bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 
 /// Legacy `BPF_PROG_ATTACH` (sk_msg programs attach to a sockmap this way).

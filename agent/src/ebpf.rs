@@ -15,9 +15,7 @@ use aya::{
         Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, SockHash, SockMap,
         lpm_trie::Key,
     },
-    programs::{
-        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps,
-    },
+    programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps},
 };
 
 use crate::rules::CaptureRules;
@@ -55,6 +53,14 @@ pub enum EbpfError {
     },
     #[error("aya-log: {0}")]
     Log(#[from] aya_log::Error),
+    #[error("attaching {hook} to {target}: {source}")]
+    Link {
+        hook: &'static str,
+        target: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Pins(#[from] crate::pins::PinError),
 }
 
 /// Which hooks a [`Datapath`] attaches.
@@ -91,12 +97,39 @@ impl Hook {
     }
 }
 
-/// The loaded object. Dropping it detaches every program it attached and
-/// frees its maps (nothing is pinned).
+/// The loaded object and what it attached.
+///
+/// Unpinned (`pin_dir: None`), dropping it detaches everything and frees
+/// the maps. Pinned, maps and links live in the pin directory and outlive
+/// the process: dropping it leaves them running (for a successor to
+/// adopt); [`Datapath::teardown`] removes them.
 pub struct Datapath {
     ebpf: Ebpf,
     /// Taken out of `ebpf` at load: the sk_msg attachment needs its fd.
     sockets: SockHash<MapData, SockKey>,
+    /// Every link we created or adopted (closing an unpinned one detaches).
+    links: Vec<AttachedLink>,
+    pins: Option<Pins>,
+    sk_msg_attached: bool,
+}
+
+/// One hook's bpf_link.
+#[derive(Debug)]
+pub struct AttachedLink {
+    pub hook: Hook,
+    /// Where it is attached, for messages and `status`.
+    pub target: PathBuf,
+    /// Pinned from an earlier agent and now running our program.
+    pub adopted: bool,
+    /// Holding it keeps an unpinned link attached.
+    _fd: std::os::fd::OwnedFd,
+}
+
+#[derive(Debug)]
+struct Pins {
+    dir: PathBuf,
+    /// The directory held a datapath already: its maps are ours now.
+    adopted: bool,
 }
 
 fn program_err(name: &'static str) -> impl FnOnce(ProgramError) -> EbpfError {
@@ -110,10 +143,28 @@ fn open_cgroup(path: &Path) -> Result<File, EbpfError> {
     })
 }
 
+impl Hook {
+    /// The kernel attach type.
+    #[must_use]
+    pub const fn attach_type(self) -> u32 {
+        use crate::bpf_sys::attach_type as at;
+        match self {
+            Self::Connect4 => at::CGROUP_INET4_CONNECT,
+            Self::GetPeerName4 => at::CGROUP_INET4_GETPEERNAME,
+            Self::SockOps => at::CGROUP_SOCK_OPS,
+            Self::SkMsg => at::SK_MSG_VERDICT,
+            Self::GetSockopt => at::CGROUP_GETSOCKOPT,
+            Self::SkLookup => at::SK_LOOKUP,
+        }
+    }
+}
+
 impl Datapath {
     /// Loads the maps and verifies every program. `debug_logs` turns on the
     /// programs' aya-log debug lines (off by default: they cost per event).
-    pub fn load(debug_logs: bool) -> Result<Self, EbpfError> {
+    /// With `pin_dir`, the maps are pinned there, or, if a datapath of the
+    /// same layout is pinned there already, adopted with their contents.
+    pub fn load(debug_logs: bool, pin_dir: Option<&Path>) -> Result<Self, EbpfError> {
         if OBJECT.is_empty() {
             return Err(EbpfError::NoObject);
         }
@@ -122,16 +173,37 @@ impl Datapath {
         } else {
             aya_log::Level::Warn as u8
         };
-        let mut ebpf = EbpfLoader::new()
-            .override_global(aya_log::LEVEL, &level, false)
-            .load(OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        loader.override_global(aya_log::LEVEL, &level, false);
+        let pins = match pin_dir {
+            Some(dir) => {
+                let adopted = dir.join(maps::NETNS_CONFIG).exists();
+                crate::pins::create_dir(dir)?;
+                Some(Pins {
+                    dir: dir.to_owned(),
+                    adopted,
+                })
+            }
+            None => None,
+        };
+        let names = match &pins {
+            Some(_) => crate::pins::pinned_map_names(OBJECT)?,
+            None => Vec::new(),
+        };
+        let paths: Vec<(String, PathBuf)> = match &pins {
+            Some(p) => names.iter().map(|n| (n.clone(), p.dir.join(n))).collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &paths {
+            loader.map_pin_path(name.as_str(), path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         let e = &mut ebpf;
-        prog_mut::<CgroupSockAddr>(e, programs::CONNECT4)?
-            .load()
-            .map_err(program_err(programs::CONNECT4))?;
-        prog_mut::<CgroupSockAddr>(e, programs::GETPEERNAME4)?
-            .load()
-            .map_err(program_err(programs::GETPEERNAME4))?;
+        for name in [programs::CONNECT4, programs::GETPEERNAME4] {
+            prog_mut::<CgroupSockAddr>(e, name)?
+                .load()
+                .map_err(program_err(name))?;
+        }
         prog_mut::<SockOps>(e, programs::SOCKOPS)?
             .load()
             .map_err(program_err(programs::SOCKOPS))?;
@@ -152,7 +224,31 @@ impl Datapath {
             name: maps::SOCKETS,
             source,
         })?;
-        Ok(Self { ebpf, sockets })
+        Ok(Self {
+            ebpf,
+            sockets,
+            links: Vec::new(),
+            pins,
+            sk_msg_attached: false,
+        })
+    }
+
+    /// Whether the maps (and links) of an earlier agent were adopted.
+    #[must_use]
+    pub fn adopted(&self) -> bool {
+        self.pins.as_ref().is_some_and(|p| p.adopted)
+    }
+
+    /// The pin directory, if pinned.
+    #[must_use]
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pins.as_ref().map(|p| p.dir.as_path())
+    }
+
+    /// What is attached.
+    #[must_use]
+    pub fn links(&self) -> &[AttachedLink] {
+        &self.links
     }
 
     /// Starts forwarding the programs' aya-log records to `log` (and so to
@@ -161,46 +257,135 @@ impl Datapath {
         Ok(aya_log::EbpfLogger::init(&mut self.ebpf)?)
     }
 
-    /// Attaches `hook` to the cgroup at `path` (a bpf_link: multi-attach,
-    /// never replacing another tool's program). Not for [`Hook::SkMsg`],
-    /// which attaches to the socket map: see [`Self::attach_sk_msg`].
-    pub fn attach_cgroup(&mut self, hook: Hook, path: &Path) -> Result<(), EbpfError> {
-        let cgroup = open_cgroup(path)?;
-        // bpf_link attachments are always multi; flags must be 0 (`Single`).
-        let mode = CgroupAttachMode::Single;
+    fn program_fd(&self, hook: Hook) -> Result<std::os::fd::BorrowedFd<'_>, EbpfError> {
+        use std::os::fd::AsFd as _;
         let name = hook.program();
-        let e = &mut self.ebpf;
-        match hook {
-            Hook::Connect4 | Hook::GetPeerName4 => prog_mut::<CgroupSockAddr>(e, name)?
-                .attach(&cgroup, mode)
-                .map(drop),
-            Hook::SockOps => prog_mut::<SockOps>(e, name)?
-                .attach(&cgroup, mode)
-                .map(drop),
-            Hook::GetSockopt => prog_mut::<CgroupSockopt>(e, name)?
-                .attach(&cgroup, mode)
-                .map(drop),
-            Hook::SkMsg | Hook::SkLookup => {
-                panic!("{name} attaches to a socket map or a netns, not to a cgroup")
-            }
+        let prog = self.ebpf.program(name).ok_or(EbpfError::Missing {
+            kind: "program",
+            name,
+        })?;
+        Ok(prog.fd().map_err(program_err(name))?.as_fd())
+    }
+
+    /// Attaches `hook` to `target` (a cgroup or netns fd) with a bpf_link,
+    /// which multi-attaches and never replaces another tool's program.
+    /// Pinned: if an earlier agent's link for the same hook and target is
+    /// pinned, our program replaces its program atomically instead (no
+    /// moment without the hook, and no second program).
+    fn attach_link(
+        &mut self,
+        hook: Hook,
+        target: &File,
+        target_path: &Path,
+        pin_name: &str,
+    ) -> Result<(), EbpfError> {
+        let link_err = |source| EbpfError::Link {
+            hook: hook.program(),
+            target: target_path.to_owned(),
+            source,
+        };
+        let pin = self.pins.as_ref().map(|p| p.dir.join(pin_name));
+        if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
+            let fd = crate::bpf_sys::obj_get(pin).map_err(link_err)?;
+            crate::bpf_sys::link_update(&fd, self.program_fd(hook)?).map_err(link_err)?;
+            self.links.push(AttachedLink {
+                hook,
+                target: target_path.to_owned(),
+                adopted: true,
+                _fd: fd,
+            });
+            return Ok(());
         }
-        .map_err(program_err(name))
+        let fd = crate::bpf_sys::link_create(self.program_fd(hook)?, target, hook.attach_type())
+            .map_err(link_err)?;
+        if let Some(pin) = &pin {
+            crate::bpf_sys::obj_pin(&fd, pin).map_err(link_err)?;
+        }
+        self.links.push(AttachedLink {
+            hook,
+            target: target_path.to_owned(),
+            adopted: false,
+            _fd: fd,
+        });
+        Ok(())
     }
 
-    /// Attaches the sk_msg program to the SOCKHASH.
-    pub fn attach_sk_msg(&mut self) -> Result<(), EbpfError> {
-        prog_mut::<SkMsg>(&mut self.ebpf, programs::SK_MSG)?
-            .attach(self.sockets.fd())
-            .map(drop)
-            .map_err(program_err(programs::SK_MSG))
+    /// Attaches `hook` to the cgroup at `path`. Not for [`Hook::SkMsg`]
+    /// (the socket map) or [`Hook::SkLookup`] (a netns).
+    pub fn attach_cgroup(&mut self, hook: Hook, path: &Path) -> Result<(), EbpfError> {
+        use std::os::unix::fs::MetadataExt as _;
+        assert!(
+            !matches!(hook, Hook::SkMsg | Hook::SkLookup),
+            "{hook:?} does not attach to a cgroup"
+        );
+        let cgroup = open_cgroup(path)?;
+        let ino = cgroup
+            .metadata()
+            .map_err(|source| EbpfError::Cgroup {
+                path: path.to_owned(),
+                source,
+            })?
+            .ino();
+        self.attach_link(
+            hook,
+            &cgroup,
+            path,
+            &format!("link-{}-cgroup-{ino}", hook.program()),
+        )
     }
 
-    /// Attaches the sk_lookup program to a network namespace (bpf_link).
+    /// Attaches the sk_lookup program to a network namespace.
     pub fn attach_sk_lookup(&mut self, netns: &crate::netns::Netns) -> Result<(), EbpfError> {
-        prog_mut::<SkLookup>(&mut self.ebpf, programs::SK_LOOKUP)?
-            .attach(netns)
-            .map(drop)
-            .map_err(program_err(programs::SK_LOOKUP))
+        let file = File::open(netns.path()).map_err(|source| EbpfError::Link {
+            hook: Hook::SkLookup.program(),
+            target: netns.path().to_owned(),
+            source,
+        })?;
+        self.attach_link(
+            Hook::SkLookup,
+            &file,
+            netns.path(),
+            &format!("link-{}", Hook::SkLookup.program()),
+        )
+    }
+
+    /// Attaches the sk_msg program to the SOCKHASH (this replaces whatever
+    /// program an earlier agent attached there; sockets already in the map
+    /// keep the program they were inserted with).
+    pub fn attach_sk_msg(&mut self) -> Result<(), EbpfError> {
+        use std::os::fd::AsFd as _;
+        crate::bpf_sys::prog_attach(
+            self.program_fd(Hook::SkMsg)?,
+            self.sockets.fd().as_fd(),
+            Hook::SkMsg.attach_type(),
+            0,
+        )
+        .map_err(|source| EbpfError::Link {
+            hook: Hook::SkMsg.program(),
+            target: PathBuf::from(maps::SOCKETS),
+            source,
+        })?;
+        self.sk_msg_attached = true;
+        Ok(())
+    }
+
+    /// Removes everything: links detach, pins go, the maps are freed once
+    /// nothing holds them. (Dropping an unpinned datapath does the same.)
+    pub fn teardown(mut self) -> Result<(), EbpfError> {
+        use std::os::fd::AsFd as _;
+        if self.sk_msg_attached {
+            // Best effort: the map is about to go anyway.
+            let _ = crate::bpf_sys::prog_detach(
+                self.program_fd(Hook::SkMsg)?,
+                self.sockets.fd().as_fd(),
+                Hook::SkMsg.attach_type(),
+            );
+        }
+        if let Some(p) = self.pins.take() {
+            crate::pins::remove_instance(&p.dir)?;
+        }
+        drop(self);
+        Ok(())
     }
 
     /// Tells sk_lookup which namespace it serves and how.

@@ -128,6 +128,29 @@ pub fn datapath_maps(prog_id: u32) -> Result<Vec<(String, Map)>, EbpfError> {
     Ok(out)
 }
 
+/// The snapshot of a pinned datapath, from its pin directory.
+pub fn snapshot_from_pins(dir: &Path) -> Result<Snapshot, EbpfError> {
+    let mut maps = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|source| EbpfError::Cgroup {
+        path: dir.to_owned(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("link-") {
+            continue;
+        }
+        let data = MapData::from_pin(entry.path()).map_err(|source| EbpfError::Map {
+            name: "pinned",
+            source,
+        })?;
+        if let Ok(map) = Map::from_map_data(data) {
+            maps.push((name, map));
+        }
+    }
+    snapshot_of(&maps)
+}
+
 /// The snapshot of the datapath whose connect4 program is attached to
 /// `cgroup`; `None` if none of ours is.
 pub fn snapshot(cgroup: &Path) -> Result<Option<Snapshot>, EbpfError> {

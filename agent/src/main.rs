@@ -34,10 +34,34 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// The bpffs mount pins are under.
+        #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
     },
     /// A drop-in for istio-iptables: the same flags, defaults and
     /// environment variables, the same iptables-restore input.
     Iptables(Box<agent::iptables::istio::IstioIptablesArgs>),
+    /// Remove what a crashed agent left: pinned datapaths (their links
+    /// detach) whose agent no longer answers, and our iptables rules; never
+    /// anything that is not ours.
+    Cleanup {
+        /// The bpffs mount the pins are under.
+        #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+        /// Where running agents' control sockets are.
+        #[arg(long, value_name = "PATH", default_value = "/run/mesh-redirect")]
+        control_dir: PathBuf,
+        /// Network namespaces to clean iptables rules from (repeatable;
+        /// default: this one).
+        #[arg(long, value_name = "PATH")]
+        netns: Vec<PathBuf>,
+        /// Also remove pins of agents that still answer.
+        #[arg(long)]
+        force: bool,
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show or change the capture rules of a running eBPF datapath, at once
     /// and without a restart: each list given replaces the current one.
     Rules {
@@ -100,18 +124,58 @@ fn main() -> ExitCode {
         ),
         Command::Run(args) => report(agent::run::run(&args)),
         Command::Iptables(args) => report(agent::iptables::istio::main(&args)),
-        Command::Status { cgroup, json } => {
-            report(agent::status::collect(cgroup.as_deref()).map(|s| {
+        Command::Cleanup {
+            bpffs,
+            control_dir,
+            netns,
+            force,
+            json,
+        } => report(
+            agent::cleanup::run(&bpffs, &control_dir, &netns, force).map(|r| {
                 if json {
                     println!(
                         "{}",
-                        serde_json::to_string_pretty(&s).expect("status serializes")
+                        serde_json::to_string_pretty(&r).expect("report serializes")
                     );
-                } else {
-                    print!("{}", s.render());
+                    return;
                 }
-            }))
-        }
+                for p in &r.removed {
+                    println!("removed pins {}", p.display());
+                }
+                for p in &r.live {
+                    println!(
+                        "left pins {} (its agent is running; stop it, or --force)",
+                        p.display()
+                    );
+                }
+                for p in &r.iptables_removed {
+                    println!("removed our iptables rules in {}", p.display());
+                }
+                for p in &r.iptables_not_ours {
+                    println!(
+                        "left ISTIO chains in {} (not installed by mesh-redirect)",
+                        p.display()
+                    );
+                }
+                if r.removed.is_empty() && r.iptables_removed.is_empty() {
+                    println!("nothing of ours to remove");
+                }
+            }),
+        ),
+        Command::Status {
+            cgroup,
+            json,
+            bpffs,
+        } => report(agent::status::collect(cgroup.as_deref(), &bpffs).map(|s| {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&s).expect("status serializes")
+                );
+            } else {
+                print!("{}", s.render());
+            }
+        })),
     }
 }
 

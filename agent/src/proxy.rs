@@ -1,30 +1,36 @@
-//! The built-in proxy: listens on the outbound port inside the served
-//! network namespace, recovers each connection's original destination,
-//! connects there with its mark (so it is never captured again), and relays
-//! bytes both ways.
+//! The built-in proxy: listens on the outbound and inbound ports inside the
+//! served network namespace, recovers each connection's original
+//! destination, connects there with its mark (so it is never captured
+//! again; inbound from 127.0.0.6), and relays bytes both ways.
 //!
 //! It runs on its own thread and tokio runtime; that thread enters the
 //! served namespace first, and the runtime's worker threads inherit it, so
 //! every socket the proxy creates lives in the pod's namespace even when the
 //! agent itself does not (like ztunnel's in-pod mode).
+//!
+//! Limits: a maximum number of connections (beyond it, new ones are reset at
+//! once, never left hanging), connect and idle timeouts, and relay buffers
+//! that exist only while data flows, so idle or trickling clients cost no
+//! buffer memory. Stopping is two-step: stop accepting, then drain open
+//! connections until a deadline.
 
 pub mod relay;
 
 use std::{
     io,
-    net::{SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use socket2::SockRef;
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
-    sync::watch,
+    sync::{Semaphore, watch},
 };
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
@@ -43,9 +49,13 @@ pub struct ProxyConfig {
     /// `SO_MARK` on upstream sockets, so no redirect mode captures them (0 = none).
     pub mark: u32,
     pub connect_timeout: Duration,
-    /// Per-direction relay buffer, allocated when a connection first has data.
+    /// A connection with no byte either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Largest relay buffer per direction; buffers exist only while data flows.
     pub buffer_size: usize,
     pub worker_threads: usize,
+    /// Connections beyond this are reset as soon as they are accepted.
+    pub max_connections: usize,
 }
 
 /// Which way a proxied connection goes.
@@ -58,6 +68,8 @@ pub enum Direction {
 }
 
 impl Direction {
+    pub const ALL: [Self; 2] = [Self::Outbound, Self::Inbound];
+
     #[must_use]
     pub const fn name(self) -> &'static str {
         match self {
@@ -65,10 +77,35 @@ impl Direction {
             Self::Inbound => "inbound",
         }
     }
+
+    const fn index(self) -> usize {
+        match self {
+            Self::Outbound => 0,
+            Self::Inbound => 1,
+        }
+    }
+}
+
+/// Envoy's inbound passthrough source: connections from it to the app are
+/// never captured again (both modes).
+pub const INBOUND_PASSTHROUGH_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("proxy: cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddrV4,
+        source: io::Error,
+    },
+    #[error("proxy: starting its runtime: {0}")]
+    Runtime(io::Error),
 }
 
 /// The proxy's listening sockets, bound inside the served namespace before
-/// anything is attached (so a port in use fails with nothing to undo).
+/// anything is attached (so a port in use fails with nothing to undo), or
+/// received from the agent this one replaces.
 #[derive(Debug)]
 pub struct Listeners {
     pub outbound: std::net::TcpListener,
@@ -84,6 +121,18 @@ impl Listeners {
             Ok(Self { outbound, inbound })
         })?
     }
+
+    /// Duplicates the listening sockets (same sockets, new fds).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            outbound: self.outbound.try_clone()?,
+            inbound: self
+                .inbound
+                .as_ref()
+                .map(std::net::TcpListener::try_clone)
+                .transpose()?,
+        })
+    }
 }
 
 fn bind_std(addr: SocketAddrV4) -> Result<std::net::TcpListener, ProxyError> {
@@ -98,36 +147,50 @@ fn bind_std(addr: SocketAddrV4) -> Result<std::net::TcpListener, ProxyError> {
     bind().map_err(|source| ProxyError::Bind { addr, source })
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    #[error(transparent)]
-    Netns(#[from] NetnsError),
-    #[error("proxy: cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddrV4,
-        source: io::Error,
-    },
-    #[error("proxy: starting its runtime: {0}")]
-    Runtime(io::Error),
-}
-
-/// Counters the proxy keeps (read by the metrics and the tests).
+/// Counters of one direction.
 #[derive(Debug, Default)]
-pub struct Stats {
+pub struct DirectionStats {
     pub connections_total: AtomicU64,
     pub connections_open: AtomicU64,
+    /// Client → upstream.
     pub bytes_to_upstream: AtomicU64,
+    /// Upstream → client.
     pub bytes_to_client: AtomicU64,
+}
+
+/// What the proxy counts (read by the metrics and the tests).
+#[derive(Debug, Default)]
+pub struct Stats {
+    directions: [DirectionStats; 2],
     pub orig_dst_missing: AtomicU64,
     pub upstream_refused: AtomicU64,
     pub upstream_timeout: AtomicU64,
     pub upstream_reset: AtomicU64,
     pub client_reset: AtomicU64,
+    pub idle_closed: AtomicU64,
+    pub rejected_max_connections: AtomicU64,
 }
 
-/// A running proxy. Stopping it closes the listener and every connection.
+impl Stats {
+    #[must_use]
+    pub fn direction(&self, d: Direction) -> &DirectionStats {
+        &self.directions[d.index()]
+    }
+
+    /// Connections open in both directions.
+    #[must_use]
+    pub fn open(&self) -> u64 {
+        self.directions
+            .iter()
+            .map(|d| d.connections_open.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// A running proxy.
 pub struct ProxyHandle {
-    shutdown: watch::Sender<bool>,
+    stop_accepting: watch::Sender<bool>,
+    close_all: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
     pub stats: Arc<Stats>,
 }
@@ -142,7 +205,8 @@ impl ProxyHandle {
     ) -> Result<Self, ProxyError> {
         let netns = netns.try_clone().map_err(ProxyError::Runtime)?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ProxyError>>();
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (stop_accepting, accepting_rx) = watch::channel(false);
+        let (close_all, close_rx) = watch::channel(false);
         let stats = Arc::new(Stats::default());
         let thread_stats = Arc::clone(&stats);
         let thread = std::thread::Builder::new()
@@ -164,6 +228,7 @@ impl ProxyHandle {
                         return;
                     }
                 };
+                let mut close_rx2 = close_rx.clone();
                 rt.block_on(async move {
                     let register = |l: std::net::TcpListener| TcpListener::from_std(l).map_err(ProxyError::Runtime);
                     let outbound = match register(listeners.outbound) {
@@ -174,17 +239,21 @@ impl ProxyHandle {
                         Ok(l) => l,
                         Err(e) => return drop(ready_tx.send(Err(e))),
                     };
-                    info!(outbound = %config.outbound, inbound = ?config.inbound, mark = config.mark, "proxy: listeners up");
+                    info!(outbound = %config.outbound, inbound = ?config.inbound, mark = config.mark, max_connections = config.max_connections, "proxy: listeners up");
                     let _ = ready_tx.send(Ok(()));
+                    let limit = Arc::new(Semaphore::new(config.max_connections));
                     let config = Arc::new(config);
-                    let out = serve(outbound, Direction::Outbound, Arc::clone(&config), Arc::clone(&thread_stats), shutdown_rx.clone());
+                    let serve = |l, d| {
+                        serve(l, d, Arc::clone(&config), Arc::clone(&thread_stats), Arc::clone(&limit), accepting_rx.clone(), close_rx.clone())
+                    };
+                    let out = serve(outbound, Direction::Outbound);
                     match inbound {
-                        Some(l) => {
-                            let inb = serve(l, Direction::Inbound, config, thread_stats, shutdown_rx);
-                            tokio::join!(out, inb);
-                        }
+                        Some(l) => drop(tokio::join!(out, serve(l, Direction::Inbound))),
                         None => out.await,
                     }
+                    // Accepting stopped: live connections carry on until
+                    // they end or we are told to close them all.
+                    let _ = close_rx2.wait_for(|c| *c).await;
                 });
                 // Connections still open are dropped (closed) here.
                 rt.shutdown_timeout(Duration::from_millis(100));
@@ -192,7 +261,8 @@ impl ProxyHandle {
             .map_err(ProxyError::Runtime)?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Self {
-                shutdown,
+                stop_accepting,
+                close_all,
                 thread: Some(thread),
                 stats,
             }),
@@ -209,13 +279,34 @@ impl ProxyHandle {
         }
     }
 
-    /// Stops accepting, closes every connection and the listener, and waits.
+    /// Stops accepting new connections (the proxy's copies of the listening
+    /// sockets close; connections waiting to be accepted stay queued for
+    /// whoever else holds them). Open connections carry on.
+    pub fn stop_accepting(&self) {
+        let _ = self.stop_accepting.send(true);
+    }
+
+    /// Waits until no connection is open or `deadline` passes; returns how
+    /// many were still open.
+    #[must_use = "the connections still open"]
+    pub fn drain(&self, deadline: Instant) -> u64 {
+        loop {
+            let open = self.stats.open();
+            if open == 0 || Instant::now() >= deadline {
+                return open;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Closes every connection and the listeners, and waits.
     pub fn stop(mut self) {
         self.stop_inner();
     }
 
     fn stop_inner(&mut self) {
-        let _ = self.shutdown.send(true);
+        let _ = self.stop_accepting.send(true);
+        let _ = self.close_all.send(true);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -233,7 +324,9 @@ async fn serve(
     direction: Direction,
     config: Arc<ProxyConfig>,
     stats: Arc<Stats>,
-    mut shutdown: watch::Receiver<bool>,
+    limit: Arc<Semaphore>,
+    mut stop_accepting: watch::Receiver<bool>,
+    close_all: watch::Receiver<bool>,
 ) {
     let mut next_id: u64 = 0;
     loop {
@@ -247,22 +340,39 @@ async fn serve(
                     continue;
                 }
             },
-            _ = shutdown.changed() => break,
+            _ = stop_accepting.wait_for(|s| *s) => break,
+        };
+        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+            // Full: refuse at once rather than leave the client hanging.
+            stats
+                .rejected_max_connections
+                .fetch_add(1, Ordering::Relaxed);
+            socket::reset_on_close(&client);
+            continue;
         };
         next_id += 1;
         let span = info_span!("conn", dir = direction.name(), id = next_id, src = %peer, dst = tracing::field::Empty);
-        let config = Arc::clone(&config);
-        let stats = Arc::clone(&stats);
-        tokio::spawn(handle(client, direction, config, stats).instrument(span));
+        let (config, stats, mut close_all) =
+            (Arc::clone(&config), Arc::clone(&stats), close_all.clone());
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                tokio::select! {
+                    () = handle(client, direction, &config, &stats) => {}
+                    _ = close_all.wait_for(|c| *c) => debug!("closed at shutdown"),
+                }
+            }
+            .instrument(span),
+        );
     }
-    debug!(direction = direction.name(), "proxy: listener closed");
+    debug!(direction = direction.name(), "proxy: stopped accepting");
 }
 
-/// Decrements the open-connection gauge on every exit path.
-struct OpenGuard<'a>(&'a Stats);
+/// Counts a connection open for as long as it lives.
+struct OpenGuard<'a>(&'a DirectionStats);
 
 impl<'a> OpenGuard<'a> {
-    fn new(stats: &'a Stats) -> Self {
+    fn new(stats: &'a DirectionStats) -> Self {
         stats.connections_total.fetch_add(1, Ordering::Relaxed);
         stats.connections_open.fetch_add(1, Ordering::Relaxed);
         Self(stats)
@@ -275,13 +385,9 @@ impl Drop for OpenGuard<'_> {
     }
 }
 
-async fn handle(
-    client: TcpStream,
-    direction: Direction,
-    config: Arc<ProxyConfig>,
-    stats: Arc<Stats>,
-) {
-    let _open = OpenGuard::new(&stats);
+async fn handle(client: TcpStream, direction: Direction, config: &ProxyConfig, stats: &Stats) {
+    let dstats = stats.direction(direction);
+    let _open = OpenGuard::new(dstats);
     let _ = client.set_nodelay(true);
     let dst = match socket::original_dst(&client) {
         Ok(dst) => dst,
@@ -324,20 +430,24 @@ async fn handle(
     };
     let _ = upstream.set_nodelay(true);
     debug!("relaying");
-    let outcome = relay::relay(&client, &upstream, config.buffer_size).await;
-    stats
+    let outcome = relay::relay(&client, &upstream, config.buffer_size, config.idle_timeout).await;
+    dstats
         .bytes_to_upstream
         .fetch_add(outcome.to_upstream, Ordering::Relaxed);
-    stats
+    dstats
         .bytes_to_client
         .fetch_add(outcome.to_client, Ordering::Relaxed);
-    match &outcome.error {
-        None => debug!(
+    match &outcome.end {
+        relay::End::Closed => debug!(
             to_upstream = outcome.to_upstream,
             to_client = outcome.to_client,
             "closed"
         ),
-        Some(e) => {
+        relay::End::Idle => {
+            stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+            debug!(timeout = ?config.idle_timeout, "closed: idle");
+        }
+        relay::End::Failed(e) => {
             match e.side {
                 relay::Side::Upstream => stats.upstream_reset.fetch_add(1, Ordering::Relaxed),
                 relay::Side::Client => stats.client_reset.fetch_add(1, Ordering::Relaxed),
@@ -346,10 +456,6 @@ async fn handle(
         }
     }
 }
-
-/// Envoy's inbound passthrough source: connections from it to the app are
-/// never captured again (both modes).
-pub const INBOUND_PASSTHROUGH_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
 
 /// Connects to `dst` (from `source`, if given) with a socket carrying `mark`,
 /// set before `connect()` so the connect4 program (and iptables) see it.

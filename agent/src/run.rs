@@ -5,7 +5,12 @@
 //! written: the namespace and cgroup paths, the ports, the rule lists, and
 //! the proxy's listeners (bound first, so a port in use fails cleanly).
 
-use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
 
 use agent_common::{InboundConfig, NetnsConfig, flags};
 use anyhow::{Context as _, Result, bail};
@@ -13,10 +18,13 @@ use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
 
 use crate::{
+    admin::{self, AdminHandle, AdminState, Readiness},
     cgroup,
     doctor::{self, Mode},
     ebpf::{self, Datapath, Hook},
+    handoff,
     netns::Netns,
+    pins,
     proxy::{Listeners, ProxyConfig, ProxyHandle},
     rules::{CaptureRules, RuleArgs},
 };
@@ -42,6 +50,7 @@ pub enum ProxyKind {
 }
 
 #[derive(Debug, Clone, clap::Args)]
+#[expect(clippy::struct_excessive_bools, reason = "command-line switches")]
 pub struct RunArgs {
     /// Redirect mode.
     #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
@@ -89,6 +98,41 @@ pub struct RunArgs {
     /// Upstream connect timeout, in milliseconds.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     pub connect_timeout_ms: u64,
+    /// Connections beyond this are reset at once (never left hanging).
+    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// A proxied connection with no byte either way for this long is closed.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_secs: u64,
+    /// On SIGTERM/SIGINT (or a handover), how long open connections may
+    /// finish before they are closed.
+    #[arg(long, default_value_t = 5)]
+    pub drain_timeout_secs: u64,
+    /// While no proxy listens, let connections go where they were going
+    /// (eBPF mode only). Default: fail closed.
+    #[arg(long, conflicts_with = "fail_closed")]
+    pub fail_open: bool,
+    /// While no proxy listens, refuse connections, as iptables REDIRECT to
+    /// a closed port does (the default).
+    #[arg(long)]
+    pub fail_closed: bool,
+    /// The bpffs mount for pins (mounted there if nothing is).
+    #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
+    /// Pin nothing: the datapath goes with the process (no restart without
+    /// loss, no adoption).
+    #[arg(long)]
+    pub no_pin: bool,
+    /// Admin server address (/metrics, /ready, /healthz), inside the served
+    /// namespace.
+    #[arg(long, default_value = "127.0.0.1:15020")]
+    pub admin: SocketAddrV4,
+    /// No admin server.
+    #[arg(long)]
+    pub no_admin: bool,
+    /// Directory of the control sockets a new agent takes over through.
+    #[arg(long, value_name = "PATH", default_value = "/run/mesh-redirect")]
+    pub control_dir: PathBuf,
     #[command(flatten)]
     pub rules: RuleArgs,
     /// Test only: pretend these `doctor` probes failed (by id, e.g.
@@ -106,6 +150,7 @@ pub struct RunArgs {
 #[derive(Debug)]
 pub struct Plan {
     pub netns: Netns,
+    pub netns_cookie: u64,
     pub cgroup: PathBuf,
     pub netns_config: NetnsConfig,
     pub rules: CaptureRules,
@@ -134,9 +179,11 @@ impl Plan {
             Some(p) => cgroup::validate(p).context("--cgroup")?,
             None => cgroup::validate(&cgroup::cgroup2_root()?)?,
         };
+        let netns_cookie = netns.cookie()?;
         let inbound = !args.no_inbound;
         let mut f = flags::REDIRECT_OUTBOUND | ebpf::rule_flags(&rules);
         for (on, bit) in [
+            (args.fail_open, flags::FAIL_OPEN),
             (!args.no_sockmap, flags::SOCKMAP),
             (args.proxy_uid.is_some(), flags::PROXY_UID),
             (args.proxy_gid.is_some(), flags::PROXY_GID),
@@ -163,8 +210,10 @@ impl Plan {
                         .then(|| SocketAddrV4::new([0, 0, 0, 0].into(), args.inbound_port)),
                     mark: args.proxy_mark,
                     connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+                    idle_timeout: Duration::from_secs(args.idle_timeout_secs),
                     buffer_size: args.buffer_kib as usize * 1024,
                     worker_threads: usize::from(args.workers),
+                    max_connections: args.max_connections as usize,
                 };
                 (Some(config), cgroup::covering_set(&cgroup, &own))
             }
@@ -172,6 +221,7 @@ impl Plan {
         };
         Ok(Self {
             netns,
+            netns_cookie,
             cgroup,
             netns_config,
             rules,
@@ -214,17 +264,24 @@ fn resolve_mode(args: &RunArgs, plan: &Plan) -> Result<Mode> {
     )
 }
 
-/// What was set up to capture traffic; undone by [`Capture::stop`].
+/// What was set up to capture traffic.
 enum Capture {
-    Ebpf { datapath: Datapath, cookie: u64 },
+    Ebpf(Datapath),
     Iptables(crate::iptables::Installed),
 }
 
 impl Capture {
-    fn ebpf(plan: &Plan, inbound_listener: Option<&std::net::TcpListener>) -> Result<Self> {
+    fn ebpf(
+        plan: &Plan,
+        inbound_listener: Option<&std::net::TcpListener>,
+        pin_dir: Option<&Path>,
+    ) -> Result<Self> {
         let debug_logs = tracing::enabled!(target: "agent_ebpf", tracing::Level::DEBUG);
-        let mut datapath = Datapath::load(debug_logs)?;
-        let cookie = plan.netns.cookie()?;
+        let mut datapath = Datapath::load(debug_logs, pin_dir)?;
+        if datapath.adopted() {
+            info!(pins = %pin_dir.unwrap_or(Path::new("")).display(), "adopting the pinned datapath of an earlier agent: connections and hooks carry on");
+        }
+        let cookie = plan.netns_cookie;
         datapath.set_rules(cookie, &plan.rules)?;
         datapath.enroll(cookie, plan.netns_config)?;
         datapath.attach_cgroup(Hook::Connect4, &plan.cgroup)?;
@@ -250,7 +307,7 @@ impl Capture {
             datapath.attach_sk_lookup(&plan.netns)?;
         }
         debug!(netns_cookie = cookie, "namespace enrolled");
-        Ok(Self::Ebpf { datapath, cookie })
+        Ok(Self::Ebpf(datapath))
     }
 
     fn iptables(plan: &Plan) -> Result<Self> {
@@ -259,22 +316,22 @@ impl Capture {
 
     fn logger(&mut self) -> Result<Option<aya_log::EbpfLogger<&'static dyn log::Log>>> {
         match self {
-            Self::Ebpf { datapath, .. } => Ok(Some(datapath.take_logger()?)),
+            Self::Ebpf(datapath) => Ok(Some(datapath.take_logger()?)),
             Self::Iptables(_) => Ok(None),
         }
     }
 
-    fn stop(self, plan: &Plan) {
+    /// Undoes everything: detach, unpin, remove the rules.
+    fn teardown(self, plan: &Plan) {
         match self {
-            Self::Ebpf {
-                mut datapath,
-                cookie,
-            } => {
+            Self::Ebpf(mut datapath) => {
                 // Stop capturing first (new connects go direct), then detach.
-                if let Err(e) = datapath.unenroll(cookie) {
+                if let Err(e) = datapath.unenroll(plan.netns_cookie) {
                     warn!(error = %e, "unenrolling the namespace");
                 }
-                drop(datapath);
+                if let Err(e) = datapath.teardown() {
+                    warn!(error = %e, "removing the pinned datapath");
+                }
             }
             Self::Iptables(installed) => {
                 if let Err(e) = crate::iptables::uninstall_for_run(plan, &installed) {
@@ -285,7 +342,14 @@ impl Capture {
     }
 }
 
-/// Runs until SIGTERM or SIGINT, then undoes everything it set up.
+/// Why the agent stops.
+enum Stop {
+    Signal(&'static str),
+    /// A new agent took the listeners: leave pins and rules to it.
+    HandedOver,
+}
+
+/// Runs until SIGTERM or SIGINT (or a handover), then undoes what it set up.
 pub fn run(args: &RunArgs) -> Result<()> {
     // Signals are caught from the very start: one that arrives while we set
     // up (or right after the ready line) still ends in a clean teardown.
@@ -296,8 +360,112 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let _rt = rt.enter();
         Signals::new()?
     };
+    raise_fd_limit();
     let plan = Plan::new(args)?;
     let mode = resolve_mode(args, &plan)?;
+    if mode == Mode::Iptables && args.fail_open {
+        bail!(
+            "--fail-open needs the eBPF mode: iptables REDIRECT rules stay in place while the proxy is down, so it can only fail closed"
+        );
+    }
+    let pin_dir = prepare_pins(args, mode, &plan)?;
+    log_bypass(args, &plan);
+
+    // The listeners: taken over from the agent running for this namespace,
+    // or bound afresh before anything is attached (a port in use fails
+    // here, with nothing to undo).
+    let control_path = handoff::control_path(&args.control_dir, plan.netns_cookie);
+    let taken = handoff::take_over(
+        &control_path,
+        plan.proxy.as_ref().map(|c| c.outbound.port()),
+        plan.proxy
+            .as_ref()
+            .and_then(|c| c.inbound.map(|a| a.port())),
+    )?;
+    let took_over = taken.is_some();
+    let listeners = match (taken.flatten(), &plan.proxy) {
+        (Some(l), _) => Some(l),
+        (None, Some(c)) => Some(Listeners::bind(&plan.netns, c)?),
+        (None, None) => None,
+    };
+    let admin_listener = (!args.no_admin)
+        .then(|| admin::bind(&plan.netns, args.admin))
+        .transpose()?;
+    // Our own handle on the listening sockets: for the SOCKMAP and for a
+    // handover to whoever replaces us.
+    let kept = listeners.as_ref().map(Listeners::try_clone).transpose()?;
+    let ready = Arc::new(Readiness::default());
+    let proxy = match (plan.proxy.clone(), listeners) {
+        (Some(config), Some(listeners)) => {
+            Some(ProxyHandle::start(&plan.netns, config, listeners)?)
+        }
+        _ => None,
+    };
+    ready.listeners.store(true, Ordering::Relaxed);
+    let mut capture = match mode {
+        Mode::Ebpf => Capture::ebpf(
+            &plan,
+            kept.as_ref().and_then(|l| l.inbound.as_ref()),
+            pin_dir.as_deref(),
+        )?,
+        Mode::Iptables => Capture::iptables(&plan)?,
+    };
+    ready.capture.store(true, Ordering::Relaxed);
+    let _admin = match admin_listener {
+        Some(l) => Some(AdminHandle::start(
+            l,
+            Arc::new(AdminState {
+                mode,
+                fail_open: args.fail_open,
+                ready: Arc::clone(&ready),
+                proxy: proxy.as_ref().map(|p| Arc::clone(&p.stats)),
+                datapath_cgroup: (mode == Mode::Ebpf).then(|| plan.cgroup.clone()),
+            }),
+        )?),
+        None => None,
+    };
+    let control = handoff::ControlServer::bind(&control_path)?;
+    info!(
+        mode = mode.name(),
+        netns = %plan.netns.path().display(),
+        cgroup = %plan.cgroup.display(),
+        outbound_port = plan.netns_config.outbound_port,
+        inbound_port = plan.inbound.then_some(plan.netns_config.inbound_port),
+        sockmap = mode == Mode::Ebpf && plan.netns_config.has(flags::SOCKMAP),
+        proxy = if proxy.is_some() { "builtin" } else { "external" },
+        fail = if args.fail_open { "open" } else { "closed" },
+        pinned = pin_dir.is_some(),
+        took_over,
+        "mesh-redirect ready"
+    );
+
+    let logger = capture.logger()?;
+    let stop = rt.block_on(wait(signals, logger, &control, kept.as_ref()));
+    ready.draining.store(true, Ordering::Relaxed);
+    shut_down(args, &plan, stop, capture, proxy, kept)
+}
+
+/// Where this run pins (eBPF mode, unless `--no-pin`): bpffs checked (or
+/// mounted) first, pins of older layouts for this namespace removed.
+fn prepare_pins(args: &RunArgs, mode: Mode, plan: &Plan) -> Result<Option<PathBuf>> {
+    if mode != Mode::Ebpf || args.no_pin {
+        return Ok(None);
+    }
+    pins::ensure_bpffs(&args.bpffs).context("--bpffs")?;
+    let fingerprint = pins::layout_fingerprint(ebpf::OBJECT)?;
+    for stale in pins::stale_instances(&args.bpffs, &fingerprint, plan.netns_cookie) {
+        warn!(pins = %stale.display(), "removing pins of an older datapath layout");
+        pins::remove_instance(&stale)?;
+    }
+    Ok(Some(pins::instance_dir(
+        &args.bpffs,
+        &fingerprint,
+        plan.netns_cookie,
+    )))
+}
+
+/// Logs, once, who and what bypasses capture (as istio documents it).
+fn log_bypass(args: &RunArgs, plan: &Plan) {
     for line in plan.rules.describe_bypass() {
         info!("bypass: {line}");
     }
@@ -313,50 +481,64 @@ pub fn run(args: &RunArgs) -> Result<()> {
             args.proxy_mark
         );
     }
+}
 
-    // Listeners come up before anything is attached: a port in use fails
-    // here, with nothing to undo.
-    let listeners = plan
-        .proxy
-        .as_ref()
-        .map(|c| Listeners::bind(&plan.netns, c))
-        .transpose()?;
-    let inbound_listener = listeners
-        .as_ref()
-        .and_then(|l| l.inbound.as_ref())
-        .map(std::net::TcpListener::try_clone)
-        .transpose()?;
-    let proxy = match (plan.proxy.clone(), listeners) {
-        (Some(config), Some(listeners)) => {
-            Some(ProxyHandle::start(&plan.netns, config, listeners)?)
+/// Stops accepting, drains, then tears down (or, after a handover, leaves
+/// everything to the successor).
+fn shut_down(
+    args: &RunArgs,
+    plan: &Plan,
+    stop: Result<Stop>,
+    capture: Capture,
+    proxy: Option<ProxyHandle>,
+    kept: Option<Listeners>,
+) -> Result<()> {
+    if let Some(p) = &proxy {
+        p.stop_accepting();
+    }
+    let handed_over = matches!(stop, Ok(Stop::HandedOver));
+    if !handed_over {
+        // Nobody takes our listening sockets: close them, so new connects
+        // are refused (fail closed) or go direct (fail open) while we drain.
+        drop(kept);
+    }
+    if let Some(p) = &proxy {
+        let deadline = Instant::now() + Duration::from_secs(args.drain_timeout_secs);
+        let left = p.drain(deadline);
+        if left > 0 {
+            warn!(
+                connections = left,
+                "drain deadline passed: closing the connections still open"
+            );
         }
-        _ => None,
-    };
-    let mut capture = match mode {
-        Mode::Ebpf => Capture::ebpf(&plan, inbound_listener.as_ref())?,
-        Mode::Iptables => Capture::iptables(&plan)?,
-    };
-    drop(inbound_listener);
-    info!(
-        mode = mode.name(),
-        netns = %plan.netns.path().display(),
-        cgroup = %plan.cgroup.display(),
-        outbound_port = plan.netns_config.outbound_port,
-        inbound_port = plan.inbound.then_some(plan.netns_config.inbound_port),
-        sockmap = mode == Mode::Ebpf && plan.netns_config.has(flags::SOCKMAP),
-        proxy = if proxy.is_some() { "builtin" } else { "external" },
-        "mesh-redirect ready"
-    );
-
-    let logger = capture.logger()?;
-    let waited = rt.block_on(wait_for_signal(signals, logger));
-    capture.stop(&plan);
+    }
+    if handed_over {
+        info!("handed over to a new agent: leaving the datapath, rules and listeners to it");
+        drop(capture);
+    } else {
+        capture.teardown(plan);
+    }
     if let Some(p) = proxy {
         p.stop();
     }
-    waited?;
-    info!("detached and stopped");
+    match stop? {
+        Stop::Signal(name) => info!(signal = name, "detached and stopped"),
+        Stop::HandedOver => info!("stopped after the handover"),
+    }
     Ok(())
+}
+
+/// Raises the open-file limit to its hard maximum: every proxied connection
+/// costs two descriptors.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
+        }
+    }
 }
 
 /// SIGTERM and SIGINT, caught.
@@ -376,11 +558,14 @@ impl Signals {
     }
 }
 
-/// Forwards the programs' aya-log records until SIGTERM or SIGINT.
-async fn wait_for_signal(
+/// Forwards the programs' aya-log records and answers handover requests
+/// until a signal or a handover.
+async fn wait(
     signals: Signals,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-) -> Result<()> {
+    control: &handoff::ControlServer,
+    listeners: Option<&Listeners>,
+) -> Result<Stop> {
     let Signals { mut term, mut int } = signals;
     let mut logs = match logger {
         // SAFETY: the logger owns its ring buffer's fd and keeps it open, and
@@ -391,19 +576,42 @@ async fn wait_for_signal(
         ),
         None => None,
     };
-    loop {
+    // Readiness only: `serve_one` accepts on the original socket.
+    // SAFETY: the clone is an owned listener whose fd stays open, unchanged,
+    // for as long as the AsyncFd owns it.
+    let control_fd = unsafe { AsyncFd::register(control.listener().try_clone()?) }
+        .map_err(|e| anyhow::anyhow!("watching the control socket: {e}"))?;
+    let stop = loop {
         tokio::select! {
-            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
-            _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = term.recv() => break Stop::Signal("SIGTERM"),
+            _ = int.recv() => break Stop::Signal("SIGINT"),
+            guard = control_fd.readable() => {
+                let mut guard = guard?;
+                guard.clear_ready();
+                // With an external proxy there are no sockets to hand over,
+                // but a successor still takes the pins over.
+                match control.serve_one(listeners) {
+                    Ok(true) => break Stop::HandedOver,
+                    Ok(false) => {}
+                    Err(e) => warn!(error = %e, "handover request failed"),
+                }
+            }
             guard = async { logs.as_mut().expect("guarded by the if").readable_mut().await }, if logs.is_some() => {
                 let mut guard = guard?;
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
             }
         }
-    }
+    };
     if let Some(l) = logs.as_mut() {
         l.get_mut().flush();
     }
-    Ok(())
+    info!(
+        reason = match stop {
+            Stop::Signal(s) => s,
+            Stop::HandedOver => "handover",
+        },
+        "shutting down"
+    );
+    Ok(stop)
 }

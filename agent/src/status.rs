@@ -16,9 +16,19 @@ pub struct Status {
     pub cgroup: String,
     pub attached: Vec<AttachedProgram>,
     pub datapath: Option<Snapshot>,
+    /// Every pinned datapath on this host.
+    pub pinned: Vec<Pinned>,
 }
 
-pub fn collect(cgroup_path: Option<&Path>) -> Result<Status> {
+/// A pinned datapath: its directory, its links, its numbers.
+#[derive(Debug, Serialize)]
+pub struct Pinned {
+    pub dir: String,
+    pub links: Vec<String>,
+    pub datapath: Option<Snapshot>,
+}
+
+pub fn collect(cgroup_path: Option<&Path>, bpffs: &Path) -> Result<Status> {
     let path = match cgroup_path {
         Some(p) => cgroup::validate(p).context("--cgroup")?,
         None => cgroup::validate(&cgroup::cgroup2_root()?)?,
@@ -26,10 +36,31 @@ pub fn collect(cgroup_path: Option<&Path>) -> Result<Status> {
     let attached =
         inspect::attached(&path).with_context(|| format!("querying {}", path.display()))?;
     let datapath = inspect::snapshot(&path)?;
+    let pinned = crate::pins::all_instances(bpffs)
+        .into_iter()
+        .map(|dir| {
+            let mut links: Vec<String> = std::fs::read_dir(&dir)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| n.starts_with("link-"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            links.sort();
+            let datapath = inspect::snapshot_from_pins(&dir).ok();
+            Pinned {
+                dir: dir.display().to_string(),
+                links,
+                datapath,
+            }
+        })
+        .collect();
     Ok(Status {
         cgroup: path.display().to_string(),
         attached,
         datapath,
+        pinned,
     })
 }
 
@@ -44,6 +75,12 @@ impl Status {
         for p in &self.attached {
             let whose = if p.ours { "ours" } else { "not ours" };
             let _ = writeln!(out, "  {:<16} id {:<6} {} ({whose})", p.hook, p.id, p.name);
+        }
+        for p in &self.pinned {
+            let _ = writeln!(out, "pinned {}", p.dir);
+            for l in &p.links {
+                let _ = writeln!(out, "  {l}");
+            }
         }
         if let Some(s) = &self.datapath {
             out.push_str("counters\n");

@@ -17,9 +17,15 @@ pub struct Agent {
 impl Agent {
     /// Starts `mesh-redirect run <args>` and waits for its ready line.
     /// `cgroup`: put the agent there (default: the test's own cgroup).
+    /// Unless the test sets one, the drain deadline is 1 s.
     #[must_use]
     pub fn run(args: &[&str], cgroup: Option<&TestCgroup>) -> Self {
-        Self::start(&[&["run"], args].concat(), cgroup, "info")
+        let mut all = vec!["run"];
+        if !args.contains(&"--drain-timeout-secs") {
+            all.extend(["--drain-timeout-secs", "1"]);
+        }
+        all.extend(args);
+        Self::start(&all, cgroup, "info")
     }
 
     /// Starts the agent with any arguments and `RUST_LOG` filter.
@@ -111,11 +117,29 @@ impl Agent {
 }
 
 impl Drop for Agent {
+    /// Stops the agent as a user would (SIGTERM: it detaches and unpins
+    /// everything); SIGKILL only if it does not exit, since a killed agent
+    /// leaves its pinned datapath running, by design.
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        if let Ok(pid) = i32::try_from(c.id()) {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
         }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if !matches!(c.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "agent ignored SIGTERM for 15 s: killing it (its pins stay; `mesh-redirect cleanup` removes them)"
+        );
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }
 

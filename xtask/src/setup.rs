@@ -63,7 +63,13 @@ impl Need {
                 ),
             ],
             Self::Demo => &[("curl", "the demo's HTTP client")],
-            Self::Bench => &[("haproxy", "the peer proxy the benchmark compares against")],
+            Self::Bench => &[
+                ("haproxy", "the peer proxy the benchmark compares against"),
+                (
+                    "conntrack",
+                    "the benchmark empties a pod's conntrack table before counting its entries",
+                ),
+            ],
             Self::Vm => &[
                 ("qemu-system-x86", "vm-test boots Debian kernels under qemu"),
                 ("cpio", "vm-test packs an initramfs"),

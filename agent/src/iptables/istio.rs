@@ -37,6 +37,8 @@
 //!   supported.
 
 mod generate;
+
+pub use generate::EXEMPT_MARK_COMMENT;
 mod pod;
 #[cfg(test)]
 mod tests;
@@ -386,7 +388,7 @@ pub struct IstioIptablesArgs {
     pub dns_servers_v6: Option<String>,
 
     /// Connections whose socket carries this `SO_MARK` are never redirected:
-    /// adds `-A ISTIO_OUTPUT -m mark --mark MARK -j RETURN` first in
+    /// adds `-A ISTIO_OUTPUT -m mark --mark MARK -m comment --comment mesh-redirect -j RETURN` first in
     /// `ISTIO_OUTPUT`. Not an istio flag (for a proxy that runs as root).
     #[arg(
         long = "exempt-mark",
@@ -595,7 +597,7 @@ pub struct Config {
     /// `--drop-invalid`.
     pub drop_invalid: bool,
     /// Not in istio: when set, the one change to the output is
-    /// `-A ISTIO_OUTPUT -m mark --mark M -j RETURN` as the first rule of
+    /// `-A ISTIO_OUTPUT -m mark --mark M -m comment --comment mesh-redirect -j RETURN` as the first rule of
     /// `ISTIO_OUTPUT` (both families), so sockets with this `SO_MARK` (our
     /// built-in proxy's upstream connections, made as root) are never
     /// redirected. `None` gives istio's output byte for byte.

@@ -2,7 +2,12 @@
 //! propagated (EOF on one side becomes `shutdown(SHUT_WR)` on the other) and
 //! a reset on one side turned into a reset on the other.
 
-use std::{io, net::Shutdown};
+use std::{
+    io,
+    net::Shutdown,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
 
 use socket2::SockRef;
 use tokio::net::TcpStream;
@@ -23,37 +28,103 @@ pub struct RelayError {
     pub source: io::Error,
 }
 
+/// How a relay ended.
+#[derive(Debug)]
+pub enum End {
+    /// Both directions reached EOF.
+    Closed,
+    /// No byte either way for the idle timeout.
+    Idle,
+    /// One side failed; the other was set to reset.
+    Failed(RelayError),
+}
+
 /// What a relay moved, and how it ended.
 #[derive(Debug)]
 pub struct Outcome {
     pub to_upstream: u64,
     pub to_client: u64,
-    /// `None`: both sides closed cleanly.
-    pub error: Option<RelayError>,
+    pub end: End,
 }
 
-/// Relays until both directions reached EOF, or one side failed. On a
-/// failure the *other* socket is set to reset when closed, so the failure
-/// reaches its peer as a reset, not as a clean end of stream.
-pub async fn relay(client: &TcpStream, upstream: &TcpStream, buffer_size: usize) -> Outcome {
-    let up = copy(client, Side::Client, upstream, Side::Upstream, buffer_size);
-    let down = copy(upstream, Side::Upstream, client, Side::Client, buffer_size);
+/// When either direction of a relay last moved a byte.
+struct Activity {
+    start: Instant,
+    /// Microseconds since `start`.
+    last_us: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last_us: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.last_us.store(us, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Instant {
+        self.start + Duration::from_micros(self.last_us.load(Ordering::Relaxed))
+    }
+}
+
+/// Smallest buffer a relay direction starts with; it doubles (up to the
+/// configured size) when a read fills it.
+const MIN_BUFFER: usize = 16 * 1024;
+
+/// Relays until both directions reached EOF, one side failed, or nothing
+/// moved for `idle`. On a failure the *other* socket is set to reset when
+/// closed, so the failure reaches its peer as a reset, not as a clean end
+/// of stream.
+pub async fn relay(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    buffer_size: usize,
+    idle: Duration,
+) -> Outcome {
+    let last = Activity::new();
+    let up = copy(
+        client,
+        Side::Client,
+        upstream,
+        Side::Upstream,
+        buffer_size,
+        &last,
+    );
+    let down = copy(
+        upstream,
+        Side::Upstream,
+        client,
+        Side::Client,
+        buffer_size,
+        &last,
+    );
     tokio::pin!(up, down);
     let (mut to_upstream, mut to_client) = (None, None);
-    let mut error = None;
-    while error.is_none() && (to_upstream.is_none() || to_client.is_none()) {
+    let mut end = None;
+    while end.is_none() && (to_upstream.is_none() || to_client.is_none()) {
+        let idle_at = last.get() + idle;
         tokio::select! {
             r = &mut up, if to_upstream.is_none() => match r {
                 Ok(n) => to_upstream = Some(n),
-                Err((n, e)) => { to_upstream = Some(n); error = Some(e); }
+                Err((n, e)) => { to_upstream = Some(n); end = Some(End::Failed(e)); }
             },
             r = &mut down, if to_client.is_none() => match r {
                 Ok(n) => to_client = Some(n),
-                Err((n, e)) => { to_client = Some(n); error = Some(e); }
+                Err((n, e)) => { to_client = Some(n); end = Some(End::Failed(e)); }
             },
+            () = tokio::time::sleep_until(idle_at.into()) => {
+                if last.get() + idle <= Instant::now() {
+                    end = Some(End::Idle);
+                }
+            }
         }
     }
-    if let Some(e) = &error {
+    if let Some(End::Failed(e)) = &end {
         match e.side {
             Side::Client => socket::reset_on_close(upstream),
             Side::Upstream => socket::reset_on_close(client),
@@ -62,55 +133,65 @@ pub async fn relay(client: &TcpStream, upstream: &TcpStream, buffer_size: usize)
     Outcome {
         to_upstream: to_upstream.unwrap_or(0),
         to_client: to_client.unwrap_or(0),
-        error,
+        end: end.unwrap_or(End::Closed),
     }
 }
 
 /// Copies `from` → `to` until EOF, then shuts down `to`'s write side.
-/// The buffer is allocated when data first arrives, so an idle connection
-/// holds none.
+/// A buffer exists only while data is there to move: it is allocated when
+/// `from` becomes readable and freed before waiting again, so an idle or
+/// trickling connection holds no buffer memory.
 async fn copy(
     from: &TcpStream,
     from_side: Side,
     to: &TcpStream,
     to_side: Side,
-    buffer_size: usize,
+    max_buffer: usize,
+    last: &Activity,
 ) -> Result<u64, (u64, RelayError)> {
-    let mut buf: Vec<u8> = Vec::new();
     let mut total: u64 = 0;
+    let mut size = MIN_BUFFER.min(max_buffer);
     let fail = |side, source, total| (total, RelayError { side, source });
     loop {
         if let Err(e) = from.readable().await {
             return Err(fail(from_side, e, total));
         }
-        if buf.is_empty() {
-            buf.resize(buffer_size, 0);
-        }
-        let n = match from.try_read(&mut buf) {
-            Ok(0) => {
-                return match SockRef::from(to).shutdown(Shutdown::Write) {
-                    Ok(()) => Ok(total),
-                    // The peer is already gone: nothing to half-close.
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(total),
-                    Err(e) => Err(fail(to_side, e, total)),
-                };
+        let mut buf = vec![0u8; size];
+        loop {
+            let n = match from.try_read(&mut buf) {
+                Ok(0) => {
+                    return match SockRef::from(to).shutdown(Shutdown::Write) {
+                        Ok(()) => Ok(total),
+                        // The peer is already gone: nothing to half-close.
+                        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(total),
+                        Err(e) => Err(fail(to_side, e, total)),
+                    };
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(fail(from_side, e, total)),
+            };
+            last.touch();
+            if let Err(e) = write_all(to, &buf[..n], last).await {
+                return Err(fail(to_side, e, total));
             }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(fail(from_side, e, total)),
-        };
-        if let Err(e) = write_all(to, &buf[..n]).await {
-            return Err(fail(to_side, e, total));
+            total += n as u64;
+            if n == buf.len() && size < max_buffer {
+                size = (size * 2).min(max_buffer);
+                buf = vec![0u8; size];
+            }
         }
-        total += n as u64;
     }
 }
 
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+async fn write_all(to: &TcpStream, mut data: &[u8], last: &Activity) -> io::Result<()> {
     while !data.is_empty() {
         to.writable().await?;
         match to.try_write(data) {
-            Ok(n) => data = &data[n..],
+            Ok(n) => {
+                data = &data[n..];
+                last.touch();
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
@@ -141,7 +222,9 @@ mod tests {
     async fn half_close_is_propagated_both_ways() {
         let (mut app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(async move { relay(&proxy_client, &proxy_upstream, 8).await });
+        let relay = tokio::spawn(async move {
+            relay(&proxy_client, &proxy_upstream, 8, Duration::from_mins(1)).await
+        });
 
         app.write_all(b"request bytes").await.unwrap();
         app.shutdown().await.unwrap();
@@ -157,7 +240,7 @@ mod tests {
         assert_eq!(got, b"response");
 
         let outcome = relay.await.unwrap();
-        assert!(outcome.error.is_none(), "{outcome:?}");
+        assert!(matches!(outcome.end, End::Closed), "{outcome:?}");
         assert_eq!((outcome.to_upstream, outcome.to_client), (13, 8));
     }
 
@@ -166,7 +249,7 @@ mod tests {
         let (mut app, proxy_client) = pair().await;
         let (proxy_upstream, server) = pair().await;
         let relay = tokio::spawn(async move {
-            let outcome = relay(&proxy_client, &proxy_upstream, 1024).await;
+            let outcome = relay(&proxy_client, &proxy_upstream, 1024, Duration::from_mins(1)).await;
             drop(proxy_client);
             outcome
         });
@@ -176,10 +259,31 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(outcome.error.as_ref().map(|e| e.side), Some(Side::Upstream));
+        assert!(
+            matches!(&outcome.end, End::Failed(e) if e.side == Side::Upstream),
+            "{outcome:?}"
+        );
         let mut buf = [0u8; 8];
         let err = app.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed() {
+        let (mut app, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let outcome = relay(
+            &proxy_client,
+            &proxy_upstream,
+            1024,
+            Duration::from_millis(200),
+        )
+        .await;
+        assert!(matches!(outcome.end, End::Idle), "{outcome:?}");
+        drop((proxy_client, proxy_upstream));
+        let mut buf = [0u8; 1];
+        assert_eq!(app.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(server.read(&mut buf).await.unwrap(), 0);
     }
 
     #[tokio::test]
@@ -187,7 +291,7 @@ mod tests {
         let (app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
         let relay = tokio::spawn(async move {
-            let outcome = relay(&proxy_client, &proxy_upstream, 1024).await;
+            let outcome = relay(&proxy_client, &proxy_upstream, 1024, Duration::from_mins(1)).await;
             drop(proxy_upstream);
             outcome
         });
@@ -197,7 +301,10 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(outcome.error.as_ref().map(|e| e.side), Some(Side::Client));
+        assert!(
+            matches!(&outcome.end, End::Failed(e) if e.side == Side::Client),
+            "{outcome:?}"
+        );
         let mut buf = [0u8; 8];
         let err = server.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);

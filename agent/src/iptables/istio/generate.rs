@@ -14,6 +14,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use super::{Config, InterceptionMode, OwnerGroups, Selection};
 
+/// The comment on our exempt-mark rule: `mesh-redirect cleanup` removes only
+/// chains that carry it.
+pub const EXEMPT_MARK_COMMENT: &str = "mesh-redirect";
 const ISTIO_OUTPUT: &str = "ISTIO_OUTPUT";
 const ISTIO_OUTPUT_DNS: &str = "ISTIO_OUTPUT_DNS";
 const ISTIO_INBOUND: &str = "ISTIO_INBOUND";
@@ -272,12 +275,24 @@ pub(crate) fn rules(cfg: &Config) -> Rules {
     inbound_ports_include(&mut b, cfg, &loopback);
 
     b.append("OUTPUT", NAT, params!["-j", ISTIO_OUTPUT]);
-    // Our one extension (see `Config::exempt_mark`): first in ISTIO_OUTPUT.
+    // Our one extension (see `Config::exempt_mark`): first in ISTIO_OUTPUT,
+    // tagged so `mesh-redirect cleanup` knows these chains are ours.
     if let Some(mark) = cfg.exempt_mark {
         b.append(
             ISTIO_OUTPUT,
             NAT,
-            params!["-m", "mark", "--mark", mark, "-j", "RETURN"],
+            params![
+                "-m",
+                "mark",
+                "--mark",
+                mark,
+                "-m",
+                "comment",
+                "--comment",
+                EXEMPT_MARK_COMMENT,
+                "-j",
+                "RETURN"
+            ],
         );
     }
 

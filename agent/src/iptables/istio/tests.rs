@@ -371,11 +371,12 @@ fn exempt_mark_adds_one_rule() {
         };
         let want = restore_input(&base).to_string().replace(
             "-A OUTPUT -j ISTIO_OUTPUT\n",
-            "-A OUTPUT -j ISTIO_OUTPUT\n-A ISTIO_OUTPUT -m mark --mark 1337 -j RETURN\n",
+            "-A OUTPUT -j ISTIO_OUTPUT\n-A ISTIO_OUTPUT -m mark --mark 1337 -m comment --comment mesh-redirect -j RETURN\n",
         );
         assert_eq!(restore_input(&marked).to_string(), want);
         assert_eq!(
-            want.matches("--mark 1337 -j RETURN").count(),
+            want.matches("--mark 1337 -m comment --comment mesh-redirect -j RETURN")
+                .count(),
             if ipv6 { 2 } else { 1 }
         );
     }

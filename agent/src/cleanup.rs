@@ -1,0 +1,87 @@
+//! `cleanup`: remove what a crashed agent (or one killed with SIGKILL) left
+//! behind, and
+//! nothing that is not ours:
+//!
+//! - pinned datapaths under `<bpffs>/mesh-redirect` (their links detach as
+//!   the pins go) — except those whose agent still answers on its control
+//!   socket, unless `--force`;
+//! - iptables rules installed by `run --mode iptables` in the given
+//!   namespaces: only when they carry our tag (the `mesh-redirect` comment on
+//!   the exempt-mark rule); chains istio-init installed are left alone.
+
+use std::{
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+
+use crate::{
+    handoff,
+    iptables::{apply, istio::EXEMPT_MARK_COMMENT},
+    netns::Netns,
+    pins,
+};
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    /// Pin directories removed.
+    pub removed: Vec<PathBuf>,
+    /// Pin directories left: their agent is alive.
+    pub live: Vec<PathBuf>,
+    /// Namespaces whose iptables rules of ours were removed.
+    pub iptables_removed: Vec<PathBuf>,
+    /// Namespaces with ISTIO chains that are not ours (left alone).
+    pub iptables_not_ours: Vec<PathBuf>,
+}
+
+/// Whether an agent answers on the control socket for `cookie`.
+fn alive(control_dir: &Path, cookie: u64) -> bool {
+    UnixStream::connect(handoff::control_path(control_dir, cookie)).is_ok()
+}
+
+pub fn run(
+    bpffs: &Path,
+    control_dir: &Path,
+    netns_paths: &[PathBuf],
+    force: bool,
+) -> Result<Report> {
+    let mut report = Report::default();
+    for dir in pins::all_instances(bpffs) {
+        let live = pins::instance_cookie(&dir).is_some_and(|c| alive(control_dir, c));
+        if live && !force {
+            report.live.push(dir);
+            continue;
+        }
+        pins::remove_instance(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        report.removed.push(dir);
+    }
+    let own = [PathBuf::from("/proc/thread-self/ns/net")];
+    let namespaces = if netns_paths.is_empty() {
+        &own[..]
+    } else {
+        netns_paths
+    };
+    for path in namespaces {
+        let netns = Netns::open(path).context("--netns")?;
+        let runner = |p: &str| netns.command(p);
+        for backend in [apply::Backend::Legacy, apply::Backend::Nft] {
+            let Ok(saved) = apply::save(&runner, backend, apply::Family::Ipv4) else {
+                continue;
+            };
+            if !saved.contains("ISTIO_OUTPUT") {
+                continue;
+            }
+            if saved.contains(&format!("--comment {EXEMPT_MARK_COMMENT}")) {
+                apply::cleanup(&runner, backend).with_context(|| {
+                    format!("removing our iptables rules in {}", path.display())
+                })?;
+                report.iptables_removed.push(path.clone());
+            } else {
+                report.iptables_not_ours.push(path.clone());
+            }
+        }
+    }
+    Ok(report)
+}

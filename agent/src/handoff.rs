@@ -1,0 +1,380 @@
+//! Handing the proxy's listening sockets to the agent that replaces this
+//! one, so an upgrade refuses no connection.
+//!
+//! Each running agent listens on a unix socket,
+//! `<control-dir>/netns-<cookie>.sock`. A new agent for the same namespace
+//! connects there first and says `TAKEOVER`; the running one answers `OK`
+//! with its listening sockets attached (`SCM_RIGHTS`), stops accepting,
+//! drains its connections and exits without tearing anything down: the
+//! successor now owns the listeners, the pinned datapath and the rules.
+//! Connections arriving meanwhile wait in the listeners' accept queues,
+//! which never close, so none is refused.
+
+use std::{
+    fs,
+    io::{self, Read as _, Write as _},
+    net::TcpListener,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+        unix::{fs::DirBuilderExt as _, net::UnixStream},
+    },
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use crate::proxy::Listeners;
+
+const REQUEST: &str = "TAKEOVER";
+const REPLY_OK: &[u8] = b"OK\n";
+
+/// `TAKEOVER <outbound-port or -> <inbound-port or ->`: what the successor
+/// will serve (`-`: nothing, e.g. with an external proxy), so the running
+/// agent refuses (and keeps serving) on a mismatch.
+fn request(outbound: Option<u16>, inbound: Option<u16>) -> String {
+    let p = |p: Option<u16>| p.map_or_else(|| "-".to_owned(), |p| p.to_string());
+    format!("{REQUEST} {} {}\n", p(outbound), p(inbound))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    #[error("control socket {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("control socket {path}: the running agent answered {answer:?}")]
+    Refused { path: PathBuf, answer: String },
+    #[error(
+        "control socket {path}: the running agent listens on {theirs}, not on the ports asked for ({ours}); stop it first"
+    )]
+    Mismatch {
+        path: PathBuf,
+        theirs: String,
+        ours: String,
+    },
+}
+
+/// The control socket of the agent serving the namespace with this cookie.
+#[must_use]
+pub fn control_path(dir: &Path, netns_cookie: u64) -> PathBuf {
+    dir.join(format!("netns-{netns_cookie}.sock"))
+}
+
+/// Takes over from the agent running for `path`, if any: its listeners
+/// (`None` inside when it has none, i.e. an external proxy).
+/// `None`: nobody answers there (a stale socket file is removed).
+/// The listeners must be on `outbound`/`inbound` (`None`: no listeners).
+pub fn take_over(
+    path: &Path,
+    outbound: Option<u16>,
+    inbound: Option<u16>,
+) -> Result<Option<Option<Listeners>>, HandoffError> {
+    let io_err = |source| HandoffError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut stream = match UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound) => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            // A file without a live agent behind it.
+            let _ = fs::remove_file(path);
+            return Ok(None);
+        }
+        Err(e) => return Err(io_err(e)),
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io_err)?;
+    stream
+        .write_all(request(outbound, inbound).as_bytes())
+        .map_err(io_err)?;
+    let (answer, fds) = recv_with_fds(&stream).map_err(io_err)?;
+    let mut listeners: Vec<TcpListener> = fds.into_iter().map(TcpListener::from).collect();
+    if answer != REPLY_OK {
+        let answer = String::from_utf8_lossy(&answer).trim().to_owned();
+        return Err(match answer.strip_prefix("ERR ports ") {
+            Some(theirs) => HandoffError::Mismatch {
+                path: path.to_owned(),
+                theirs: theirs.to_owned(),
+                ours: request(outbound, inbound)
+                    .trim()
+                    .trim_start_matches(REQUEST)
+                    .trim()
+                    .to_owned(),
+            },
+            None => HandoffError::Refused {
+                path: path.to_owned(),
+                answer,
+            },
+        });
+    }
+    let expected = usize::from(outbound.is_some()) + usize::from(inbound.is_some());
+    if listeners.len() != expected {
+        return Err(HandoffError::Refused {
+            path: path.to_owned(),
+            answer: format!("OK with {} sockets", listeners.len()),
+        });
+    }
+    if outbound.is_none() {
+        return Ok(Some(None));
+    }
+    let inbound_listener = if inbound.is_some() {
+        listeners.pop()
+    } else {
+        None
+    };
+    let outbound_listener = listeners.pop().expect("counted above");
+    Ok(Some(Some(Listeners {
+        outbound: outbound_listener,
+        inbound: inbound_listener,
+    })))
+}
+
+/// The running agent's end: the control socket, and what to hand over.
+pub struct ControlServer {
+    path: PathBuf,
+    listener: std::os::unix::net::UnixListener,
+    handed_over: std::sync::atomic::AtomicBool,
+}
+
+impl ControlServer {
+    /// Listens on `path` (its directory is created 0700; a file left there
+    /// is replaced: [`take_over`] ran first and found nobody behind it).
+    pub fn bind(path: &Path) -> Result<Self, HandoffError> {
+        let io_err = |source| HandoffError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io_err)?;
+        }
+        let _ = fs::remove_file(path);
+        let listener = std::os::unix::net::UnixListener::bind(path).map_err(io_err)?;
+        listener.set_nonblocking(true).map_err(io_err)?;
+        Ok(Self {
+            path: path.to_owned(),
+            listener,
+            handed_over: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// The socket to wait on for a takeover request.
+    #[must_use]
+    pub fn listener(&self) -> &std::os::unix::net::UnixListener {
+        &self.listener
+    }
+
+    /// Answers a pending takeover request, if any, with `listeners`.
+    /// `true`: handed over (the caller stops accepting, drains and exits
+    /// without tearing down).
+    pub fn serve_one(&self, listeners: Option<&Listeners>) -> Result<bool, HandoffError> {
+        let io_err = |source| HandoffError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let (mut stream, _) = match self.listener.accept() {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(io_err(e)),
+        };
+        stream.set_nonblocking(false).map_err(io_err)?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(io_err)?;
+        let mut req = Vec::new();
+        let mut byte = [0u8; 1];
+        while req.len() < 64 && stream.read(&mut byte).map_err(io_err)? == 1 && byte[0] != b'\n' {
+            req.push(byte[0]);
+        }
+        let port = |l: &TcpListener| l.local_addr().map(|a| a.port()).ok();
+        let ours = request(
+            listeners.and_then(|l| port(&l.outbound)),
+            listeners.and_then(|l| l.inbound.as_ref()).and_then(port),
+        );
+        let req = String::from_utf8_lossy(&req);
+        if !req.starts_with(REQUEST) {
+            let _ = stream.write_all(b"ERR unknown request\n");
+            return Ok(false);
+        }
+        if req.trim() != ours.trim() {
+            let theirs = ours.trim().trim_start_matches(REQUEST).trim().to_owned();
+            let _ = stream.write_all(format!("ERR ports {theirs}\n").as_bytes());
+            return Ok(false);
+        }
+        let mut fds = Vec::new();
+        if let Some(l) = listeners {
+            fds.push(l.outbound.as_raw_fd());
+            fds.extend(l.inbound.as_ref().map(std::os::fd::AsRawFd::as_raw_fd));
+        }
+        send_with_fds(&stream, REPLY_OK, &fds).map_err(io_err)?;
+        self.handed_over
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(true)
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        // After a handover the path belongs to the successor.
+        if !self.handed_over.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Room for a few fds in a control message.
+const CMSG_SPACE: usize = 64;
+
+fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    let fd_bytes = std::mem::size_of_val(fds);
+    let mut control = [0u8; CMSG_SPACE];
+    if fds.is_empty() {
+        return (&*stream).write_all(data);
+    }
+    // SAFETY: CMSG_* compute sizes and offsets within `control`, which is
+    // large enough for the few fds we send (checked below).
+    unsafe {
+        let space = libc::CMSG_SPACE(u32::try_from(fd_bytes).map_err(io::Error::other)?) as usize;
+        assert!(space <= control.len(), "too many fds for one message");
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len =
+            libc::CMSG_LEN(u32::try_from(fd_bytes).map_err(io::Error::other)?) as usize;
+        // As bytes: the control buffer gives no alignment guarantee.
+        std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(cmsg), fd_bytes);
+        if libc::sendmsg(stream.as_raw_fd(), &raw const msg, 0) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn recv_with_fds(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut data = [0u8; 64];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    let mut control = [0u8; CMSG_SPACE];
+    let mut fds = Vec::new();
+    // SAFETY: recvmsg into our buffers; every fd received is taken into an
+    // OwnedFd exactly once; CMSG_* walk only the control bytes received.
+    let n = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = control.len();
+        let n = libc::recvmsg(stream.as_raw_fd(), &raw mut msg, libc::MSG_CMSG_CLOEXEC);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let header = libc::CMSG_LEN(0) as usize;
+                let count = ((*cmsg).cmsg_len - header) / std::mem::size_of::<RawFd>();
+                let data_ptr = libc::CMSG_DATA(cmsg);
+                for i in 0..count {
+                    let mut raw = [0u8; std::mem::size_of::<RawFd>()];
+                    std::ptr::copy_nonoverlapping(
+                        data_ptr.add(i * raw.len()),
+                        raw.as_mut_ptr(),
+                        raw.len(),
+                    );
+                    fds.push(OwnedFd::from_raw_fd(RawFd::from_ne_bytes(raw)));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+        }
+        usize::try_from(n).expect("non-negative")
+    };
+    Ok((data[..n].to_vec(), fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listeners_pass_through_a_control_socket() {
+        let dir = std::env::temp_dir().join(format!("mr-handoff-{}", std::process::id()));
+        let path = control_path(&dir, 7);
+        assert!(
+            take_over(&path, Some(1), None).unwrap().is_none(),
+            "nobody there yet"
+        );
+        let server = ControlServer::bind(&path).unwrap();
+        let outbound = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = outbound.local_addr().unwrap().port();
+        let listeners = Listeners {
+            outbound,
+            inbound: None,
+        };
+        let serving = std::thread::scope(|s| {
+            let handle = s.spawn(|| {
+                loop {
+                    if server.serve_one(Some(&listeners)).unwrap() {
+                        return true;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+            let got = take_over(&path, Some(port), None)
+                .unwrap()
+                .flatten()
+                .expect("listeners");
+            assert_eq!(got.outbound.local_addr().unwrap().port(), port);
+            // The same socket: a connection queued on it is accepted by the receiver.
+            let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            got.outbound.set_nonblocking(false).unwrap();
+            assert!(got.outbound.accept().is_ok());
+            handle.join().unwrap()
+        });
+        assert!(serving);
+        drop(server);
+        assert!(
+            path.exists(),
+            "after a handover the socket file is left to the successor"
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_port_mismatch_is_refused() {
+        let dir = std::env::temp_dir().join(format!("mr-handoff-mm-{}", std::process::id()));
+        let path = control_path(&dir, 8);
+        let server = ControlServer::bind(&path).unwrap();
+        let listeners = Listeners {
+            outbound: TcpListener::bind("127.0.0.1:0").unwrap(),
+            inbound: None,
+        };
+        std::thread::scope(|s| {
+            let handle = s.spawn(|| {
+                for _ in 0..400 {
+                    assert!(
+                        !server.serve_one(Some(&listeners)).unwrap(),
+                        "handed over on a mismatch"
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+            let err = take_over(&path, Some(1), None).unwrap_err();
+            assert!(matches!(err, HandoffError::Mismatch { .. }), "{err}");
+            handle.join().unwrap();
+        });
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
