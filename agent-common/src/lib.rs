@@ -26,6 +26,12 @@ pub mod maps {
     pub const SOCKETS: &str = "SOCKETS";
     /// `SkStorage<SockState>`: per-socket sk_msg verdict, sticky once decided.
     pub const SOCK_STATE: &str = "SOCK_STATE";
+    /// `HashMap<SockKey, u64>`: bytes each short-circuited socket's reader
+    /// took from its ingress queue, by the socket's own tuple (sk_msg
+    /// backpressure). Counted by the recvmsg fexit where the kernel allows
+    /// tracing programs, else reported by the built-in proxy for its own
+    /// sockets; a reader nobody counts for gets the queue limit in all.
+    pub const INGRESS_READ: &str = "INGRESS_READ";
     /// `PerCpuArray<u64>`, indexed by [`crate::counter`].
     pub const COUNTERS: &str = "COUNTERS";
     /// `LpmTrie<CidrKey, u8>`: outbound destinations never captured (`-x`).
@@ -53,6 +59,22 @@ pub mod programs {
     pub const SK_MSG: &str = "mesh_sk_msg";
     pub const GETSOCKOPT: &str = "mesh_getsockopt";
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
+    /// fexit on the kernel function that reads a sockmap socket's ingress
+    /// queue: counts what each reader consumed (sk_msg backpressure).
+    pub const RECVMSG: &str = "mesh_recvmsg";
+    /// The kernel function [`RECVMSG`] traces: `recvmsg` of a TCP socket in
+    /// a sockmap (`net/ipv4/tcp_bpf.c`, `(sk, msg, len, flags, addr_len)`
+    /// since 5.19).
+    pub const RECVMSG_TARGET: &str = "tcp_bpf_recvmsg";
+}
+
+/// Globals of the eBPF object, set by the loader.
+pub mod globals {
+    /// `u64`: how many redirected bytes a socket's reader may be behind
+    /// before its sender switches to TCP for good.
+    pub const SOCKMAP_QUEUE_LIMIT: &str = "SOCKMAP_QUEUE_LIMIT";
+    /// Its default: 4 MiB, below TCP's largest default receive buffer.
+    pub const SOCKMAP_QUEUE_LIMIT_DEFAULT: u64 = 4 << 20;
 }
 
 /// Capacities of the maps. Every map is bounded: the tuple and socket maps
@@ -63,6 +85,7 @@ pub mod capacity {
     pub const ORIG_DST_BY_COOKIE: u32 = 65_536;
     pub const ORIG_DST_BY_TUPLE: u32 = 65_536;
     pub const SOCKETS: u32 = 131_072;
+    pub const INGRESS_READ: u32 = SOCKETS;
     /// Each include/exclude list (CIDRs, ports), per map: far above the 20
     /// entries merbridge allowed.
     pub const RULES: u32 = 4096;
@@ -214,8 +237,25 @@ pub struct OrigDst {
     pub port: u16,
     /// Always zero.
     pub pad: u16,
+    /// In [`maps::ORIG_DST_BY_TUPLE`]: the socket cookie of the proxy's end
+    /// of the connection once it exists (0 before). That socket owns the
+    /// entry from then on, so the proxy can still ask `SO_ORIGINAL_DST`
+    /// after the app has closed, as conntrack would answer.
+    pub owner: u64,
 }
-const _: () = assert!(size_of::<OrigDst>() == 8);
+const _: () = assert!(size_of::<OrigDst>() == 16);
+
+impl OrigDst {
+    #[must_use]
+    pub const fn new(ip4: u32, port: u16) -> Self {
+        Self {
+            ip4,
+            port,
+            pad: 0,
+            owner: 0,
+        }
+    }
+}
 
 /// A TCP socket's 4-tuple within one network namespace, from that socket's
 /// own point of view (`src` is its local end).
@@ -272,10 +312,19 @@ impl SockKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockState {
-    /// One of the `VERDICT_*` constants.
+    /// One of the `VERDICT_*` constants: how this socket *sends*.
     pub verdict: u32,
+    /// Always zero.
+    pub pad: u32,
+    /// The socket's own tuple: its entry in [`maps::SOCKETS`] and
+    /// [`maps::INGRESS_READ`] (the recvmsg fexit only has the socket).
+    pub key: SockKey,
+    /// Bytes this socket's sk_msg redirected into its peer's ingress queue.
+    /// Minus what the peer's reader took out ([`maps::INGRESS_READ`]), the
+    /// length of that queue.
+    pub sent: u64,
 }
-const _: () = assert!(size_of::<SockState>() == 4);
+const _: () = assert!(size_of::<SockState>() == 40);
 
 impl SockState {
     /// Not decided yet: the first message decides.
@@ -284,6 +333,9 @@ impl SockState {
     pub const VERDICT_REDIRECT: u32 = 1;
     /// Every message of this socket goes over TCP: once one did, switching
     /// to redirect could let later bytes overtake earlier ones at the reader.
+    /// (The other way is safe: a reader drains its ingress queue before its
+    /// TCP receive queue, so a sender that was redirecting may switch to
+    /// TCP, and does when its reader falls behind.)
     pub const VERDICT_PASS: u32 = 2;
 }
 
@@ -328,8 +380,11 @@ pub mod counter {
     pub const CONNECT_FAIL_OPEN: u32 = 16;
     /// Fail open: an inbound connection went to the app because no proxy listened.
     pub const INBOUND_FAIL_OPEN: u32 = 17;
+    /// sk_msg switched a socket to TCP for good because its reader fell
+    /// more than the sockmap queue limit behind (backpressure).
+    pub const MSG_SPILLED: u32 = 18;
     /// Number of counters.
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
 
     /// Names in index order, for metrics and reports.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -351,6 +406,7 @@ pub mod counter {
         "inbound_listener_registered",
         "connect_fail_open",
         "inbound_fail_open",
+        "msg_spilled",
     ];
 }
 

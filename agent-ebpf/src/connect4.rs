@@ -60,11 +60,7 @@ pub fn connect4(ctx: &SockAddrContext) {
     }
     // SAFETY: helper call on our own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = OrigDst {
-        ip4: dst_ip4,
-        port: dst_port,
-        pad: 0,
-    };
+    let orig = OrigDst::new(dst_ip4, dst_port);
     if ORIG_DST_BY_COOKIE.insert(cookie, orig, 0).is_err() {
         // Without the original destination the proxy could not forward:
         // leave the connect alone rather than break it.

@@ -81,15 +81,26 @@ fn answer(ctx: &SockoptContext) -> bool {
     if sk.family != AF_INET || sk.protocol != IPPROTO_TCP {
         return false;
     }
+    // Each field read once, straight off the socket pointer: the verifier
+    // refuses arithmetic on it, which LLVM may emit to re-read a field later.
+    // SAFETY: `sk` is a valid socket; plain loads of its fields.
+    let (src_ip4, src_port, dst_ip4, dst_port) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const sk.src_ip4),
+            core::ptr::read_volatile(&raw const sk.src_port),
+            core::ptr::read_volatile(&raw const sk.dst_ip4),
+            core::ptr::read_volatile(&raw const sk.dst_port),
+        )
+    };
     // SAFETY: helper call on our own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // The app's side of the connection: from the peer (app) to us (proxy).
     let app = SockKey::new(
         netns,
-        sk.dst_ip4,
-        net::port_from_be_lower(u32::from(sk.dst_port)),
-        sk.src_ip4,
-        net::port_from_host_u32(sk.src_port),
+        dst_ip4,
+        net::port_from_be_lower(u32::from(dst_port)),
+        src_ip4,
+        net::port_from_host_u32(src_port),
     );
     // SAFETY: copied out at once.
     let orig = if let Some(orig) = unsafe { ORIG_DST_BY_TUPLE.get(app) }.copied() {
@@ -97,11 +108,7 @@ fn answer(ctx: &SockoptContext) -> bool {
     } else if INBOUND_STEERED.get_ptr(app.reversed()).is_some() {
         // Steered inbound by sk_lookup, no NAT: the original destination is
         // the socket's own local address.
-        OrigDst {
-            ip4: sk.src_ip4,
-            port: net::port_from_host_u32(sk.src_port),
-            pad: 0,
-        }
+        OrigDst::new(src_ip4, net::port_from_host_u32(src_port))
     } else {
         bump(counter::GETSOCKOPT_MISSED);
         return false;

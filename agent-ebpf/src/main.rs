@@ -14,6 +14,7 @@ mod connect4;
 mod counters;
 mod getpeername4;
 mod getsockopt;
+mod recvmsg;
 mod rules;
 mod sk_lookup;
 mod sk_msg;
@@ -25,9 +26,12 @@ use agent_common::{
 };
 use aya_ebpf::{
     btf_maps::SkStorage,
-    macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
+    macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, fexit, map, sk_lookup, sk_msg, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, SockMap},
-    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
+    programs::{
+        FExitContext, SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext,
+        SockoptContext,
+    },
 };
 
 /// `cgroup/connect4`, `cgroup/getpeername4` and `cgroup/getsockopt` verdict: the syscall proceeds.
@@ -39,6 +43,12 @@ pub const SK_PASS: u32 = 1;
 pub const SK_DROP: u32 = 0;
 /// sock_ops return value (ignored by the kernel for the callbacks we use).
 pub const SOCKOPS_OK: u32 = 1;
+
+/// How far (bytes) a short-circuited socket's reader may fall behind before
+/// its sender switches to TCP; set by the loader
+/// (`agent_common::globals::SOCKMAP_QUEUE_LIMIT`).
+#[unsafe(no_mangle)]
+static SOCKMAP_QUEUE_LIMIT: u64 = agent_common::globals::SOCKMAP_QUEUE_LIMIT_DEFAULT;
 
 #[map]
 static NETNS_CONFIG: HashMap<u64, NetnsConfig> =
@@ -54,6 +64,9 @@ static ORIG_DST_BY_TUPLE: HashMap<SockKey, OrigDst> =
 
 #[map]
 static SOCKETS: SockHash<SockKey> = SockHash::with_max_entries(capacity::SOCKETS, 0);
+
+#[map]
+static INGRESS_READ: HashMap<SockKey, u64> = HashMap::with_max_entries(capacity::INGRESS_READ, 0);
 
 #[btf_map]
 static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
@@ -105,6 +118,12 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
 pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     sk_msg::sk_msg(&ctx);
     SK_PASS
+}
+
+#[fexit(function = "tcp_bpf_recvmsg")]
+pub fn mesh_recvmsg(ctx: FExitContext) -> i32 {
+    recvmsg::recvmsg(&ctx);
+    0
 }
 
 #[sk_lookup]

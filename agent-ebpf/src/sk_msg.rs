@@ -6,6 +6,18 @@
 //! must every later one: a redirected message lands in the peer's ingress
 //! queue, which the reader drains *before* its TCP receive queue, so mixing
 //! the two paths would reorder bytes.
+//!
+//! Backpressure. The kernel bounds that ingress queue by nothing but the
+//! host's TCP memory: a fast sender and a slow reader would grow it to
+//! gigabytes, then every socket on the host gets ENOMEM. So each sender
+//! counts what it redirected (`SockState::sent`) and each reader's reads
+//! are counted in `INGRESS_READ` (by the recvmsg fexit where the kernel
+//! allows tracing, else by the built-in proxy for its own sockets); a
+//! sender more than `SOCKMAP_QUEUE_LIMIT` ahead of its reader switches to
+//! TCP for good, where the usual flow control holds it back. A reader
+//! nobody counts for thus gets that many bytes short-circuited in all. The
+//! switch keeps the byte order: what is still queued is read before
+//! anything TCP brings.
 
 use agent_common::{SockKey, SockState, counter, net};
 use aya_ebpf::{
@@ -15,7 +27,7 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 
-use crate::{SK_PASS, SOCK_STATE, SOCKETS, counters::bump};
+use crate::{INGRESS_READ, SK_PASS, SOCK_STATE, SOCKETS, counters::bump};
 
 #[inline(always)]
 pub fn sk_msg(ctx: &SkMsgContext) {
@@ -56,13 +68,41 @@ pub fn sk_msg(ctx: &SkMsgContext) {
         md.local_ip4,
         net::port_from_host_u32(md.local_port),
     );
+    // What the reader took out; without an entry the peer is not
+    // short-circuited.
+    let Some(read) = INGRESS_READ.get_ptr(peer) else {
+        state.verdict = SockState::VERDICT_PASS;
+        bump(counter::MSG_PASSED);
+        return;
+    };
+    let size = u64::from(md.size);
+    // SAFETY: a value of our hash map, written concurrently by the reader's
+    // side only (an aligned u64: never torn).
+    let queued = state
+        .sent
+        .wrapping_sub(unsafe { core::ptr::read_volatile(read) });
+    if queued.saturating_add(size) > queue_limit() {
+        // The reader fell behind: TCP from now on, which holds us back.
+        state.verdict = SockState::VERDICT_PASS;
+        bump(counter::MSG_SPILLED);
+        bump(counter::MSG_PASSED);
+        return;
+    }
     // On a miss the helper returns SK_DROP; we return SK_PASS regardless, so
     // the message continues over TCP instead of being lost.
     if SOCKETS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
         state.verdict = SockState::VERDICT_REDIRECT;
+        state.sent = state.sent.wrapping_add(size);
         bump(counter::MSG_REDIRECTED);
     } else {
         state.verdict = SockState::VERDICT_PASS;
         bump(counter::MSG_PASSED);
     }
+}
+
+/// The sockmap queue limit the loader set.
+#[inline(always)]
+fn queue_limit() -> u64 {
+    // SAFETY: a read-only global, set before load.
+    unsafe { core::ptr::read_volatile(&raw const crate::SOCKMAP_QUEUE_LIMIT) }
 }

@@ -1,6 +1,7 @@
 //! `sockops`: when an app↔proxy connection is established, move its original
-//! destination from the socket cookie to the connection's tuple and put both
-//! sockets into the SOCKHASH; when a socket closes, delete what it owned.
+//! destination from the socket cookie to the connection's tuple (the
+//! proxy's end then owns it) and put both sockets into the SOCKHASH; when a
+//! socket closes, delete what it owned.
 //!
 //! Order of events on loopback: the app's socket reaches ESTABLISHED (active
 //! callback) before the proxy's accepted socket exists (passive callback), so
@@ -20,8 +21,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 
 use crate::{
-    INBOUND_LISTENER, INBOUND_STEERED, NETNS_CONFIG, ORIG_DST_BY_COOKIE, ORIG_DST_BY_TUPLE,
-    SOCK_STATE, SOCKETS, counters::bump,
+    INBOUND_LISTENER, INBOUND_STEERED, INGRESS_READ, NETNS_CONFIG, ORIG_DST_BY_COOKIE,
+    ORIG_DST_BY_TUPLE, SOCK_STATE, SOCKETS, counters::bump,
 };
 
 const AF_INET: u32 = 2;
@@ -124,16 +125,17 @@ fn on_passive_established(ctx: &SockOpsContext) {
         watch_close(ctx);
         return;
     }
-    if !cfg.has(flags::SOCKMAP) {
-        return;
-    }
     // The app's end of the proxy's inbound passthrough connection, or the
     // proxy's end of a connection connect4 redirected.
     let passthrough = key.dst_ip4 == INBOUND_PASSTHROUGH_SRC;
-    if !passthrough
-        && (key.src_port != cfg.outbound_port
-            || ORIG_DST_BY_TUPLE.get_ptr(key.reversed()).is_none())
-    {
+    if !passthrough {
+        if key.src_port != cfg.outbound_port || !claim_orig_dst(ctx, key) {
+            return;
+        }
+        // The entry is ours now: it goes when this socket closes.
+        watch_close(ctx);
+    }
+    if !cfg.has(flags::SOCKMAP) {
         return;
     }
     // Bytes that arrived over TCP before the socket joins the map (TCP Fast
@@ -145,6 +147,22 @@ fn on_passive_established(ctx: &SockOpsContext) {
     }
     watch_close(ctx);
     insert_socket(ctx, key);
+}
+
+/// The proxy's end of a redirected connection takes over the app's
+/// original-destination entry (keyed by the app's tuple): from now on the
+/// entry lives as long as this socket, so `SO_ORIGINAL_DST` still answers
+/// when the app has already closed. `false`: no entry, not a redirected
+/// connection.
+#[inline(always)]
+fn claim_orig_dst(ctx: &SockOpsContext, key: SockKey) -> bool {
+    let app = key.reversed();
+    let Some(entry) = ORIG_DST_BY_TUPLE.get_ptr_mut(app) else {
+        return false;
+    };
+    // SAFETY: a valid value pointer of this map; a plain store.
+    unsafe { (*entry).owner = cookie(ctx) };
+    true
 }
 
 #[inline(always)]
@@ -167,6 +185,9 @@ fn insert_socket(ctx: &SockOpsContext, mut key: SockKey) {
     // creates it, so a socket without state consistently uses TCP.
     let mut fresh = SockState {
         verdict: SockState::VERDICT_UNDECIDED,
+        pad: 0,
+        key,
+        sent: 0,
     };
     // SAFETY: map pointer of a BTF sk_storage map, full socket, valid init value.
     let state = unsafe {
@@ -181,17 +202,27 @@ fn insert_socket(ctx: &SockOpsContext, mut key: SockKey) {
         bump(counter::SOCKHASH_INSERT_FAILED);
         return;
     }
+    // Nothing read from its ingress queue yet: without this entry no sender
+    // could tell how far behind this socket's reader is, so the socket
+    // stays out of the map.
+    if INGRESS_READ.insert(key, 0, u64::from(BPF_ANY)).is_err() {
+        bump(counter::SOCKHASH_INSERT_FAILED);
+        return;
+    }
     let ops: *mut bpf_sock_ops = ctx.ops;
     // SAFETY: `ops` is this callback's context.
-    match SOCKETS.update(&mut key, unsafe { &mut *ops }, u64::from(BPF_ANY)) {
-        Ok(()) => {
-            bump(counter::SOCKHASH_INSERTED);
-            debug!(
-                ctx,
-                "sockops: socket :{} -> :{} short-circuited", key.src_port, key.dst_port
-            );
-        }
-        Err(_) => bump(counter::SOCKHASH_INSERT_FAILED),
+    if SOCKETS
+        .update(&mut key, unsafe { &mut *ops }, u64::from(BPF_ANY))
+        .is_ok()
+    {
+        bump(counter::SOCKHASH_INSERTED);
+        debug!(
+            ctx,
+            "sockops: socket :{} -> :{} short-circuited", key.src_port, key.dst_port
+        );
+    } else {
+        let _ = INGRESS_READ.remove(key);
+        bump(counter::SOCKHASH_INSERT_FAILED);
     }
 }
 
@@ -217,13 +248,25 @@ fn on_listen(ctx: &SockOpsContext) {
     }
 }
 
+/// A socket closes: it drops the original-destination entry it owns. The
+/// app's socket owns its entry until the proxy's end claims it; the proxy's
+/// end owns it by cookie, so a new connection that reuses the app's tuple
+/// (its entry unclaimed, or claimed by another socket) keeps its own.
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
     let key = own_key(ctx);
-    if ORIG_DST_BY_TUPLE.remove(key).is_ok() {
+    let cookie = cookie(ctx);
+    // SAFETY: copied out at once.
+    let own = unsafe { ORIG_DST_BY_TUPLE.get(key) }.is_some_and(|o| o.owner == 0);
+    // SAFETY: as above.
+    let claimed =
+        unsafe { ORIG_DST_BY_TUPLE.get(key.reversed()) }.is_some_and(|o| o.owner == cookie);
+    let owned = if own { key } else { key.reversed() };
+    if (own || claimed) && ORIG_DST_BY_TUPLE.remove(owned).is_ok() {
         bump(counter::SOCKETS_CLOSED);
     }
     let _ = INBOUND_STEERED.remove(key);
+    let _ = INGRESS_READ.remove(key);
     // A connect that never reached ESTABLISHED still owns its cookie entry.
-    let _ = ORIG_DST_BY_COOKIE.remove(cookie(ctx));
+    let _ = ORIG_DST_BY_COOKIE.remove(cookie);
 }

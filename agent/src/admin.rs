@@ -4,10 +4,12 @@
 //! - `/metrics`: Prometheus text (prometheus-client), read fresh from the
 //!   datapath's maps and the proxy's counters at every scrape;
 //! - `/ready`: 200 once capture is in place and the listeners are up, 503
-//!   with the reasons otherwise (and while draining);
+//!   with the reasons otherwise (and while draining); the body also names
+//!   the fail policy (`fail-policy: closed`);
 //! - `/healthz`: 200 while the process serves.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     net::SocketAddrV4,
     path::PathBuf,
@@ -25,6 +27,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
+use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
@@ -80,14 +83,19 @@ pub struct AdminState {
 }
 
 /// Binds the admin listener inside `netns` (before anything is attached,
-/// so a port in use fails cleanly).
+/// so a port in use fails cleanly). `SO_REUSEPORT`: during a handover the
+/// old and the new agent both hold it for a moment.
 pub fn bind(netns: &Netns, addr: SocketAddrV4) -> anyhow::Result<std::net::TcpListener> {
     use anyhow::Context as _;
     netns
         .run(|| {
-            let l = std::net::TcpListener::bind(addr)?;
-            l.set_nonblocking(true)?;
-            Ok::<_, std::io::Error>(l)
+            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            sock.set_reuse_address(true)?;
+            sock.set_reuse_port(true)?;
+            sock.set_nonblocking(true)?;
+            sock.bind(&std::net::SocketAddr::V4(addr).into())?;
+            sock.listen(128)?;
+            Ok::<std::net::TcpListener, std::io::Error>(sock.into())
         })?
         .with_context(|| format!("--admin: cannot listen on {addr}"))
 }
@@ -168,11 +176,19 @@ async fn serve(mut s: TcpStream, state: Arc<AdminState>) {
             )
         }
         "/ready" => match state.ready.not_ready() {
-            r if r.is_empty() => ("200 OK", "text/plain", "ready\n".to_owned()),
+            r if r.is_empty() => (
+                "200 OK",
+                "text/plain",
+                format!("ready\nfail-policy: {}\n", state.fail_policy()),
+            ),
             r => (
                 "503 Service Unavailable",
                 "text/plain",
-                format!("not ready: {}\n", r.join(", ")),
+                format!(
+                    "not ready: {}\nfail-policy: {}\n",
+                    r.join(", "),
+                    state.fail_policy()
+                ),
             ),
         },
         "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
@@ -362,41 +378,101 @@ fn proxy_metrics(reg: &mut Registry, p: &proxy::Stats) {
         "Bytes relayed, by direction and flow",
         &bytes,
     );
+    let errors: Vec<(Labels, u64)> = proxy_errors(p)
+        .into_iter()
+        .map(|(kind, v)| (labels(&[("kind", kind)]), v))
+        .collect();
     counters(
         reg,
         "mesh_redirect_proxy_errors",
         "Connections that ended in an error, by kind",
-        &[
-            (
-                labels(&[("kind", "upstream_refused")]),
-                p.upstream_refused.load(Relaxed),
-            ),
-            (
-                labels(&[("kind", "upstream_timeout")]),
-                p.upstream_timeout.load(Relaxed),
-            ),
-            (
-                labels(&[("kind", "upstream_reset")]),
-                p.upstream_reset.load(Relaxed),
-            ),
-            (
-                labels(&[("kind", "client_reset")]),
-                p.client_reset.load(Relaxed),
-            ),
-            (
-                labels(&[("kind", "orig_dst_missing")]),
-                p.orig_dst_missing.load(Relaxed),
-            ),
-            (
-                labels(&[("kind", "idle_timeout")]),
-                p.idle_closed.load(Relaxed),
-            ),
-            (
-                labels(&[("kind", "max_connections")]),
-                p.rejected_max_connections.load(Relaxed),
-            ),
-        ],
+        &errors,
     );
+}
+
+/// The proxy's error counters, by kind (the metric's `kind` label).
+fn proxy_errors(p: &proxy::Stats) -> [(&'static str, u64); 7] {
+    use std::sync::atomic::Ordering::Relaxed;
+    [
+        ("upstream_refused", p.upstream_refused.load(Relaxed)),
+        ("upstream_timeout", p.upstream_timeout.load(Relaxed)),
+        ("upstream_reset", p.upstream_reset.load(Relaxed)),
+        ("client_reset", p.client_reset.load(Relaxed)),
+        ("orig_dst_missing", p.orig_dst_missing.load(Relaxed)),
+        ("idle_timeout", p.idle_closed.load(Relaxed)),
+        ("max_connections", p.rejected_max_connections.load(Relaxed)),
+    ]
+}
+
+/// What a running agent tells `status` over its control socket: the
+/// numbers only the process knows (the kernel's are read from the maps).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentReport {
+    pub pid: u32,
+    pub mode: String,
+    pub fail_policy: String,
+    /// Why `/ready` is not 200; empty when ready.
+    pub not_ready: Vec<String>,
+    /// The built-in proxy (none with an external proxy).
+    pub proxy: Option<ProxyReport>,
+}
+
+/// The built-in proxy's counters, keyed as the metrics' labels are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyReport {
+    /// By direction.
+    pub connections_open: BTreeMap<String, u64>,
+    /// By direction.
+    pub connections_total: BTreeMap<String, u64>,
+    /// By `direction/flow` (`outbound/to_upstream`...).
+    pub bytes: BTreeMap<String, u64>,
+    /// By kind.
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl AdminState {
+    #[must_use]
+    pub fn report(&self) -> AgentReport {
+        use std::sync::atomic::Ordering::Relaxed;
+        let proxy = self.proxy.as_ref().map(|p| {
+            let mut r = ProxyReport::default();
+            for d in Direction::ALL {
+                let s = p.direction(d);
+                let name = d.name().to_owned();
+                r.connections_open
+                    .insert(name.clone(), s.connections_open.load(Relaxed));
+                r.connections_total
+                    .insert(name.clone(), s.connections_total.load(Relaxed));
+                r.bytes.insert(
+                    format!("{name}/to_upstream"),
+                    s.bytes_to_upstream.load(Relaxed),
+                );
+                r.bytes
+                    .insert(format!("{name}/to_client"), s.bytes_to_client.load(Relaxed));
+            }
+            r.errors = proxy_errors(p)
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect();
+            r
+        });
+        AgentReport {
+            pid: std::process::id(),
+            mode: self.mode.name().to_owned(),
+            fail_policy: self.fail_policy().to_owned(),
+            not_ready: self
+                .ready
+                .not_ready()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+            proxy,
+        }
+    }
+
+    const fn fail_policy(&self) -> &'static str {
+        if self.fail_open { "open" } else { "closed" }
+    }
 }
 
 /// Registers one unlabeled gauge.
@@ -410,7 +486,7 @@ fn gauge(reg: &mut Registry, name: &str, help: &str, value: i64) {
 #[must_use]
 pub fn render_metrics(state: &AdminState, snapshot: Option<&Snapshot>) -> String {
     let mut reg = Registry::default();
-    let policy = if state.fail_open { "open" } else { "closed" };
+    let policy = state.fail_policy();
     gauges(
         &mut reg,
         "mesh_redirect_info",

@@ -13,6 +13,9 @@ use std::{
 };
 
 const BPF_MAP_CREATE: u32 = 0;
+const BPF_MAP_UPDATE_ELEM: u32 = 2;
+/// `BPF_EXIST`: update only an entry that is there.
+const F_EXIST: u64 = 2;
 const BPF_PROG_LOAD: u32 = 5;
 const BPF_PROG_ATTACH: u32 = 8;
 const BPF_PROG_DETACH: u32 = 9;
@@ -160,6 +163,18 @@ pub fn create_map(
         .u32(8, value_size)
         .u32(12, max_entries);
     sys_bpf(BPF_MAP_CREATE, &mut attr).map(fd_result)
+}
+
+/// `BPF_MAP_UPDATE_ELEM` with `BPF_EXIST`: sets the value of an entry that
+/// is there (`ENOENT` otherwise). `key` and `value` must have the map's
+/// sizes.
+pub fn map_update_existing(map: impl AsFd, key: &[u8], value: &[u8]) -> io::Result<()> {
+    let mut attr = Attr::new();
+    attr.u32(0, raw(&map))
+        .u64(8, key.as_ptr() as u64)
+        .u64(16, value.as_ptr() as u64)
+        .u64(24, F_EXIST);
+    sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
 }
 
 /// `BPF_LINK_CREATE` of `prog` on `target` (a cgroup or netns fd).

@@ -15,7 +15,7 @@ use aya::{
         Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, SockHash, SockMap,
         lpm_trie::Key,
     },
-    programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps},
+    programs::{CgroupSockAddr, CgroupSockopt, FExit, ProgramError, SkLookup, SkMsg, SockOps},
 };
 
 use crate::rules::CaptureRules;
@@ -110,7 +110,44 @@ pub struct Datapath {
     /// Every link we created or adopted (closing an unpinned one detaches).
     links: Vec<AttachedLink>,
     pins: Option<Pins>,
+    /// Link pin names this datapath created or adopted.
+    claimed: Vec<String>,
     sk_msg_attached: bool,
+    /// Why the recvmsg fexit (sk_msg backpressure) could not load, if it
+    /// could not: the short-circuit must then stay off.
+    recvmsg_unavailable: Option<String>,
+    /// The recvmsg fexit's link, when we attached it (dropping an unpinned
+    /// one detaches it).
+    recvmsg_link: Option<RecvmsgLink>,
+}
+
+/// How the loader sets the object up.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// The programs' aya-log debug lines (off: they cost per event).
+    pub debug_logs: bool,
+    /// How far a short-circuited socket's reader may fall behind, in bytes,
+    /// before its sender switches to TCP.
+    pub sockmap_queue_limit: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            debug_logs: false,
+            sockmap_queue_limit: agent_common::globals::SOCKMAP_QUEUE_LIMIT_DEFAULT,
+        }
+    }
+}
+
+/// The recvmsg fexit's link, held so it stays attached.
+#[derive(Debug)]
+enum RecvmsgLink {
+    Unpinned(#[allow(dead_code)] aya::programs::links::FdLink),
+    Pinned(#[allow(dead_code)] aya::programs::links::PinnedLink),
+    /// Pinned by an earlier agent of the same layout: its program uses the
+    /// same (pinned) maps, so it stays as it is.
+    Adopted,
 }
 
 /// One hook's bpf_link.
@@ -160,21 +197,26 @@ impl Hook {
 }
 
 impl Datapath {
-    /// Loads the maps and verifies every program. `debug_logs` turns on the
-    /// programs' aya-log debug lines (off by default: they cost per event).
-    /// With `pin_dir`, the maps are pinned there, or, if a datapath of the
-    /// same layout is pinned there already, adopted with their contents.
-    pub fn load(debug_logs: bool, pin_dir: Option<&Path>) -> Result<Self, EbpfError> {
+    /// Loads the maps and verifies every program. With `pin_dir`, the maps
+    /// are pinned there, or, if a datapath of the same layout is pinned
+    /// there already, adopted with their contents. The recvmsg fexit may
+    /// fail to load (no BTF trampolines): see [`Self::backpressure`].
+    pub fn load(opts: &LoadOptions, pin_dir: Option<&Path>) -> Result<Self, EbpfError> {
         if OBJECT.is_empty() {
             return Err(EbpfError::NoObject);
         }
-        let level: u8 = if debug_logs {
+        let level: u8 = if opts.debug_logs {
             aya_log::Level::Debug as u8
         } else {
             aya_log::Level::Warn as u8
         };
         let mut loader = EbpfLoader::new();
         loader.override_global(aya_log::LEVEL, &level, false);
+        loader.override_global(
+            agent_common::globals::SOCKMAP_QUEUE_LIMIT,
+            &opts.sockmap_queue_limit,
+            true,
+        );
         let pins = match pin_dir {
             Some(dir) => {
                 let adopted = dir.join(maps::NETNS_CONFIG).exists();
@@ -216,6 +258,21 @@ impl Datapath {
         prog_mut::<SkLookup>(e, programs::SK_LOOKUP)?
             .load()
             .map_err(program_err(programs::SK_LOOKUP))?;
+        let recvmsg_unavailable = aya::Btf::from_sys_fs()
+            .map_err(|e| format!("kernel BTF: {e}"))
+            .and_then(|btf| {
+                prog_mut::<FExit>(e, programs::RECVMSG)
+                    .map_err(|e| e.to_string())?
+                    .load(programs::RECVMSG_TARGET, &btf)
+                    .map_err(|e| {
+                        format!(
+                            "fexit on {}: {}",
+                            programs::RECVMSG_TARGET,
+                            crate::doctor::verifier_verdict(&e.to_string())
+                        )
+                    })
+            })
+            .err();
         let map = ebpf.take_map(maps::SOCKETS).ok_or(EbpfError::Missing {
             kind: "map",
             name: maps::SOCKETS,
@@ -229,8 +286,52 @@ impl Datapath {
             sockets,
             links: Vec::new(),
             pins,
+            claimed: Vec::new(),
             sk_msg_attached: false,
+            recvmsg_unavailable,
+            recvmsg_link: None,
         })
+    }
+
+    /// `Err(why)` when the sk_msg backpressure (the recvmsg fexit) cannot
+    /// run on this kernel: the short-circuit must stay off then.
+    pub fn backpressure(&self) -> Result<(), &str> {
+        self.recvmsg_unavailable.as_deref().map_or(Ok(()), Err)
+    }
+
+    /// Attaches the recvmsg fexit (global: it counts reads on every socket
+    /// that has our state). Pinned: an earlier agent's pinned link of the
+    /// same layout already counts into these same maps, and is kept.
+    pub fn attach_recvmsg(&mut self) -> Result<(), EbpfError> {
+        let pin_name = format!("link-{}", programs::RECVMSG);
+        let link_err = |source: std::io::Error| EbpfError::Link {
+            hook: programs::RECVMSG,
+            target: PathBuf::from(programs::RECVMSG_TARGET),
+            source,
+        };
+        if let Some(why) = &self.recvmsg_unavailable {
+            return Err(link_err(std::io::Error::other(why.clone())));
+        }
+        let pin = self.pins.as_ref().map(|p| p.dir.join(&pin_name));
+        self.claimed.push(pin_name);
+        if pin.as_ref().is_some_and(|p| p.exists()) {
+            self.recvmsg_link = Some(RecvmsgLink::Adopted);
+            return Ok(());
+        }
+        let prog = prog_mut::<FExit>(&mut self.ebpf, programs::RECVMSG)?;
+        let id = prog.attach().map_err(program_err(programs::RECVMSG))?;
+        let link: aya::programs::links::FdLink = prog
+            .take_link(id)
+            .map_err(program_err(programs::RECVMSG))?
+            .into();
+        self.recvmsg_link = Some(match pin {
+            Some(path) => RecvmsgLink::Pinned(
+                link.pin(&path)
+                    .map_err(|e| link_err(std::io::Error::other(e.to_string())))?,
+            ),
+            None => RecvmsgLink::Unpinned(link),
+        });
+        Ok(())
     }
 
     /// Whether the maps (and links) of an earlier agent were adopted.
@@ -285,6 +386,7 @@ impl Datapath {
             source,
         };
         let pin = self.pins.as_ref().map(|p| p.dir.join(pin_name));
+        self.claimed.push(pin_name.to_owned());
         if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
             let fd = crate::bpf_sys::obj_get(pin).map_err(link_err)?;
             crate::bpf_sys::link_update(&fd, self.program_fd(hook)?).map_err(link_err)?;
@@ -369,6 +471,32 @@ impl Datapath {
         Ok(())
     }
 
+    /// Removes pinned links an earlier agent left that this one did not
+    /// claim (a hook it attaches elsewhere now, e.g. because the agent runs
+    /// in another cgroup): otherwise both would run. Call after attaching.
+    pub fn prune_unclaimed_links(&mut self) -> Result<Vec<PathBuf>, EbpfError> {
+        let Some(p) = &self.pins else {
+            return Ok(Vec::new());
+        };
+        let claimed: Vec<String> = self.claimed.clone();
+        let mut removed = Vec::new();
+        let entries = std::fs::read_dir(&p.dir).map_err(|source| EbpfError::Cgroup {
+            path: p.dir.clone(),
+            source,
+        })?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("link-") && !claimed.contains(&name) {
+                std::fs::remove_file(e.path()).map_err(|source| EbpfError::Cgroup {
+                    path: e.path(),
+                    source,
+                })?;
+                removed.push(e.path());
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes everything: links detach, pins go, the maps are freed once
     /// nothing holds them. (Dropping an unpinned datapath does the same.)
     pub fn teardown(mut self) -> Result<(), EbpfError> {
@@ -427,6 +555,26 @@ impl Datapath {
     }
 
     /// The SOCKHASH's fd, to ask the kernel what is attached to it.
+    /// A descriptor of its own on the `INGRESS_READ` map, for the proxy to
+    /// report its reads on (when no fexit counts them).
+    pub fn ingress_read_map(&self) -> Result<std::os::fd::OwnedFd, EbpfError> {
+        use std::os::fd::AsFd as _;
+        let aya::maps::Map::HashMap(data) = self.map(maps::INGRESS_READ)? else {
+            return Err(EbpfError::Missing {
+                kind: "hash map",
+                name: maps::INGRESS_READ,
+            });
+        };
+        data.fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| EbpfError::Link {
+                hook: programs::RECVMSG,
+                target: PathBuf::from(maps::INGRESS_READ),
+                source,
+            })
+    }
+
     #[must_use]
     pub fn sockets_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd as _;
@@ -467,6 +615,7 @@ impl Datapath {
             self.map(maps::ORIG_DST_BY_COOKIE)?,
             self.map(maps::ORIG_DST_BY_TUPLE)?,
             self.sockets.keys().flatten().count(),
+            self.map(maps::INGRESS_READ)?,
         )
     }
 
@@ -518,6 +667,7 @@ pub fn usage_of(
     cookie: &aya::maps::Map,
     tuple: &aya::maps::Map,
     sockets: usize,
+    queues: &aya::maps::Map,
 ) -> Result<Vec<MapUsage>, EbpfError> {
     use agent_common::capacity;
     let netns: HashMap<_, u64, NetnsConfig> =
@@ -526,6 +676,8 @@ pub fn usage_of(
         HashMap::try_from(cookie).map_err(map_err(maps::ORIG_DST_BY_COOKIE))?;
     let tuple: HashMap<_, SockKey, OrigDst> =
         HashMap::try_from(tuple).map_err(map_err(maps::ORIG_DST_BY_TUPLE))?;
+    let queues: HashMap<_, SockKey, u64> =
+        HashMap::try_from(queues).map_err(map_err(maps::INGRESS_READ))?;
     Ok(vec![
         MapUsage::new(
             maps::NETNS_CONFIG,
@@ -543,6 +695,11 @@ pub fn usage_of(
             capacity::ORIG_DST_BY_TUPLE,
         ),
         MapUsage::new(maps::SOCKETS, sockets, capacity::SOCKETS),
+        MapUsage::new(
+            maps::INGRESS_READ,
+            queues.keys().flatten().count(),
+            capacity::INGRESS_READ,
+        ),
     ])
 }
 

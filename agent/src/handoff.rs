@@ -9,6 +9,9 @@
 //! successor now owns the listeners, the pinned datapath and the rules.
 //! Connections arriving meanwhile wait in the listeners' accept queues,
 //! which never close, so none is refused.
+//!
+//! `STATS` on the same socket answers one line of JSON
+//! ([`crate::admin::AgentReport`]): what `status` shows of a running agent.
 
 use std::{
     fs,
@@ -25,6 +28,7 @@ use std::{
 use crate::proxy::Listeners;
 
 const REQUEST: &str = "TAKEOVER";
+const STATS: &str = "STATS";
 const REPLY_OK: &[u8] = b"OK\n";
 
 /// `TAKEOVER <outbound-port or -> <inbound-port or ->`: what the successor
@@ -128,6 +132,25 @@ pub fn take_over(
     })))
 }
 
+/// Asks the agent behind the control socket at `path` for its numbers
+/// (one line of JSON).
+pub fn query_stats(path: &Path) -> Result<String, HandoffError> {
+    let io_err = |source| HandoffError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(path).map_err(io_err)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(io_err)?;
+    stream
+        .write_all(format!("{STATS}\n").as_bytes())
+        .map_err(io_err)?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).map_err(io_err)?;
+    Ok(answer.trim().to_owned())
+}
+
 /// The running agent's end: the control socket, and what to hand over.
 pub struct ControlServer {
     path: PathBuf,
@@ -166,10 +189,14 @@ impl ControlServer {
         &self.listener
     }
 
-    /// Answers a pending takeover request, if any, with `listeners`.
-    /// `true`: handed over (the caller stops accepting, drains and exits
-    /// without tearing down).
-    pub fn serve_one(&self, listeners: Option<&Listeners>) -> Result<bool, HandoffError> {
+    /// Answers a pending request, if any: a takeover with `listeners`, a
+    /// `STATS` with `stats()`. `true`: handed over (the caller stops
+    /// accepting, drains and exits without tearing down).
+    pub fn serve_one(
+        &self,
+        listeners: Option<&Listeners>,
+        stats: &dyn Fn() -> String,
+    ) -> Result<bool, HandoffError> {
         let io_err = |source| HandoffError::Io {
             path: self.path.clone(),
             source,
@@ -194,6 +221,12 @@ impl ControlServer {
             listeners.and_then(|l| l.inbound.as_ref()).and_then(port),
         );
         let req = String::from_utf8_lossy(&req);
+        if req.trim() == STATS {
+            stream
+                .write_all(format!("{}\n", stats()).as_bytes())
+                .map_err(io_err)?;
+            return Ok(false);
+        }
         if !req.starts_with(REQUEST) {
             let _ = stream.write_all(b"ERR unknown request\n");
             return Ok(false);
@@ -326,12 +359,17 @@ mod tests {
         let serving = std::thread::scope(|s| {
             let handle = s.spawn(|| {
                 loop {
-                    if server.serve_one(Some(&listeners)).unwrap() {
+                    if server
+                        .serve_one(Some(&listeners), &|| "{\"pid\":1}".to_owned())
+                        .unwrap()
+                    {
                         return true;
                     }
                     std::thread::sleep(Duration::from_millis(5));
                 }
             });
+            // A stats request is answered and hands nothing over.
+            assert_eq!(query_stats(&path).unwrap(), "{\"pid\":1}");
             let got = take_over(&path, Some(port), None)
                 .unwrap()
                 .flatten()
@@ -365,7 +403,7 @@ mod tests {
             let handle = s.spawn(|| {
                 for _ in 0..400 {
                     assert!(
-                        !server.serve_one(Some(&listeners)).unwrap(),
+                        !server.serve_one(Some(&listeners), &String::new).unwrap(),
                         "handed over on a mismatch"
                     );
                     std::thread::sleep(Duration::from_millis(5));

@@ -182,6 +182,7 @@ pub fn snapshot_of(by_name: &[(String, Map)]) -> Result<Snapshot, EbpfError> {
         find(maps::ORIG_DST_BY_COOKIE)?,
         find(maps::ORIG_DST_BY_TUPLE)?,
         ebpf::count_sockets(find(maps::SOCKETS)?)?,
+        find(maps::INGRESS_READ)?,
     )?;
     Ok(Snapshot {
         counters: counter::NAMES.iter().copied().zip(counters).collect(),

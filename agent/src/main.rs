@@ -21,9 +21,18 @@ enum Command {
     /// Probe this kernel and host: which hooks, maps, helpers, mounts,
     /// iptables backends and capabilities are there, and which redirect
     /// modes are usable.
-    /// Capture a network namespace's outbound TCP for a cgroup's processes
-    /// and run the proxy that receives it. Stops on SIGTERM/SIGINT,
-    /// detaching everything it attached.
+    Doctor {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also check that this is a cgroup2 directory the agent could serve.
+        #[arg(long, value_name = "PATH")]
+        cgroup: Option<PathBuf>,
+    },
+    /// Capture a network namespace's TCP (outbound, and inbound unless
+    /// `--no-inbound`) for a cgroup's processes and run the proxy that
+    /// receives it, or serve an external one. On SIGTERM/SIGINT it drains,
+    /// then detaches and unpins everything it attached.
     Run(Box<agent::run::RunArgs>),
     /// What is attached to a cgroup and what the datapath's maps hold, read
     /// from the kernel.
@@ -37,6 +46,9 @@ enum Command {
         /// The bpffs mount pins are under.
         #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
+        /// Where running agents' control sockets are.
+        #[arg(long, value_name = "PATH", default_value = "/run/mesh-redirect")]
+        control_dir: PathBuf,
     },
     /// A drop-in for istio-iptables: the same flags, defaults and
     /// environment variables, the same iptables-restore input.
@@ -73,14 +85,6 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-    },
-    Doctor {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Also check that this is a cgroup2 directory the agent could serve.
-        #[arg(long, value_name = "PATH")]
-        cgroup: Option<PathBuf>,
     },
 }
 
@@ -166,16 +170,19 @@ fn main() -> ExitCode {
             cgroup,
             json,
             bpffs,
-        } => report(agent::status::collect(cgroup.as_deref(), &bpffs).map(|s| {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&s).expect("status serializes")
-                );
-            } else {
-                print!("{}", s.render());
-            }
-        })),
+            control_dir,
+        } => report(
+            agent::status::collect(cgroup.as_deref(), &bpffs, &control_dir).map(|s| {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&s).expect("status serializes")
+                    );
+                } else {
+                    print!("{}", s.render());
+                }
+            }),
+        ),
     }
 }
 

@@ -14,14 +14,16 @@
 //! buffer memory. Stopping is two-step: stop accepting, then drain open
 //! connections until a deadline.
 
+pub mod ingress;
 pub mod relay;
 
 use std::{
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::{AsRawFd, RawFd},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU8, AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -56,6 +58,9 @@ pub struct ProxyConfig {
     pub worker_threads: usize,
     /// Connections beyond this are reset as soon as they are accepted.
     pub max_connections: usize,
+    /// Where to report what is read from short-circuited sockets (the
+    /// sk_msg backpressure), when the kernel cannot count it itself.
+    pub ingress: Option<Arc<ingress::IngressReads>>,
 }
 
 /// Which way a proxied connection goes.
@@ -120,6 +125,12 @@ impl Listeners {
             let inbound = config.inbound.map(bind_std).transpose()?;
             Ok(Self { outbound, inbound })
         })?
+    }
+
+    /// Their descriptors.
+    fn raw_fds(&self) -> impl Iterator<Item = RawFd> + '_ {
+        std::iter::once(self.outbound.as_raw_fd())
+            .chain(self.inbound.as_ref().map(AsRawFd::as_raw_fd))
     }
 
     /// Duplicates the listening sockets (same sockets, new fds).
@@ -189,101 +200,351 @@ impl Stats {
 
 /// A running proxy.
 pub struct ProxyHandle {
-    stop_accepting: watch::Sender<bool>,
-    close_all: watch::Sender<bool>,
-    thread: Option<JoinHandle<()>>,
+    phase: Arc<AtomicU8>,
+    threads: Vec<JoinHandle<()>>,
     pub stats: Arc<Stats>,
 }
 
+/// One worker: a thread with its own tokio runtime and its own descriptor
+/// table (`unshare(CLONE_FILES)`), as Envoy's workers own their
+/// connections: `RLIMIT_NOFILE` bounds each table, not the process, so the
+/// proxy holds `workers × limit / 2` connections. A connection lives and
+/// dies on the worker that accepted it; every worker accepts on the same
+/// listening sockets.
+///
+/// The rule that keeps this sound: a descriptor number means the same file
+/// in every table for everything that existed when the worker started (its
+/// table is a copy), and nothing made later crosses between threads. So a
+/// worker's runtime is built before it unshares (a waker from another
+/// thread writes its eventfd by number), a worker may wake only runtimes
+/// older than itself (tokio's signal broadcast wakes the main one), and
+/// the control from [`ProxyHandle`] is an atomic it polls.
+struct Worker {
+    netns: Netns,
+    listeners: Listeners,
+    config: Arc<ProxyConfig>,
+    stats: Arc<Stats>,
+    limit: Arc<Semaphore>,
+    phase: Arc<AtomicU8>,
+}
+
+/// What the workers should be doing, set by [`ProxyHandle`] and polled by
+/// each worker, so that nothing but atomics crosses into a worker.
+const SERVING: u8 = 0;
+const STOP_ACCEPTING: u8 = 1;
+const CLOSE_ALL: u8 = 2;
+/// How often a worker looks at [`ProxyHandle`]'s phase.
+const PHASE_POLL: Duration = Duration::from_millis(10);
+
+/// Descriptors a worker keeps beside two per connection: its runtime's,
+/// the listeners, the copies of the table it started from, one accepted
+/// socket not yet counted.
+const WORKER_FD_MARGIN: u64 = 64;
+
+impl Worker {
+    /// Sets the thread up, reports how many connections its table holds
+    /// (`ready`), waits for the go (`false`: another worker failed), serves.
+    fn run(
+        self,
+        ready: &std::sync::mpsc::Sender<Result<usize, ProxyError>>,
+        go: &std::sync::mpsc::Receiver<bool>,
+    ) {
+        let Self {
+            netns,
+            listeners,
+            config,
+            stats,
+            limit,
+            phase,
+        } = self;
+        // The runtime is built before the table is unshared (see
+        // `Worker`): its epoll, eventfd and signal-pipe descriptors stay
+        // open in the shared table too until the process exits, a few per
+        // worker. Copies of everything else the process had open stay in
+        // our table, but for other listening sockets: the agent's own
+        // handles on the listeners must close when it says so, not when
+        // this worker exits.
+        let setup = (|| {
+            netns.enter()?;
+            drop(netns);
+            let inherited = open_fds().map_err(ProxyError::Runtime)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(ProxyError::Runtime)?;
+            let now = open_fds().map_err(ProxyError::Runtime)?;
+            isolate_thread().map_err(ProxyError::Runtime)?;
+            let ours: Vec<RawFd> = listeners.raw_fds().collect();
+            for fd in now {
+                if inherited.contains(&fd) && !ours.contains(&fd) && is_listening(fd) {
+                    // SAFETY: a copy in this thread's own table of a
+                    // listening socket this thread neither owns nor uses.
+                    unsafe { libc::close(fd) };
+                }
+            }
+            Ok(rt)
+        })();
+        let rt = match setup {
+            Ok(rt) => rt,
+            Err(e) => {
+                // Still the shared table: the starting thread closes these.
+                std::mem::forget(listeners);
+                return drop(ready.send(Err(e)));
+            }
+        };
+        let fit = match connections_that_fit() {
+            Ok(fit) => fit,
+            Err(e) => return drop(ready.send(Err(ProxyError::Runtime(e)))),
+        };
+        let _ = ready.send(Ok(fit));
+        if !go.recv().unwrap_or(false) {
+            return;
+        }
+        rt.block_on(async move {
+            // The phase, turned into this thread's own channels.
+            let (accepting_tx, mut stop_accepting) = watch::channel(false);
+            let (close_tx, mut close_all) = watch::channel(false);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(PHASE_POLL);
+                loop {
+                    tick.tick().await;
+                    let now = phase.load(Ordering::Relaxed);
+                    accepting_tx.send_if_modified(|s| {
+                        let changed = !*s && now >= STOP_ACCEPTING;
+                        *s |= changed;
+                        changed
+                    });
+                    if now >= CLOSE_ALL {
+                        let _ = close_tx.send(true);
+                        break;
+                    }
+                }
+            });
+            let register = |l: std::net::TcpListener| TcpListener::from_std(l);
+            let (outbound, inbound) = match (
+                register(listeners.outbound),
+                listeners.inbound.map(register).transpose(),
+            ) {
+                (Ok(o), Ok(i)) => (o, i),
+                (Err(e), _) | (_, Err(e)) => {
+                    return warn!(error = %e, "proxy worker: cannot register its listeners");
+                }
+            };
+            let local = Arc::new(Semaphore::new(fit));
+            let serve = |l, d| {
+                serve(
+                    l,
+                    d,
+                    Shared {
+                        config: Arc::clone(&config),
+                        stats: Arc::clone(&stats),
+                        limit: Arc::clone(&limit),
+                        local: Arc::clone(&local),
+                    },
+                    stop_accepting.clone(),
+                    close_all.clone(),
+                )
+            };
+            let out = serve(outbound, Direction::Outbound);
+            match inbound {
+                Some(l) => drop(tokio::join!(out, serve(l, Direction::Inbound))),
+                None => out.await,
+            }
+            // Accepting stopped: live connections carry on until they end or
+            // we are told to close them all.
+            let _ = stop_accepting.wait_for(|s| *s).await;
+            let _ = close_all.wait_for(|c| *c).await;
+        });
+        // Connections still open are dropped (closed) here; the rest of the
+        // table goes with the thread.
+        rt.shutdown_timeout(Duration::from_millis(100));
+    }
+}
+
+/// Gives the calling thread its own copy of the descriptor table, and
+/// blocks signals on it: they are handled on the main thread, whose table
+/// the handlers' descriptors were made in.
+fn isolate_thread() -> io::Result<()> {
+    // SAFETY: plain syscalls on this thread's own state; the set is
+    // initialised by sigfillset before use.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&raw mut all);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &raw const all, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        if libc::unshare(libc::CLONE_FILES) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The descriptors open in this thread's table (not counting the one the
+/// listing itself uses).
+fn open_fds() -> io::Result<Vec<RawFd>> {
+    let mut fds = Vec::new();
+    for entry in std::fs::read_dir("/proc/thread-self/fd")? {
+        let entry = entry?;
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        if target.starts_with("/proc/") && target.ends_with("fd") {
+            continue;
+        }
+        fds.push(fd);
+    }
+    Ok(fds)
+}
+
+/// Whether `fd` is a listening socket.
+fn is_listening(fd: RawFd) -> bool {
+    let mut on: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+    // SAFETY: getsockopt into a c_int of the given length; a descriptor that
+    // is not a socket fails with ENOTSOCK.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&raw mut on).cast(),
+            &raw mut len,
+        )
+    };
+    rc == 0 && on != 0
+}
+
+/// How many connections (two descriptors each) this thread's descriptor
+/// table still holds under `RLIMIT_NOFILE`.
+fn connections_that_fit() -> io::Result<usize> {
+    let used = std::fs::read_dir("/proc/thread-self/fd")?.count() as u64;
+    // SAFETY: getrlimit with a valid struct.
+    let limit = unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        lim.rlim_cur
+    };
+    let room = limit.saturating_sub(used + WORKER_FD_MARGIN) / 2;
+    Ok(usize::try_from(room).unwrap_or(usize::MAX))
+}
+
+/// What a worker's accept loops share.
+struct Shared {
+    config: Arc<ProxyConfig>,
+    stats: Arc<Stats>,
+    /// `--max-connections`, across workers.
+    limit: Arc<Semaphore>,
+    /// What this worker's descriptor table holds.
+    local: Arc<Semaphore>,
+}
+
 impl ProxyHandle {
-    /// Serves `listeners` on a new thread that enters `netns` first (so
-    /// every upstream socket is created there too).
+    /// Serves `listeners` on `config.worker_threads` worker threads, each
+    /// inside `netns` (so every upstream socket is created there too).
     pub fn start(
         netns: &Netns,
         config: ProxyConfig,
         listeners: Listeners,
     ) -> Result<Self, ProxyError> {
-        let netns = netns.try_clone().map_err(ProxyError::Runtime)?;
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ProxyError>>();
-        let (stop_accepting, accepting_rx) = watch::channel(false);
-        let (close_all, close_rx) = watch::channel(false);
+        let workers = config.worker_threads.max(1);
+        let phase = Arc::new(AtomicU8::new(SERVING));
         let stats = Arc::new(Stats::default());
-        let thread_stats = Arc::clone(&stats);
-        let thread = std::thread::Builder::new()
-            .name("proxy".into())
-            .spawn(move || {
-                if let Err(e) = netns.enter() {
-                    let _ = ready_tx.send(Err(e.into()));
-                    return;
-                }
-                let rt = match tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(config.worker_threads.max(1))
-                    .thread_name("proxy-worker")
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(ProxyError::Runtime(e)));
-                        return;
-                    }
+        let config = Arc::new(config);
+        // Every worker may take every connection until we know how many its
+        // descriptor table holds; then the excess is forgotten below.
+        let limit = Arc::new(Semaphore::new(config.max_connections));
+        let (go_tx, go_rx): (Vec<_>, Vec<_>) = (0..workers)
+            .map(|_| std::sync::mpsc::channel::<bool>())
+            .unzip();
+        let mut threads = Vec::with_capacity(workers);
+        let mut failure = None;
+        for (i, go) in go_rx.into_iter().enumerate() {
+            let spawned = (|| {
+                let copies = listeners.try_clone().map_err(ProxyError::Runtime)?;
+                let ours: Vec<RawFd> = copies.raw_fds().collect();
+                let worker = Worker {
+                    netns: netns.try_clone().map_err(ProxyError::Runtime)?,
+                    listeners: copies,
+                    config: Arc::clone(&config),
+                    stats: Arc::clone(&stats),
+                    limit: Arc::clone(&limit),
+                    phase: Arc::clone(&phase),
                 };
-                let mut close_rx2 = close_rx.clone();
-                rt.block_on(async move {
-                    let register = |l: std::net::TcpListener| TcpListener::from_std(l).map_err(ProxyError::Runtime);
-                    let outbound = match register(listeners.outbound) {
-                        Ok(l) => l,
-                        Err(e) => return drop(ready_tx.send(Err(e))),
-                    };
-                    let inbound = match listeners.inbound.map(register).transpose() {
-                        Ok(l) => l,
-                        Err(e) => return drop(ready_tx.send(Err(e))),
-                    };
-                    info!(outbound = %config.outbound, inbound = ?config.inbound, mark = config.mark, max_connections = config.max_connections, "proxy: listeners up");
-                    let _ = ready_tx.send(Ok(()));
-                    let limit = Arc::new(Semaphore::new(config.max_connections));
-                    let config = Arc::new(config);
-                    let serve = |l, d| {
-                        serve(l, d, Arc::clone(&config), Arc::clone(&thread_stats), Arc::clone(&limit), accepting_rx.clone(), close_rx.clone())
-                    };
-                    let out = serve(outbound, Direction::Outbound);
-                    match inbound {
-                        Some(l) => drop(tokio::join!(out, serve(l, Direction::Inbound))),
-                        None => out.await,
+                let (ready, ready_rx) = std::sync::mpsc::channel();
+                let thread = std::thread::Builder::new()
+                    .name(format!("proxy-{i}"))
+                    .spawn(move || worker.run(&ready, &go))
+                    .map_err(ProxyError::Runtime)?;
+                // The worker has its own copy of the descriptor table now
+                // (or failed): ours of its listeners go.
+                let answer = ready_rx.recv();
+                for fd in ours {
+                    // SAFETY: these fds were created above for this worker,
+                    // are owned by nothing in this table, and are closed once.
+                    unsafe { libc::close(fd) };
+                }
+                match answer {
+                    Ok(Ok(fit)) => Ok((thread, fit)),
+                    Ok(Err(e)) => {
+                        let _ = thread.join();
+                        Err(e)
                     }
-                    // Accepting stopped: live connections carry on until
-                    // they end or we are told to close them all.
-                    let _ = close_rx2.wait_for(|c| *c).await;
-                });
-                // Connections still open are dropped (closed) here.
-                rt.shutdown_timeout(Duration::from_millis(100));
-            })
-            .map_err(ProxyError::Runtime)?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self {
-                stop_accepting,
-                close_all,
-                thread: Some(thread),
-                stats,
-            }),
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                Err(e)
-            }
-            Err(_) => {
-                let _ = thread.join();
-                Err(ProxyError::Runtime(io::Error::other(
-                    "proxy thread exited before serving",
-                )))
+                    Err(_) => {
+                        let _ = thread.join();
+                        Err(ProxyError::Runtime(io::Error::other(
+                            "proxy worker exited before serving",
+                        )))
+                    }
+                }
+            })();
+            match spawned {
+                Ok((thread, fit)) => threads.push((thread, fit)),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
             }
         }
+        drop(listeners);
+        let go = failure.is_none();
+        for tx in &go_tx {
+            let _ = tx.send(go);
+        }
+        if let Some(e) = failure {
+            for (t, _) in threads {
+                let _ = t.join();
+            }
+            return Err(e);
+        }
+        let fits: usize = threads.iter().map(|(_, fit)| fit).sum();
+        let max = config.max_connections.min(fits);
+        limit.forget_permits(config.max_connections - max);
+        if max < config.max_connections {
+            warn!(
+                max_connections = config.max_connections,
+                allowed = max,
+                workers,
+                "proxy: RLIMIT_NOFILE holds fewer connections than --max-connections (two descriptors each, per worker); connections beyond are reset; raise the limit or --workers"
+            );
+        }
+        info!(outbound = %config.outbound, inbound = ?config.inbound, mark = config.mark, workers, max_connections = max, "proxy: listeners up");
+        Ok(Self {
+            phase,
+            threads: threads.into_iter().map(|(t, _)| t).collect(),
+            stats,
+        })
     }
 
     /// Stops accepting new connections (the proxy's copies of the listening
     /// sockets close; connections waiting to be accepted stay queued for
     /// whoever else holds them). Open connections carry on.
     pub fn stop_accepting(&self) {
-        let _ = self.stop_accepting.send(true);
+        self.phase.fetch_max(STOP_ACCEPTING, Ordering::Relaxed);
     }
 
     /// Waits until no connection is open or `deadline` passes; returns how
@@ -305,9 +566,8 @@ impl ProxyHandle {
     }
 
     fn stop_inner(&mut self) {
-        let _ = self.stop_accepting.send(true);
-        let _ = self.close_all.send(true);
-        if let Some(t) = self.thread.take() {
+        self.phase.store(CLOSE_ALL, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -322,14 +582,31 @@ impl Drop for ProxyHandle {
 async fn serve(
     listener: TcpListener,
     direction: Direction,
-    config: Arc<ProxyConfig>,
-    stats: Arc<Stats>,
-    limit: Arc<Semaphore>,
+    shared: Shared,
     mut stop_accepting: watch::Receiver<bool>,
     close_all: watch::Receiver<bool>,
 ) {
+    let Shared {
+        config,
+        stats,
+        limit,
+        local,
+    } = shared;
     let mut next_id: u64 = 0;
     loop {
+        // Room in this worker's table first. When it is full the other
+        // workers take new connections, unless the proxy as a whole is
+        // full: then accept, to reset at once.
+        let room = match Arc::clone(&local).try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) if limit.available_permits() == 0 => None,
+            Err(_) => {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(5)) => continue,
+                    _ = stop_accepting.wait_for(|s| *s) => break,
+                }
+            }
+        };
         let (client, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -342,7 +619,7 @@ async fn serve(
             },
             _ = stop_accepting.wait_for(|s| *s) => break,
         };
-        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+        let (Some(room), Ok(permit)) = (room, Arc::clone(&limit).try_acquire_owned()) else {
             // Full: refuse at once rather than leave the client hanging.
             stats
                 .rejected_max_connections
@@ -356,7 +633,7 @@ async fn serve(
             (Arc::clone(&config), Arc::clone(&stats), close_all.clone());
         tokio::spawn(
             async move {
-                let _permit = permit;
+                let _permits = (permit, room);
                 tokio::select! {
                     () = handle(client, direction, &config, &stats) => {}
                     _ = close_all.wait_for(|c| *c) => debug!("closed at shutdown"),
@@ -385,7 +662,7 @@ impl Drop for OpenGuard<'_> {
     }
 }
 
-async fn handle(client: TcpStream, direction: Direction, config: &ProxyConfig, stats: &Stats) {
+async fn handle(mut client: TcpStream, direction: Direction, config: &ProxyConfig, stats: &Stats) {
     let dstats = stats.direction(direction);
     let _open = OpenGuard::new(dstats);
     let _ = client.set_nodelay(true);
@@ -411,7 +688,7 @@ async fn handle(client: TcpStream, direction: Direction, config: &ProxyConfig, s
         Direction::Inbound => Some(SocketAddrV4::new(INBOUND_PASSTHROUGH_SOURCE, 0)),
     };
     let connect = connect_marked(source, dst, config.mark);
-    let upstream = match tokio::time::timeout(config.connect_timeout, connect).await {
+    let mut upstream = match tokio::time::timeout(config.connect_timeout, connect).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             if socket::is_reset(&e) {
@@ -430,7 +707,14 @@ async fn handle(client: TcpStream, direction: Direction, config: &ProxyConfig, s
     };
     let _ = upstream.set_nodelay(true);
     debug!("relaying");
-    let outcome = relay::relay(&client, &upstream, config.buffer_size, config.idle_timeout).await;
+    let outcome = relay::relay(
+        &mut client,
+        &mut upstream,
+        config.buffer_size,
+        config.idle_timeout,
+        config.ingress.as_deref(),
+    )
+    .await;
     dstats
         .bytes_to_upstream
         .fetch_add(outcome.to_upstream, Ordering::Relaxed);

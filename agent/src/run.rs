@@ -25,6 +25,7 @@ use crate::{
     handoff,
     netns::Netns,
     pins,
+    proxy::ingress::IngressReads,
     proxy::{Listeners, ProxyConfig, ProxyHandle},
     rules::{CaptureRules, RuleArgs},
 };
@@ -89,6 +90,11 @@ pub struct RunArgs {
     /// (plain loopback TCP between app and proxy; for comparisons).
     #[arg(long)]
     pub no_sockmap: bool,
+    /// How far (KiB) a short-circuited socket's reader may fall behind
+    /// before its sender switches to TCP for good (sk_msg backpressure: the
+    /// kernel does not bound that queue itself).
+    #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
+    pub sockmap_queue_kib: u32,
     /// Proxy worker threads.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub workers: u16,
@@ -159,6 +165,8 @@ pub struct Plan {
     /// cgroups that get sockops and getsockopt: the served one, plus the
     /// agent's own when the built-in proxy's sockets live outside it.
     pub socket_hook_cgroups: Vec<PathBuf>,
+    /// Bytes a short-circuited reader may fall behind.
+    pub sockmap_queue_limit: u64,
 }
 
 impl Plan {
@@ -214,6 +222,7 @@ impl Plan {
                     buffer_size: args.buffer_kib as usize * 1024,
                     worker_threads: usize::from(args.workers),
                     max_connections: args.max_connections as usize,
+                    ingress: None,
                 };
                 (Some(config), cgroup::covering_set(&cgroup, &own))
             }
@@ -228,6 +237,7 @@ impl Plan {
             inbound,
             proxy,
             socket_hook_cgroups,
+            sockmap_queue_limit: u64::from(args.sockmap_queue_kib) * 1024,
         })
     }
 }
@@ -271,19 +281,42 @@ enum Capture {
 }
 
 impl Capture {
-    fn ebpf(
-        plan: &Plan,
-        inbound_listener: Option<&std::net::TcpListener>,
-        pin_dir: Option<&Path>,
-    ) -> Result<Self> {
-        let debug_logs = tracing::enabled!(target: "agent_ebpf", tracing::Level::DEBUG);
-        let mut datapath = Datapath::load(debug_logs, pin_dir)?;
+    /// Loads (and verifies) the eBPF object, adopting pinned maps.
+    fn load(plan: &Plan, pin_dir: Option<&Path>) -> Result<Datapath> {
+        let opts = crate::ebpf::LoadOptions {
+            debug_logs: tracing::enabled!(target: "agent_ebpf", tracing::Level::DEBUG),
+            sockmap_queue_limit: plan.sockmap_queue_limit,
+        };
+        let datapath = Datapath::load(&opts, pin_dir)?;
         if datapath.adopted() {
             info!(pins = %pin_dir.unwrap_or(Path::new("")).display(), "adopting the pinned datapath of an earlier agent: connections and hooks carry on");
         }
+        Ok(datapath)
+    }
+
+    /// Configures and attaches a loaded datapath.
+    fn ebpf(
+        mut datapath: Datapath,
+        plan: &Plan,
+        inbound_listener: Option<&std::net::TcpListener>,
+    ) -> Result<Self> {
         let cookie = plan.netns_cookie;
+        let config = plan.netns_config;
+        // The short-circuit's backpressure needs each reader's reads counted:
+        // by an fexit where the kernel allows tracing programs, else by the
+        // built-in proxy for its own sockets.
+        if config.has(flags::SOCKMAP) {
+            match datapath.backpressure() {
+                Ok(()) => datapath.attach_recvmsg()?,
+                Err(why) => info!(
+                    reason = why,
+                    limit_kib = plan.sockmap_queue_limit / 1024,
+                    "sockmap backpressure: the built-in proxy reports its reads; any other reader (apps, an external proxy) gets the queue limit short-circuited per connection and direction, then TCP"
+                ),
+            }
+        }
         datapath.set_rules(cookie, &plan.rules)?;
-        datapath.enroll(cookie, plan.netns_config)?;
+        datapath.enroll(cookie, config)?;
         datapath.attach_cgroup(Hook::Connect4, &plan.cgroup)?;
         datapath.attach_cgroup(Hook::GetPeerName4, &plan.cgroup)?;
         for cg in &plan.socket_hook_cgroups {
@@ -300,11 +333,14 @@ impl Capture {
             }
             datapath.set_inbound(InboundConfig {
                 netns_cookie: cookie,
-                inbound_port: plan.netns_config.inbound_port,
-                outbound_port: plan.netns_config.outbound_port,
-                flags: plan.netns_config.flags,
+                inbound_port: config.inbound_port,
+                outbound_port: config.outbound_port,
+                flags: config.flags,
             })?;
             datapath.attach_sk_lookup(&plan.netns)?;
+        }
+        for stale in datapath.prune_unclaimed_links()? {
+            info!(pin = %stale.display(), "removed a pinned link the earlier agent had and this one does not use");
         }
         debug!(netns_cookie = cookie, "namespace enrolled");
         Ok(Self::Ebpf(datapath))
@@ -360,8 +396,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let _rt = rt.enter();
         Signals::new()?
     };
-    raise_fd_limit();
     let plan = Plan::new(args)?;
+    if let Some(p) = &plan.proxy {
+        raise_fd_limit(p.max_connections, p.worker_threads);
+    }
     let mode = resolve_mode(args, &plan)?;
     if mode == Mode::Iptables && args.fail_open {
         bail!(
@@ -395,35 +433,42 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // handover to whoever replaces us.
     let kept = listeners.as_ref().map(Listeners::try_clone).transpose()?;
     let ready = Arc::new(Readiness::default());
+    // The datapath is loaded (nothing attached yet) before the proxy starts,
+    // so the proxy's workers can report their reads into its map.
+    let datapath = match mode {
+        Mode::Ebpf => Some(Capture::load(&plan, pin_dir.as_deref())?),
+        Mode::Iptables => None,
+    };
+    let (ingress, _ingress_owner) = match &datapath {
+        Some(dp) if dp.backpressure().is_err() && plan.netns_config.has(flags::SOCKMAP) => {
+            let (reporter, owner) = IngressReads::new(dp.ingress_read_map()?, plan.netns_cookie);
+            (Some(Arc::new(reporter)), Some(owner))
+        }
+        _ => (None, None),
+    };
     let proxy = match (plan.proxy.clone(), listeners) {
-        (Some(config), Some(listeners)) => {
+        (Some(mut config), Some(listeners)) => {
+            config.ingress = ingress;
             Some(ProxyHandle::start(&plan.netns, config, listeners)?)
         }
         _ => None,
     };
     ready.listeners.store(true, Ordering::Relaxed);
-    let mut capture = match mode {
-        Mode::Ebpf => Capture::ebpf(
-            &plan,
-            kept.as_ref().and_then(|l| l.inbound.as_ref()),
-            pin_dir.as_deref(),
-        )?,
-        Mode::Iptables => Capture::iptables(&plan)?,
+    let mut capture = match datapath {
+        Some(dp) => Capture::ebpf(dp, &plan, kept.as_ref().and_then(|l| l.inbound.as_ref()))?,
+        None => Capture::iptables(&plan)?,
     };
     ready.capture.store(true, Ordering::Relaxed);
-    let _admin = match admin_listener {
-        Some(l) => Some(AdminHandle::start(
-            l,
-            Arc::new(AdminState {
-                mode,
-                fail_open: args.fail_open,
-                ready: Arc::clone(&ready),
-                proxy: proxy.as_ref().map(|p| Arc::clone(&p.stats)),
-                datapath_cgroup: (mode == Mode::Ebpf).then(|| plan.cgroup.clone()),
-            }),
-        )?),
-        None => None,
-    };
+    let state = Arc::new(AdminState {
+        mode,
+        fail_open: args.fail_open,
+        ready: Arc::clone(&ready),
+        proxy: proxy.as_ref().map(|p| Arc::clone(&p.stats)),
+        datapath_cgroup: (mode == Mode::Ebpf).then(|| plan.cgroup.clone()),
+    });
+    let _admin = admin_listener
+        .map(|l| AdminHandle::start(l, Arc::clone(&state)))
+        .transpose()?;
     let control = handoff::ControlServer::bind(&control_path)?;
     info!(
         mode = mode.name(),
@@ -440,7 +485,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
     );
 
     let logger = capture.logger()?;
-    let stop = rt.block_on(wait(signals, logger, &control, kept.as_ref()));
+    let report = || serde_json::to_string(&state.report()).unwrap_or_default();
+    let stop = rt.block_on(wait(signals, logger, &control, kept.as_ref(), &report));
     ready.draining.store(true, Ordering::Relaxed);
     shut_down(args, &plan, stop, capture, proxy, kept)
 }
@@ -528,13 +574,27 @@ fn shut_down(
     Ok(())
 }
 
-/// Raises the open-file limit to its hard maximum: every proxied connection
-/// costs two descriptors.
-fn raise_fd_limit() {
-    // SAFETY: getrlimit/setrlimit with a valid struct.
+/// Descriptors a descriptor table needs beside two per proxied connection.
+const FD_OVERHEAD: u64 = 512;
+
+/// Raises the open-file limit so each proxy worker's descriptor table
+/// holds its share of `max_connections` (two descriptors each), raising the
+/// hard limit too when it is lower and we may (`CAP_SYS_RESOURCE`), else
+/// up to the hard limit. The proxy then says how many connections fit.
+fn raise_fd_limit(max_connections: usize, workers: usize) {
+    let share = max_connections.div_ceil(workers.max(1)) as u64;
+    let want = 2 * share + FD_OVERHEAD;
+    // SAFETY: getrlimit/setrlimit with valid structs.
     unsafe {
         let mut lim: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) != 0 || lim.rlim_cur >= want {
+            return;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: lim.rlim_max.max(want),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) != 0 {
             lim.rlim_cur = lim.rlim_max;
             let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
         }
@@ -565,6 +625,7 @@ async fn wait(
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     control: &handoff::ControlServer,
     listeners: Option<&Listeners>,
+    stats: &dyn Fn() -> String,
 ) -> Result<Stop> {
     let Signals { mut term, mut int } = signals;
     let mut logs = match logger {
@@ -590,7 +651,7 @@ async fn wait(
                 guard.clear_ready();
                 // With an external proxy there are no sockets to hand over,
                 // but a successor still takes the pins over.
-                match control.serve_one(listeners) {
+                match control.serve_one(listeners, stats) {
                     Ok(true) => break Stop::HandedOver,
                     Ok(false) => {}
                     Err(e) => warn!(error = %e, "handover request failed"),

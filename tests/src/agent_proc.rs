@@ -31,13 +31,28 @@ impl Agent {
     /// Starts the agent with any arguments and `RUST_LOG` filter.
     #[must_use]
     pub fn start(args: &[&str], cgroup: Option<&TestCgroup>, rust_log: &str) -> Self {
+        Self::start_in(args, cgroup.map(TestCgroup::path), rust_log)
+    }
+
+    /// [`Agent::run`] with the agent in any cgroup2 directory.
+    #[must_use]
+    pub fn run_in(args: &[&str], cgroup: &std::path::Path) -> Self {
+        let mut all = vec!["run"];
+        if !args.contains(&"--drain-timeout-secs") {
+            all.extend(["--drain-timeout-secs", "1"]);
+        }
+        all.extend(args);
+        Self::start_in(&all, Some(cgroup), "info")
+    }
+
+    fn start_in(args: &[&str], cgroup: Option<&std::path::Path>, rust_log: &str) -> Self {
         let mut cmd = Command::new(agent_bin());
         cmd.args(args)
             .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = crate::spawn_in(&mut cmd, None, cgroup);
+        let mut child = crate::spawn_in_cgroup(&mut cmd, None, cgroup);
         let log = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
         let stderr = child.stderr.take().expect("piped stderr");
@@ -58,7 +73,7 @@ impl Agent {
             child: Some(child),
             log,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + crate::scaled(Duration::from_secs(20));
         loop {
             if ready_rx.recv_timeout(Duration::from_millis(50)).is_ok() {
                 return agent;
@@ -154,7 +169,7 @@ pub fn run_to_end(args: &[&str]) -> std::process::Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run agent");
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + crate::scaled(Duration::from_secs(20));
     while child.try_wait().expect("wait agent").is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();

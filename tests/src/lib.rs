@@ -20,6 +20,8 @@ use agent::netns::Netns;
 
 pub mod agent_proc;
 pub mod client;
+pub mod farm;
+pub mod haproxy;
 pub mod servers;
 pub mod topology;
 pub mod transfer;
@@ -70,6 +72,61 @@ macro_rules! require_root {
             $crate::skip!("needs root (network namespaces, cgroups, eBPF)");
         }
     };
+}
+
+/// Heavy tests (GiB transfers, 10,000 connections, slowloris) run only with
+/// `MESH_REDIRECT_HEAVY=1` (CI sets it); otherwise they skip, with a reason.
+pub const HEAVY_ENV: &str = "MESH_REDIRECT_HEAVY";
+/// How many times slower than on real hardware the tests run here (10
+/// under qemu's software emulation, set by `cargo xtask vm-test`; 1 when
+/// unset). Wall-clock limits are multiplied by it, bulk sizes divided.
+pub const TIME_SCALE_ENV: &str = "MESH_REDIRECT_TIME_SCALE";
+
+#[must_use]
+pub fn time_scale() -> u32 {
+    std::env::var(TIME_SCALE_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&s| s >= 1)
+        .unwrap_or(1)
+}
+
+/// A wall-clock limit, stretched by [`time_scale`].
+#[must_use]
+pub fn scaled(d: std::time::Duration) -> std::time::Duration {
+    d * time_scale()
+}
+
+/// A bulk transfer's size: `full` on real hardware, an eighth under
+/// emulation (still far beyond any socket buffer).
+#[must_use]
+pub fn bulk_bytes(full: usize) -> usize {
+    if time_scale() > 1 { full / 8 } else { full }
+}
+
+/// Skips unless heavy tests are enabled.
+#[macro_export]
+macro_rules! require_heavy {
+    () => {
+        if !std::env::var($crate::HEAVY_ENV).is_ok_and(|v| v == "1") {
+            $crate::skip!("a heavy test: set {}=1 to run it", $crate::HEAVY_ENV);
+        }
+    };
+}
+
+/// Raises this process's open-file limit (and its hard limit, to at least 131072).
+pub fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 {
+            // Root may raise the hard limit too: the heavy tests hold both
+            // ends of tens of thousands of connections in one process.
+            lim.rlim_max = lim.rlim_max.max(1 << 17);
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
+        }
+    }
 }
 
 #[must_use]
@@ -238,8 +295,17 @@ pub fn spawn_in(
     netns: Option<&TestNetns>,
     cgroup: Option<&TestCgroup>,
 ) -> Child {
+    spawn_in_cgroup(cmd, netns, cgroup.map(TestCgroup::path))
+}
+
+/// [`spawn_in`] with any cgroup2 directory.
+pub fn spawn_in_cgroup(
+    cmd: &mut Command,
+    netns: Option<&TestNetns>,
+    cgroup: Option<&Path>,
+) -> Child {
     let ns = netns.map(TestNetns::open);
-    let procs = cgroup.map(|c| c.path().join("cgroup.procs"));
+    let procs = cgroup.map(|c| c.join("cgroup.procs"));
     // SAFETY: the closure only makes async-signal-safe syscalls (setns,
     // open/write/close) between fork and exec.
     unsafe {

@@ -22,7 +22,8 @@ pub fn fill(rng: &mut u64, buf: &mut [u8]) {
 
 /// Writes `total` bytes in `write_size` writes to an echoing peer while
 /// reading the echo back; half-closes after the last write. Asserts the
-/// echo is byte-exact, complete, and never stalls for a second or more.
+/// echo is byte-exact, complete, and never stalls for a second or more
+/// (times [`crate::time_scale`]).
 /// Returns the SHA-256 of what was sent.
 pub fn echo_round_trip(conn: &mut PollStream, total: usize, write_size: usize) -> [u8; 32] {
     let mut writer = conn.try_clone().expect("clone stream");
@@ -70,7 +71,7 @@ pub fn echo_round_trip(conn: &mut PollStream, total: usize, write_size: usize) -
         "{total} bytes each way in {write_size}-byte writes: longest stall {longest_stall:?}"
     );
     assert!(
-        longest_stall < Duration::from_secs(1),
+        longest_stall < crate::scaled(Duration::from_secs(1)),
         "a read stalled {longest_stall:?}"
     );
     sent_hash

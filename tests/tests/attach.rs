@@ -28,7 +28,8 @@ fn every_program_attaches_to_a_fresh_cgroup_and_detaches() {
         );
     }
 
-    let mut dp = Datapath::load(false, None).expect("load and verify every program");
+    let mut dp = Datapath::load(&agent::ebpf::LoadOptions::default(), None)
+        .expect("load and verify every program");
     for (hook, _) in cgroup_hooks {
         dp.attach_cgroup(hook, cg.path()).unwrap();
     }

@@ -74,7 +74,7 @@ enum Landed {
 
 /// Accepts from `proxy` for a short while; `Direct` if nothing arrives.
 fn landed(proxy: &TcpListener) -> Landed {
-    let deadline = Instant::now() + Duration::from_millis(500);
+    let deadline = Instant::now() + tests::scaled(Duration::from_millis(500));
     loop {
         match proxy.accept() {
             Ok((s, _)) => return Landed::Proxy(socket::original_dst(&s).expect("SO_ORIGINAL_DST")),
@@ -90,7 +90,7 @@ fn landed(proxy: &TcpListener) -> Landed {
 fn outbound(topo: &Topology, proxy: &FakeProxy, dst: SocketAddrV4) -> Landed {
     let _ = topo
         .pod
-        .run(|| TcpStream::connect_timeout(&dst.into(), Duration::from_millis(300)));
+        .run(|| TcpStream::connect_timeout(&dst.into(), tests::scaled(Duration::from_millis(300))));
     landed(&proxy.outbound)
 }
 
@@ -99,7 +99,7 @@ fn inbound(topo: &Topology, proxy: &FakeProxy, port: u16) -> Landed {
     let dst = SocketAddrV4::new(POD_IP, port);
     let _ = topo
         .srv
-        .run(|| TcpStream::connect_timeout(&dst.into(), Duration::from_millis(300)));
+        .run(|| TcpStream::connect_timeout(&dst.into(), tests::scaled(Duration::from_millis(300))));
     landed(&proxy.inbound)
 }
 
@@ -151,6 +151,39 @@ fn include_and_exclude_lists_decide_what_is_captured(
             "inbound to port {port} with {flags:?}"
         );
     }
+}
+
+/// An app that sends its request and closes before the proxy gets round
+/// to accepting: the proxy still learns where it was going (conntrack keeps
+/// answering under iptables; in eBPF mode the proxy's end owns the entry)
+/// and still reads every byte.
+#[rstest]
+fn the_original_destination_outlives_an_app_that_already_closed(
+    #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
+) {
+    require_root!();
+    let topo = Topology::new();
+    let _agent = start_agent(&topo, mode, &[]);
+    let _in_pod = topo.enter_pod_cgroup();
+    let proxy = FakeProxy::new(&topo);
+    let dst = SocketAddrV4::new(SRV_IP, 9000);
+    {
+        use std::io::Write as _;
+        let mut app = topo
+            .pod
+            .run(|| TcpStream::connect_timeout(&dst.into(), Duration::from_secs(5)))
+            .expect("connect");
+        app.write_all(b"request").unwrap();
+    }
+    // The app's socket is gone (orphaned FIN_WAIT2 becomes TIME_WAIT at
+    // once) well before this accept.
+    std::thread::sleep(Duration::from_millis(300));
+    proxy.outbound.set_nonblocking(false).unwrap();
+    let (mut s, _) = proxy.outbound.accept().unwrap();
+    assert_eq!(socket::original_dst(&s).expect("SO_ORIGINAL_DST"), dst);
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut s, &mut got).unwrap();
+    assert_eq!(got, b"request");
 }
 
 #[rstest]
@@ -312,7 +345,7 @@ fn inbound_reaches_the_app_from_the_passthrough_source(
         })
         .unwrap();
     let mut conn = tests::PollStream::new(conn, Duration::from_secs(30)).unwrap();
-    let sent = tests::transfer::echo_round_trip(&mut conn, 64 << 20, 16 * 1024);
+    let sent = tests::transfer::echo_round_trip(&mut conn, tests::bulk_bytes(64 << 20), 16 * 1024);
     let seen = app.seen.lock().unwrap();
     assert_eq!(seen.peers.len(), 1);
     assert_eq!(

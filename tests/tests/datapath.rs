@@ -119,20 +119,122 @@ fn bulk_64_mib_each_way_is_byte_exact(
     #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
     #[values(1024, 16 * 1024, 256 * 1024)] write_size: usize,
 ) {
-    const TOTAL: usize = 64 << 20;
     require_root!();
+    let total = tests::bulk_bytes(64 << 20);
     let topo = Topology::new();
     let echo = Server::start(&topo.srv, SRV_IP, 9000, Behaviour::Echo { write_size });
     let _agent = start_agent(&topo, mode, Placement::Outside, &[]);
     let _in_pod = topo.enter_pod_cgroup();
     let mut conn = pod_connect(&topo, echo.addr);
-    let sent_hash = tests::transfer::echo_round_trip(&mut conn, TOTAL, write_size);
+    let sent_hash = tests::transfer::echo_round_trip(&mut conn, total, write_size);
     let seen = echo.seen.lock().unwrap();
-    assert_eq!(seen.received_bytes, vec![TOTAL as u64]);
+    assert_eq!(seen.received_bytes, vec![total as u64]);
     assert_eq!(
         seen.received_sha256,
         vec![sent_hash],
         "bytes at the upstream differ"
+    );
+}
+
+/// Which side pushes while the other does not read.
+#[derive(Debug, Clone, Copy)]
+enum Pusher {
+    /// The app uploads; the upstream server does not read.
+    App,
+    /// The upstream server sends; the app does not read.
+    Server,
+}
+
+/// Writes as fast as `w` takes bytes for `secs` (non-blocking), hashing
+/// them; returns how many went in and their hash.
+fn push_for(w: &mut TcpStream, secs: u64) -> (u64, [u8; 32]) {
+    use sha2::Digest as _;
+    w.set_nonblocking(true).unwrap();
+    let chunk = vec![0x5au8; 64 * 1024];
+    let (mut n, mut hash) = (0u64, sha2::Sha256::new());
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        match w.write(&chunk) {
+            Ok(k) => {
+                hash.update(&chunk[..k]);
+                n += k as u64;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("write after {n} bytes: {e}"),
+        }
+    }
+    w.set_nonblocking(false).unwrap();
+    (n, hash.finalize().into())
+}
+
+/// Reads `r` to the end; returns how many bytes and their hash.
+fn drain(r: &mut TcpStream) -> (u64, [u8; 32]) {
+    use sha2::Digest as _;
+    let (mut n, mut hash, mut buf) = (0u64, sha2::Sha256::new(), vec![0u8; 256 * 1024]);
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return (n, hash.finalize().into()),
+            Ok(k) => {
+                hash.update(&buf[..k]);
+                n += k as u64;
+            }
+            // A sockmap reader may see EAGAIN with nothing read (see the
+            // README's kernel notes): retry.
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+            Err(e) => panic!("read after {n} bytes: {e}"),
+        }
+    }
+}
+
+/// A fast writer and a reader that does not read: the writer is held back
+/// (as TCP holds it back), instead of queueing into kernel memory without
+/// bound; once the reader reads, every byte arrives in order. Under the
+/// short-circuit the sender switches to TCP when its reader falls behind.
+#[rstest]
+fn a_reader_that_does_not_read_holds_the_writer_back(
+    #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
+    #[values(Pusher::App, Pusher::Server)] pusher: Pusher,
+) {
+    require_root!();
+    let topo = Topology::new();
+    let listener = topo
+        .srv
+        .run(|| TcpListener::bind((SRV_IP, 9000)))
+        .expect("bind");
+    let _agent = start_agent(&topo, mode, Placement::Outside, &[]);
+    let mut app = {
+        let _in_pod = topo.enter_pod_cgroup();
+        pod_connect_blocking(&topo, SocketAddrV4::new(SRV_IP, 9000))
+    };
+    let (mut server, _) = listener.accept().unwrap();
+    app.set_read_timeout(None).unwrap();
+    let (writer, reader) = match pusher {
+        Pusher::App => (&mut app, &mut server),
+        Pusher::Server => (&mut server, &mut app),
+    };
+    let (pushed, hash) = push_for(writer, 3);
+    // Bounded by socket buffers along the way (a few MiB each) and the
+    // short-circuit's queue limit (4 MiB): far from what 3 s of writing
+    // into an unbounded queue reaches (gigabytes).
+    assert!(
+        pushed < 64 << 20,
+        "{pushed} bytes went in while nobody read"
+    );
+    writer.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(drain(reader), (pushed, hash), "what the reader got");
+    if mode == RedirectMode::Ebpf {
+        let s = snapshot(&topo);
+        assert!(
+            s.counter(counter::MSG_SPILLED) >= 1,
+            "the writer's sender switched to TCP: {:?}",
+            s.counters
+        );
+    }
+    eprintln!(
+        "{mode:?} {pusher:?}: {} KiB went in while nobody read",
+        pushed / 1024
     );
 }
 
@@ -293,9 +395,17 @@ fn upstream_refusal_resets_the_client_within_a_second(
     let _agent = start_agent(&topo, mode, Placement::Outside, &[]);
     let _in_pod = topo.enter_pod_cgroup();
     let start = Instant::now();
-    let mut conn = pod_connect(&topo, SocketAddrV4::new(SRV_IP, 1));
-    let mut buf = [0u8; 16];
-    let r = conn.read(&mut buf);
+    let dst = SocketAddrV4::new(SRV_IP, 1);
+    // The reset may already be there when connect(2) completes (the proxy
+    // accepts, is refused upstream and resets before the app looks).
+    let r = topo
+        .pod
+        .run(|| TcpStream::connect_timeout(&dst.into(), Duration::from_secs(5)))
+        .and_then(|s| {
+            let mut conn = PollStream::new(s, Duration::from_secs(30))?;
+            let mut buf = [0u8; 16];
+            conn.read(&mut buf)
+        });
     let elapsed = start.elapsed();
     match r {
         Err(e)
@@ -444,10 +554,12 @@ fn a_signal_detaches_everything(
         ErrorKind::ConnectionRefused,
         "listener left open"
     );
-    assert!(
-        !std::path::Path::new("/sys/fs/bpf/mesh-redirect").exists(),
-        "pins left behind"
-    );
+    let cookie = topo.pod.open().cookie().unwrap();
+    let pins: Vec<_> = agent::pins::all_instances(std::path::Path::new("/sys/fs/bpf"))
+        .into_iter()
+        .filter(|d| agent::pins::instance_cookie(d) == Some(cookie))
+        .collect();
+    assert!(pins.is_empty(), "pins left behind: {pins:?}");
     let left = iptables_save();
     assert!(
         !left.contains("ISTIO"),

@@ -73,7 +73,11 @@ fn report_object() -> Result<()> {
     .map(|out| {
         out.lines()
             .filter_map(|l| l.split_whitespace().nth(1))
-            .filter(|s| s.starts_with("cgroup/") || ["sockops", "sk_msg"].contains(s))
+            .filter(|s| {
+                s.starts_with("cgroup/")
+                    || s.starts_with("fexit/")
+                    || ["sockops", "sk_msg", "sk_lookup"].contains(s)
+            })
             .collect::<Vec<_>>()
             .join(" ")
     })

@@ -10,8 +10,15 @@ use std::{
 };
 
 use socket2::SockRef;
-use tokio::net::TcpStream;
+use tokio::{
+    io::AsyncReadExt as _,
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
+};
 
+use super::ingress::{IngressReads, ReadTracker};
 use crate::socket;
 
 /// Which socket an error came from.
@@ -81,49 +88,57 @@ const MIN_BUFFER: usize = 16 * 1024;
 /// closed, so the failure reaches its peer as a reset, not as a clean end
 /// of stream.
 pub async fn relay(
-    client: &TcpStream,
-    upstream: &TcpStream,
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
     buffer_size: usize,
     idle: Duration,
+    ingress: Option<&IngressReads>,
 ) -> Outcome {
     let last = Activity::new();
-    let up = copy(
-        client,
-        Side::Client,
-        upstream,
-        Side::Upstream,
-        buffer_size,
-        &last,
-    );
-    let down = copy(
-        upstream,
-        Side::Upstream,
-        client,
-        Side::Client,
-        buffer_size,
-        &last,
-    );
-    tokio::pin!(up, down);
-    let (mut to_upstream, mut to_client) = (None, None);
-    let mut end = None;
-    while end.is_none() && (to_upstream.is_none() || to_client.is_none()) {
-        let idle_at = last.get() + idle;
-        tokio::select! {
-            r = &mut up, if to_upstream.is_none() => match r {
-                Ok(n) => to_upstream = Some(n),
-                Err((n, e)) => { to_upstream = Some(n); end = Some(End::Failed(e)); }
-            },
-            r = &mut down, if to_client.is_none() => match r {
-                Ok(n) => to_client = Some(n),
-                Err((n, e)) => { to_client = Some(n); end = Some(End::Failed(e)); }
-            },
-            () = tokio::time::sleep_until(idle_at.into()) => {
-                if last.get() + idle <= Instant::now() {
-                    end = Some(End::Idle);
+    let (to_upstream, to_client, end) = {
+        let (client_rx, client_tx) = client.split();
+        let (upstream_rx, upstream_tx) = upstream.split();
+        let up = copy(
+            client_rx,
+            Side::Client,
+            upstream_tx,
+            Side::Upstream,
+            buffer_size,
+            &last,
+            ingress.map(IngressReads::tracker),
+        );
+        let down = copy(
+            upstream_rx,
+            Side::Upstream,
+            client_tx,
+            Side::Client,
+            buffer_size,
+            &last,
+            ingress.map(IngressReads::tracker),
+        );
+        tokio::pin!(up, down);
+        let (mut to_upstream, mut to_client) = (None, None);
+        let mut end = None;
+        while end.is_none() && (to_upstream.is_none() || to_client.is_none()) {
+            let idle_at = last.get() + idle;
+            tokio::select! {
+                r = &mut up, if to_upstream.is_none() => match r {
+                    Ok(n) => to_upstream = Some(n),
+                    Err((n, e)) => { to_upstream = Some(n); end = Some(End::Failed(e)); }
+                },
+                r = &mut down, if to_client.is_none() => match r {
+                    Ok(n) => to_client = Some(n),
+                    Err((n, e)) => { to_client = Some(n); end = Some(End::Failed(e)); }
+                },
+                () = tokio::time::sleep_until(idle_at.into()) => {
+                    if last.get() + idle <= Instant::now() {
+                        end = Some(End::Idle);
+                    }
                 }
             }
         }
-    }
+        (to_upstream, to_client, end)
+    };
     if let Some(End::Failed(e)) = &end {
         match e.side {
             Side::Client => socket::reset_on_close(upstream),
@@ -140,14 +155,19 @@ pub async fn relay(
 /// Copies `from` → `to` until EOF, then shuts down `to`'s write side.
 /// A buffer exists only while data is there to move: it is allocated when
 /// `from` becomes readable and freed before waiting again, so an idle or
-/// trickling connection holds no buffer memory.
+/// trickling connection holds no buffer memory. Reads go through
+/// `poll_read`, which takes a short read as "drained" (edge-triggered
+/// epoll), so waiting again costs no extra `read` that fails with EAGAIN.
+/// What is read from `from` is reported to `reads` (if short-circuited)
+/// before it is written on.
 async fn copy(
-    from: &TcpStream,
+    mut from: ReadHalf<'_>,
     from_side: Side,
-    to: &TcpStream,
+    to: WriteHalf<'_>,
     to_side: Side,
     max_buffer: usize,
     last: &Activity,
+    mut reads: Option<ReadTracker<'_>>,
 ) -> Result<u64, (u64, RelayError)> {
     let mut total: u64 = 0;
     let mut size = MIN_BUFFER.min(max_buffer);
@@ -158,9 +178,9 @@ async fn copy(
         }
         let mut buf = vec![0u8; size];
         loop {
-            let n = match from.try_read(&mut buf) {
+            let n = match from.read(&mut buf).await {
                 Ok(0) => {
-                    return match SockRef::from(to).shutdown(Shutdown::Write) {
+                    return match SockRef::from(to.as_ref()).shutdown(Shutdown::Write) {
                         Ok(()) => Ok(total),
                         // The peer is already gone: nothing to half-close.
                         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(total),
@@ -168,15 +188,23 @@ async fn copy(
                     };
                 }
                 Ok(n) => n,
+                // A sockmap reader may be woken with nothing to read.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(fail(from_side, e, total)),
             };
             last.touch();
-            if let Err(e) = write_all(to, &buf[..n], last).await {
+            if let Some(r) = reads.as_mut() {
+                r.read(from.as_ref(), total + n as u64);
+            }
+            if let Err(e) = write_all(to.as_ref(), &buf[..n], last).await {
                 return Err(fail(to_side, e, total));
             }
             total += n as u64;
-            if n == buf.len() && size < max_buffer {
+            if n < buf.len() {
+                // Drained for now: free the buffer and wait.
+                break;
+            }
+            if size < max_buffer {
                 size = (size * 2).min(max_buffer);
                 buf = vec![0u8; size];
             }
@@ -220,10 +248,17 @@ mod tests {
 
     #[tokio::test]
     async fn half_close_is_propagated_both_ways() {
-        let (mut app, proxy_client) = pair().await;
-        let (proxy_upstream, mut server) = pair().await;
+        let (mut app, mut proxy_client) = pair().await;
+        let (mut proxy_upstream, mut server) = pair().await;
         let relay = tokio::spawn(async move {
-            relay(&proxy_client, &proxy_upstream, 8, Duration::from_mins(1)).await
+            relay(
+                &mut proxy_client,
+                &mut proxy_upstream,
+                8,
+                Duration::from_mins(1),
+                None,
+            )
+            .await
         });
 
         app.write_all(b"request bytes").await.unwrap();
@@ -246,10 +281,17 @@ mod tests {
 
     #[tokio::test]
     async fn an_upstream_reset_resets_the_client() {
-        let (mut app, proxy_client) = pair().await;
-        let (proxy_upstream, server) = pair().await;
+        let (mut app, mut proxy_client) = pair().await;
+        let (mut proxy_upstream, server) = pair().await;
         let relay = tokio::spawn(async move {
-            let outcome = relay(&proxy_client, &proxy_upstream, 1024, Duration::from_mins(1)).await;
+            let outcome = relay(
+                &mut proxy_client,
+                &mut proxy_upstream,
+                1024,
+                Duration::from_mins(1),
+                None,
+            )
+            .await;
             drop(proxy_client);
             outcome
         });
@@ -270,13 +312,14 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_connection_is_closed() {
-        let (mut app, proxy_client) = pair().await;
-        let (proxy_upstream, mut server) = pair().await;
+        let (mut app, mut proxy_client) = pair().await;
+        let (mut proxy_upstream, mut server) = pair().await;
         let outcome = relay(
-            &proxy_client,
-            &proxy_upstream,
+            &mut proxy_client,
+            &mut proxy_upstream,
             1024,
             Duration::from_millis(200),
+            None,
         )
         .await;
         assert!(matches!(outcome.end, End::Idle), "{outcome:?}");
@@ -288,10 +331,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_reset_resets_the_upstream() {
-        let (app, proxy_client) = pair().await;
-        let (proxy_upstream, mut server) = pair().await;
+        let (app, mut proxy_client) = pair().await;
+        let (mut proxy_upstream, mut server) = pair().await;
         let relay = tokio::spawn(async move {
-            let outcome = relay(&proxy_client, &proxy_upstream, 1024, Duration::from_mins(1)).await;
+            let outcome = relay(
+                &mut proxy_client,
+                &mut proxy_upstream,
+                1024,
+                Duration::from_mins(1),
+                None,
+            )
+            .await;
             drop(proxy_upstream);
             outcome
         });
