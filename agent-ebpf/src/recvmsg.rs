@@ -21,7 +21,9 @@ const MSG_PEEK: i32 = 2;
 
 #[inline(always)]
 pub fn recvmsg(ctx: &FExitContext) {
-    let read_now: i64 = ctx.arg(RET);
+    // An `int`: its slot's upper half is whatever the function left in the
+    // register (6.1 leaves -EAGAIN as 0x00000000_fffffff5), so read 32 bits.
+    let read_now: i32 = ctx.arg(RET);
     let flags: i32 = ctx.arg(ARG_FLAGS);
     if read_now <= 0 || flags & MSG_PEEK != 0 {
         return;
@@ -48,5 +50,5 @@ pub fn recvmsg(ctx: &FExitContext) {
     };
     // SAFETY: a value of our hash map; recvmsg holds the socket lock, so
     // reads of one socket are serialised and this is its only writer.
-    unsafe { *read = (*read).wrapping_add(read_now.cast_unsigned()) };
+    unsafe { *read = (*read).wrapping_add(u64::from(read_now.cast_unsigned())) };
 }

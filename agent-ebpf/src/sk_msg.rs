@@ -27,6 +27,8 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 
+use aya_log_ebpf::debug;
+
 use crate::{INGRESS_READ, SK_PASS, SOCK_STATE, SOCKETS, counters::bump};
 
 #[inline(always)]
@@ -83,6 +85,15 @@ pub fn sk_msg(ctx: &SkMsgContext) {
         .wrapping_sub(unsafe { core::ptr::read_volatile(read) });
     if queued.saturating_add(size) > queue_limit() {
         // The reader fell behind: TCP from now on, which holds us back.
+        debug!(
+            ctx,
+            "sk_msg: :{} -> :{} spills to TCP: sent {}, read {}, size {}",
+            peer.dst_port,
+            peer.src_port,
+            state.sent,
+            unsafe { core::ptr::read_volatile(read) },
+            size
+        );
         state.verdict = SockState::VERDICT_PASS;
         bump(counter::MSG_SPILLED);
         bump(counter::MSG_PASSED);
