@@ -99,7 +99,13 @@ impl Report {
             .max()
             .unwrap_or(0);
         for p in &self.probes {
-            let mark = if p.ok { "✓" } else { "✗" };
+            // A missing thing no mode needs (one iptables backend of two,
+            // an optional program) is not a failure: "–".
+            let mark = match (p.ok, p.needed_by.is_empty()) {
+                (true, _) => "✓",
+                (false, true) => "–",
+                (false, false) => "✗",
+            };
             let pad = width - p.name.chars().count();
             let _ = writeln!(out, "{mark} {}{}  {}", p.name, " ".repeat(pad), p.detail);
         }
@@ -612,7 +618,11 @@ mod tests {
 
     #[test]
     fn render_marks_rows() {
-        let probes = vec![probe("a", true, &[]), probe("bb", false, &[Mode::Ebpf])];
+        let probes = vec![
+            probe("a", true, &[]),
+            probe("bb", false, &[Mode::Ebpf]),
+            probe("opt", false, &[]),
+        ];
         let r = Report {
             modes: modes(&probes),
             probes,
@@ -620,6 +630,7 @@ mod tests {
         let text = r.render();
         assert!(text.contains("✓ a "));
         assert!(text.contains("✗ bb"));
+        assert!(text.contains("– opt"), "optional and missing: {text}");
         assert!(text.contains("mode ebpf     NOT usable: missing bb"));
     }
 }

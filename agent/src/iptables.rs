@@ -60,7 +60,16 @@ pub fn config_for_run(plan: &Plan) -> istio::Config {
             rules::Selection::All => istio::Selection::All,
             rules::Selection::Some(v) => istio::Selection::Only(v.iter().map(cidr).collect()),
         },
-        outbound_ip_ranges_exclude: r.outbound_exclude_cidrs.iter().map(cidr).collect(),
+        // Loopback destinations are never captured, as in eBPF mode.
+        // istio leaves an app's 127.0.0.0/8 connects alone through its
+        // `-o lo -m owner ! --uid-owner` rule, which needs a proxy uid; the
+        // built-in proxy is known by its mark instead, so say it plainly.
+        outbound_ip_ranges_exclude: std::iter::once(istio::Cidr {
+            addr: std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 0)),
+            prefix_len: 8,
+        })
+        .chain(r.outbound_exclude_cidrs.iter().map(cidr))
+        .collect(),
         exempt_mark: (c.proxy_mark != 0).then_some(c.proxy_mark),
         ..istio::Config::default()
     }

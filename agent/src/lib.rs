@@ -10,6 +10,7 @@ pub mod bpf_sys;
 pub mod caps;
 pub mod cgroup;
 pub mod cleanup;
+pub mod config;
 pub mod control;
 pub mod doctor;
 pub mod ebpf;

@@ -1,9 +1,10 @@
 //! The `mesh-redirect` command line.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 
+use agent::config;
 use agent::doctor;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +34,7 @@ enum Command {
     /// `--no-inbound`) for a cgroup's processes and run the proxy that
     /// receives it, or serve an external one. On SIGTERM/SIGINT it drains,
     /// then detaches and unpins everything it attached.
+    #[command(args_override_self = true)]
     Run(Box<agent::run::RunArgs>),
     /// What is attached to a cgroup and what the datapath's maps hold, read
     /// from the kernel.
@@ -90,7 +92,13 @@ enum Command {
 
 fn main() -> ExitCode {
     init_tracing();
-    let cli = Cli::parse();
+    let cli = match parse_args() {
+        Ok(cli) => cli,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
     match cli.command {
         Command::Doctor { json, cgroup } => run_doctor(json, cgroup),
         Command::Rules {
@@ -98,33 +106,7 @@ fn main() -> ExitCode {
             rules,
             json,
         } => report(
-            agent::control::update_rules(cgroup.as_deref(), &rules).map(|r| {
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&r).expect("rules serialize")
-                    );
-                } else {
-                    println!("outbound include (-i): {}", r.outbound_include_cidrs);
-                    println!(
-                        "outbound exclude (-x): {}",
-                        agent::rules::Selection::Some(r.outbound_exclude_cidrs.clone())
-                    );
-                    println!(
-                        "outbound ports include (-q): {}",
-                        agent::rules::Selection::Some(r.outbound_include_ports.clone())
-                    );
-                    println!(
-                        "outbound ports exclude (-o): {}",
-                        agent::rules::Selection::Some(r.outbound_exclude_ports.clone())
-                    );
-                    println!("inbound ports include (-b): {}", r.inbound_include_ports);
-                    println!(
-                        "inbound ports exclude (-d): {}",
-                        agent::rules::Selection::Some(r.inbound_exclude_ports.clone())
-                    );
-                }
-            }),
+            agent::control::update_rules(cgroup.as_deref(), &rules).map(|r| print_rules(&r, json)),
         ),
         Command::Run(args) => report(agent::run::run(&args)),
         Command::Iptables(args) => report(agent::iptables::istio::main(&args)),
@@ -183,6 +165,80 @@ fn main() -> ExitCode {
                 }
             }),
         ),
+    }
+}
+
+/// The command line, with `run --config FILE` expanded into the flags the
+/// file sets (before the command line's own, which override them).
+fn parse_args() -> Result<Cli, config::ConfigError> {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "run") {
+        let cli = Cli::command();
+        let flags: Vec<config::Flag> = cli
+            .find_subcommand("run")
+            .expect("run is a subcommand")
+            .get_arguments()
+            .filter_map(|a| {
+                a.get_long().map(|long| config::Flag {
+                    long: long.to_owned(),
+                    takes_value: a.get_action().takes_values(),
+                })
+            })
+            .collect();
+        let rest = args.split_off(2);
+        let expanded = config::expand(rest, &flags)?;
+        if let Some(path) = &expanded.file {
+            // The file's values on their own first, so that a bad one is
+            // reported as the file's.
+            let alone = args
+                .iter()
+                .cloned()
+                .chain(expanded.from_file.iter().cloned());
+            if let Err(e) = Cli::try_parse_from(alone) {
+                return Err(config::ConfigError::Rejected {
+                    path: path.clone(),
+                    message: e
+                        .render()
+                        .to_string()
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .trim_start_matches("error: ")
+                        .to_owned(),
+                });
+            }
+        }
+        args.extend(expanded.words());
+    }
+    Ok(Cli::parse_from(args))
+}
+
+/// `rules`' answer: the lists now in force.
+fn print_rules(r: &agent::rules::CaptureRules, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).expect("rules serialize")
+        );
+    } else {
+        println!("outbound include (-i): {}", r.outbound_include_cidrs);
+        println!(
+            "outbound exclude (-x): {}",
+            agent::rules::Selection::Some(r.outbound_exclude_cidrs.clone())
+        );
+        println!(
+            "outbound ports include (-q): {}",
+            agent::rules::Selection::Some(r.outbound_include_ports.clone())
+        );
+        println!(
+            "outbound ports exclude (-o): {}",
+            agent::rules::Selection::Some(r.outbound_exclude_ports.clone())
+        );
+        println!("inbound ports include (-b): {}", r.inbound_include_ports);
+        println!(
+            "inbound ports exclude (-d): {}",
+            agent::rules::Selection::Some(r.inbound_exclude_ports.clone())
+        );
     }
 }
 

@@ -53,6 +53,12 @@ pub enum ProxyKind {
 #[derive(Debug, Clone, clap::Args)]
 #[expect(clippy::struct_excessive_bools, reason = "command-line switches")]
 pub struct RunArgs {
+    /// Read settings from this TOML file first: each key is one of these
+    /// flags without its dashes (`outbound-port = 15001`, `no-inbound =
+    /// true`, `outbound-ip-ranges-exclude = ["10.0.0.0/8"]`); flags given here
+    /// override it. Expanded before parsing (see `agent::config`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Redirect mode.
     #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
     pub mode: ModeArg,

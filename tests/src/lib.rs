@@ -18,6 +18,7 @@ use std::{
 
 use agent::netns::Netns;
 
+pub mod admin;
 pub mod agent_proc;
 pub mod client;
 pub mod farm;

@@ -104,10 +104,12 @@ fn inbound(topo: &Topology, proxy: &FakeProxy, port: u16) -> Landed {
 }
 
 const OTHER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// A loopback address other than 127.0.0.1: never captured, in either mode.
+const LOOPBACK_2: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const OTHER: SocketAddrV4 = SocketAddrV4::new(OTHER_IP, 80);
 
 #[rstest]
-#[case::defaults(&[], &[(SRV_IP, 9000, true), (OTHER_IP, 80, true)], &[(8080, true), (15021, false), (15008, false)])]
+#[case::defaults(&[], &[(SRV_IP, 9000, true), (OTHER_IP, 80, true), (LOOPBACK_2, 9000, false)], &[(8080, true), (15021, false), (15008, false), (15090, false), (15020, false)])]
 #[case::exclude_cidr(&["-x", "10.77.0.0/24"], &[(SRV_IP, 9000, false), (OTHER_IP, 80, true)], &[])]
 #[case::include_cidr(&["-i", "192.0.2.0/24"], &[(SRV_IP, 9000, false), (OTHER_IP, 80, true)], &[])]
 #[case::include_port(&["-i", "192.0.2.0/24", "-q", "9000"], &[(SRV_IP, 9000, true), (SRV_IP, 9001, false)], &[])]
@@ -151,6 +153,108 @@ fn include_and_exclude_lists_decide_what_is_captured(
             "inbound to port {port} with {flags:?}"
         );
     }
+}
+
+/// The proxy's own connects to an app of its pod (as uid 1337, to the pod's
+/// address) go through inbound capture, as istio's rules send them
+/// (`-o lo ! -d 127.0.0.1 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT`),
+/// while its connects elsewhere are never captured.
+#[rstest]
+fn the_proxys_connects_to_a_local_app_are_captured_inbound(
+    #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
+) {
+    require_root!();
+    let topo = Topology::new();
+    let _agent = start_agent(&topo, mode, &[]);
+    let _in_pod = topo.enter_pod_cgroup();
+    let proxy = FakeProxy::new(&topo);
+    let connect_as_proxy = |dst: SocketAddrV4| {
+        let ns = topo.pod.open();
+        std::thread::spawn(move || {
+            ns.enter().expect("enter the pod's netns");
+            // SAFETY: the raw syscall changes this thread's ids only (glibc's
+            // wrapper would change every thread's); the thread ends here.
+            let rc = unsafe { libc::syscall(libc::SYS_setresuid, 1337, 1337, 1337) };
+            assert_eq!(rc, 0, "setresuid");
+            TcpStream::connect_timeout(&dst.into(), tests::scaled(Duration::from_millis(300)))
+        })
+        .join()
+        .expect("connecting thread")
+    };
+    let local_app = SocketAddrV4::new(POD_IP, 8080);
+    let _ = connect_as_proxy(local_app);
+    assert_eq!(landed(&proxy.inbound), Landed::Proxy(local_app));
+    let elsewhere = SocketAddrV4::new(SRV_IP, 9000);
+    let _ = connect_as_proxy(elsewhere);
+    assert_eq!(landed(&proxy.outbound), Landed::Direct);
+}
+
+/// Which ids a connecting thread runs with.
+#[derive(Debug, Clone, Copy)]
+enum Ids {
+    /// uid 1337, gid unchanged (0).
+    Uid1337,
+    /// gid 1337, uid unchanged (0).
+    Gid1337,
+}
+
+/// A connect from the pod with this thread's ids changed to `ids` (raw
+/// syscalls: glibc's wrappers would change every thread's ids).
+fn connect_as(topo: &Topology, ids: Ids, dst: SocketAddrV4) {
+    let ns = topo.pod.open();
+    let _ = std::thread::spawn(move || {
+        ns.enter().expect("enter the pod's netns");
+        // SAFETY: raw syscalls changing this thread's ids only; it ends here.
+        let rc = unsafe {
+            match ids {
+                Ids::Uid1337 => libc::syscall(libc::SYS_setresuid, 1337, 1337, 1337),
+                Ids::Gid1337 => libc::syscall(libc::SYS_setresgid, 1337, 1337, 1337),
+            }
+        };
+        assert_eq!(rc, 0, "set ids {ids:?}");
+        TcpStream::connect_timeout(&dst.into(), tests::scaled(Duration::from_millis(300)))
+    })
+    .join()
+    .expect("connecting thread");
+}
+
+/// `--proxy-uid` alone exempts that uid and not the gid of the same
+/// number, and `--proxy-gid` alone the other way round: each identity is
+/// matched on its own, as istio's `--uid-owner`/`--gid-owner` rules do.
+#[rstest]
+#[case::uid_only("--proxy-uid", Ids::Uid1337, Ids::Gid1337)]
+#[case::gid_only("--proxy-gid", Ids::Gid1337, Ids::Uid1337)]
+fn a_bypass_identity_exempts_only_itself(
+    #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
+    #[case] flag: &str,
+    #[case] exempt: Ids,
+    #[case] captured: Ids,
+) {
+    require_root!();
+    let topo = Topology::new();
+    let netns = topo.pod.path();
+    let _agent = Agent::run(
+        &[
+            "--mode",
+            mode.arg(),
+            "--netns",
+            netns.to_str().unwrap(),
+            "--cgroup",
+            topo.cgroup.path().to_str().unwrap(),
+            "--proxy",
+            "external",
+            flag,
+            "1337",
+        ],
+        None,
+    );
+    let _in_pod = topo.enter_pod_cgroup();
+    let proxy = FakeProxy::new(&topo);
+    let dst = SocketAddrV4::new(SRV_IP, 9000);
+    connect_as(&topo, exempt, dst);
+    assert_eq!(landed(&proxy.outbound), Landed::Direct, "{exempt:?}");
+    connect_as(&topo, captured, dst);
+    assert_eq!(landed(&proxy.outbound), Landed::Proxy(dst), "{captured:?}");
 }
 
 /// An app that sends its request and closes before the proxy gets round
@@ -278,6 +382,152 @@ fn bad_rule_lists_are_named_and_nothing_is_attached(
             .unwrap()
             .is_empty()
     );
+}
+
+/// The eBPF lists hold their documented 4096 entries (the last one still
+/// decides), and one more is refused by name at run time, changing nothing.
+#[rstest]
+fn rule_lists_hold_their_documented_capacity() {
+    require_root!();
+    let cap = agent_common::capacity::RULES;
+    // 4095 /32s no test connects to, then the server's /24 last.
+    let list = |n: u32| {
+        let mut v: Vec<String> = (0..n - 1)
+            .map(|i| format!("10.{}.{}.{}/32", 100 + i / 65_536, (i / 256) % 256, i % 256))
+            .collect();
+        v.push("10.77.0.0/24".to_owned());
+        v.join(",")
+    };
+    let topo = Topology::new();
+    let full = list(cap);
+    let _agent = start_agent(&topo, RedirectMode::Ebpf, &["-x", &full]);
+    let _in_pod = topo.enter_pod_cgroup();
+    let proxy = FakeProxy::new(&topo);
+    let dst = SocketAddrV4::new(SRV_IP, 9000);
+    assert_eq!(outbound(&topo, &proxy, dst), Landed::Direct);
+    assert_eq!(outbound(&topo, &proxy, OTHER), Landed::Proxy(OTHER));
+
+    let cg = topo.cgroup.path().to_str().unwrap().to_owned();
+    let over = list(cap + 1);
+    let out = run_to_end(&["rules", "--cgroup", &cg, "-x", &over]);
+    assert!(!out.status.success(), "{} entries accepted", cap + 1);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("-x") && err.contains(&format!("at most {cap}")),
+        "{err}"
+    );
+    assert_eq!(outbound(&topo, &proxy, dst), Landed::Direct, "rules kept");
+}
+
+/// `run --config FILE` sets the same things as the flags (here the mode,
+/// the external proxy and an exclusion), the command line overrides the
+/// file, and a bad file is named with its line before anything is attached.
+#[rstest]
+fn a_config_file_sets_runs_flags_and_a_bad_one_is_named() {
+    require_root!();
+    let topo = Topology::new();
+    let dir = tempfile_dir();
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let netns = topo.pod.path();
+    let cg = topo.cgroup.path().to_str().unwrap().to_owned();
+    let good = write(
+        "good.toml",
+        "mode = \"ebpf\"\nproxy = \"external\"\nproxy-uid = 1337\n\
+         outbound-ip-ranges-exclude = [\"10.77.0.0/24\", \"10.78.0.0/16\"]\n\
+         outbound-port = 15099\n",
+    );
+    let agent = Agent::run(
+        &[
+            "--config",
+            &good,
+            "--netns",
+            netns.to_str().unwrap(),
+            "--cgroup",
+            &cg,
+            "--outbound-port",
+            "15001",
+        ],
+        None,
+    );
+    assert!(
+        agent.log_text().contains("mode=\"ebpf\""),
+        "{}",
+        agent.log_text()
+    );
+    assert!(
+        agent.log_text().contains("outbound_port=15001"),
+        "the command line wins"
+    );
+    {
+        let _in_pod = topo.enter_pod_cgroup();
+        let proxy = FakeProxy::new(&topo);
+        let dst = SocketAddrV4::new(SRV_IP, 9000);
+        assert_eq!(
+            outbound(&topo, &proxy, dst),
+            Landed::Direct,
+            "excluded by the file"
+        );
+        assert_eq!(outbound(&topo, &proxy, OTHER), Landed::Proxy(OTHER));
+    }
+    drop(agent);
+
+    for (name, text, named) in [
+        (
+            "syntax.toml",
+            "mode = \"ebpf\"\nproxy = = 1\n",
+            "syntax.toml: line 2",
+        ),
+        (
+            "unknown.toml",
+            "mode = \"ebpf\"\noutbund-port = 1\n",
+            "unknown key `outbund-port`",
+        ),
+        ("value.toml", "outbound-port = 70000\n", "--outbound-port"),
+        (
+            "cidr.toml",
+            "outbound-ip-ranges-exclude = [\"10.0.0.0/33\"]\n",
+            "-x",
+        ),
+    ] {
+        let path = write(name, text);
+        let out = run_to_end(&[
+            "run",
+            "--config",
+            &path,
+            "--netns",
+            netns.to_str().unwrap(),
+            "--cgroup",
+            &cg,
+        ]);
+        assert!(!out.status.success(), "{name} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(named),
+            "{name}: error does not name `{named}`: {err}"
+        );
+        assert!(
+            agent::inspect::attached(topo.cgroup.path())
+                .unwrap()
+                .is_empty(),
+            "{name}: something got attached"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A fresh directory for a test's files.
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "mesh-redirect-test-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 #[rstest]

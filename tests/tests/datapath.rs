@@ -13,7 +13,7 @@ use agent::{inspect, socket};
 use agent_common::counter;
 use rstest::rstest;
 use tests::{
-    Agent, PollStream, RedirectMode, Topology, require_root,
+    Agent, PollStream, RedirectMode, Topology, admin, require_root,
     servers::{Behaviour, HTTP_BODY, Server, http_get},
     topology::{POD_IP, SRV_IP, lo_tx_packets},
 };
@@ -107,6 +107,9 @@ fn http_and_raw_tcp_reach_the_intended_upstream(
         assert_eq!(peers.len(), 1, "{peers:?}");
         assert_eq!(peers[0].ip(), POD_IP, "the upstream sees the pod's address");
     }
+    // Both went through the proxy (a direct connection would pass the
+    // checks above too).
+    assert_eq!(admin::proxied(&topo, "outbound", 2), 2);
     if mode == RedirectMode::Ebpf {
         let s = snapshot(&topo);
         assert_eq!(s.counter(counter::CONNECT_REDIRECTED), 2);
@@ -134,6 +137,7 @@ fn bulk_64_mib_each_way_is_byte_exact(
         vec![sent_hash],
         "bytes at the upstream differ"
     );
+    assert_eq!(admin::proxied(&topo, "outbound", 1), 1, "through the proxy");
 }
 
 /// Which side pushes while the other does not read.
@@ -275,7 +279,8 @@ fn keep_alive_requests_and_loopback_packets(
     let redirected = redirected_now() - redirected_before;
     let per_request = f64::from(u32::try_from(packets).unwrap()) / f64::from(REQUESTS);
     eprintln!(
-        "{packets} packets on lo for {REQUESTS} requests ({per_request:.2}/request), {redirected} messages redirected"
+        "{packets} packets on lo for {REQUESTS} requests ({per_request:.2}/request), \
+         {redirected} messages redirected"
     );
     if expect_packets {
         assert!(
@@ -284,6 +289,12 @@ fn keep_alive_requests_and_loopback_packets(
         );
         assert_eq!(redirected, 0);
     } else {
+        let counters = snapshot(&topo);
+        eprintln!(
+            "in all: {} messages passed, {} spilled",
+            counters.counter(counter::MSG_PASSED),
+            counters.counter(counter::MSG_SPILLED),
+        );
         assert!(
             per_request <= 0.1,
             "{per_request} packets per request on lo"
@@ -293,7 +304,7 @@ fn keep_alive_requests_and_loopback_packets(
             "only {redirected} messages redirected"
         );
         assert_eq!(
-            snapshot(&topo).counter(counter::MSG_PASSED),
+            counters.counter(counter::MSG_PASSED),
             0,
             "a message fell back to TCP"
         );
@@ -416,6 +427,18 @@ fn upstream_refusal_resets_the_client_within_a_second(
         other => panic!("expected a reset, got {other:?}"),
     }
     assert!(elapsed < Duration::from_secs(1), "took {elapsed:?}");
+    // The proxy was refused upstream and reset the app (not a direct
+    // connection refused by the server's kernel).
+    assert_eq!(admin::proxied(&topo, "outbound", 1), 1);
+    let (_, text) = admin::get(&topo, "/metrics");
+    assert_eq!(
+        admin::metric(
+            &text,
+            "mesh_redirect_proxy_errors_total{kind=\"upstream_refused\"}"
+        ),
+        Some(1),
+        "{text}"
+    );
 }
 
 #[rstest]
@@ -448,6 +471,17 @@ fn upstream_reset_midstream_reaches_the_client_as_a_reset(
             "expected a reset after {got} bytes, got {other:?} (a clean EOF hides the upstream's failure)"
         ),
     }
+    // The proxy passed the upstream's reset on (not a direct connection).
+    assert_eq!(admin::proxied(&topo, "outbound", 1), 1);
+    let (_, text) = admin::get(&topo, "/metrics");
+    assert_eq!(
+        admin::metric(
+            &text,
+            "mesh_redirect_proxy_errors_total{kind=\"upstream_reset\"}"
+        ),
+        Some(1),
+        "{text}"
+    );
 }
 
 /// A *blocking* reader asleep in read(2) when the upstream resets. The
@@ -478,6 +512,17 @@ fn a_blocking_reader_never_sees_a_reset_as_a_clean_end() {
     }
 }
 
+/// 10 bytes there and back on `c`.
+fn round_trip(mut c: impl std::io::Read + std::io::Write, what: &str) {
+    c.write_all(b"0123456789").unwrap();
+    let mut buf = [0u8; 10];
+    c.read_exact(&mut buf)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
+/// 1000 outbound and 500 inbound connections, each short-circuited (and
+/// the inbound ones steered by `sk_lookup`): every map, `INBOUND_STEERED`
+/// included, is back to where it started once they are closed.
 #[rstest]
 fn maps_return_to_baseline_after_1000_short_connections() {
     require_root!();
@@ -485,20 +530,34 @@ fn maps_return_to_baseline_after_1000_short_connections() {
     let echo = Server::start(&topo.srv, SRV_IP, 9000, Behaviour::Echo { write_size: 64 });
     let _agent = start_agent(&topo, RedirectMode::Ebpf, Placement::Outside, &[]);
     let _in_pod = topo.enter_pod_cgroup();
+    let app = Server::start(
+        &topo.pod,
+        Ipv4Addr::UNSPECIFIED,
+        8080,
+        Behaviour::Echo { write_size: 64 },
+    );
     let baseline = snapshot(&topo).maps;
     for i in 0..1000 {
-        let mut c = pod_connect(&topo, echo.addr);
-        c.write_all(b"0123456789").unwrap();
-        let mut buf = [0u8; 10];
-        c.read_exact(&mut buf)
-            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        round_trip(pod_connect(&topo, echo.addr), &format!("outbound {i}"));
     }
+    let inbound_to = SocketAddrV4::new(POD_IP, app.addr.port());
+    for i in 0..500 {
+        let c = topo
+            .srv
+            .run(|| TcpStream::connect_timeout(&inbound_to.into(), Duration::from_secs(5)))
+            .unwrap_or_else(|e| panic!("inbound connect {i}: {e}"));
+        round_trip(c, &format!("inbound {i}"));
+    }
+    assert!(
+        snapshot(&topo).counter(counter::INBOUND_STEERED) >= 500,
+        "inbound connections were not steered"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let now = snapshot(&topo);
         if now.maps == baseline {
             assert!(
-                now.counter(counter::SOCKHASH_INSERTED) >= 2000,
+                now.counter(counter::SOCKHASH_INSERTED) >= 3000,
                 "{:?}",
                 now.counters
             );
@@ -520,16 +579,30 @@ fn a_signal_detaches_everything(
 ) {
     require_root!();
     let topo = Topology::new();
+    // The agent (outside the pod) attaches sockops/getsockopt to its own
+    // cgroup too, which may hold other agents' programs: compare ids.
+    let own = agent::cgroup::own().unwrap();
+    let ids = |cg: &std::path::Path| -> Vec<u32> {
+        inspect::attached(cg)
+            .unwrap()
+            .into_iter()
+            .filter(|p| p.ours)
+            .map(|p| p.id)
+            .collect()
+    };
+    let before = ids(&own);
     let agent = start_agent(&topo, mode, Placement::Outside, &[]);
-    let root = agent::cgroup::cgroup2_root().unwrap();
     let iptables_save = || topo.pod.sh("iptables-legacy-save; iptables-nft-save");
+    let sk_lookup = || {
+        let ns = std::fs::File::open(topo.pod.path()).unwrap();
+        agent::bpf_sys::attached_names(&ns, agent::bpf_sys::attach_type::SK_LOOKUP).unwrap()
+    };
     match mode {
-        RedirectMode::Ebpf => assert!(
-            inspect::attached(topo.cgroup.path())
-                .unwrap()
-                .iter()
-                .any(|p| p.ours)
-        ),
+        RedirectMode::Ebpf => {
+            assert!(!ids(topo.cgroup.path()).is_empty());
+            assert!(ids(&own).len() > before.len(), "on the agent's cgroup");
+            assert_eq!(sk_lookup(), vec!["mesh_sk_lookup".to_owned()]);
+        }
         RedirectMode::Iptables => assert!(
             iptables_save().contains("ISTIO_OUTPUT"),
             "{}",
@@ -538,22 +611,24 @@ fn a_signal_detaches_everything(
     }
     let status = agent.stop_with(signal);
     assert!(status.success(), "agent exit: {status}");
-    for cg in [topo.cgroup.path(), root.as_path()] {
-        let ours: Vec<_> = inspect::attached(cg)
-            .unwrap()
-            .into_iter()
-            .filter(|p| p.ours)
-            .collect();
-        assert!(ours.is_empty(), "left on {}: {ours:?}", cg.display());
-    }
-    let refused = topo
-        .pod
-        .run(|| TcpStream::connect((Ipv4Addr::LOCALHOST, 15001)));
-    assert_eq!(
-        refused.unwrap_err().kind(),
-        ErrorKind::ConnectionRefused,
-        "listener left open"
+    assert!(
+        ids(topo.cgroup.path()).is_empty(),
+        "left on the pod's cgroup"
     );
+    assert_eq!(ids(&own), before, "left on the agent's cgroup");
+    assert!(sk_lookup().is_empty(), "sk_lookup left on the netns");
+    for addr in [
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001),
+        SocketAddrV4::new(POD_IP, 15006),
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15020),
+    ] {
+        let refused = topo.pod.run(|| TcpStream::connect(addr));
+        assert_eq!(
+            refused.unwrap_err().kind(),
+            ErrorKind::ConnectionRefused,
+            "listener {addr} left open"
+        );
+    }
     let cookie = topo.pod.open().cookie().unwrap();
     let pins: Vec<_> = agent::pins::all_instances(std::path::Path::new("/sys/fs/bpf"))
         .into_iter()

@@ -53,6 +53,10 @@ fn ebpf_mode_is_usable_on_this_kernel() {
         report.render()
     );
     assert!(report.usable(Mode::Ebpf));
+    assert!(report.usable(Mode::Iptables), "{}", report.render());
+    // Every probe a mode needs passes; what no mode needs is shown as "–"
+    // when missing, never as a failure.
+    assert!(!report.render().contains('✗'), "{}", report.render());
     let (json, code) = doctor_json_in_mount_ns("true");
     assert_eq!(code, 0, "doctor exit code");
     assert_eq!(json["modes"][0]["mode"], "ebpf");

@@ -22,7 +22,7 @@ use agent::{
 use agent_common::counter;
 use rstest::rstest;
 use tests::{
-    Agent, PollStream, RedirectMode, Topology,
+    Agent, PollStream, RedirectMode, Topology, admin,
     agent_proc::run_to_end,
     farm::{AsyncEcho, block_on_in, runtime_in},
     haproxy::Haproxy,
@@ -71,35 +71,6 @@ fn pins_of(topo: &Topology) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-/// GET `path` from the admin server inside the pod.
-fn admin_get(topo: &Topology, path: &str) -> (u16, String) {
-    let mut s = topo
-        .pod
-        .run(|| TcpStream::connect((Ipv4Addr::LOCALHOST, 15020)))
-        .expect("admin listens");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n").as_bytes())
-        .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let code = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (code, body)
-}
-
-/// The value of a metric line (exact name with labels) in Prometheus text.
-fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 #[rstest]
 fn admin_serves_ready_health_and_metrics_equal_to_what_the_client_did(
     #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
@@ -115,11 +86,11 @@ fn admin_serves_ready_health_and_metrics_equal_to_what_the_client_did(
     let netns = topo.pod.path();
     let agent = Agent::run(&base_args(&topo, netns.to_str().unwrap(), mode), None);
     assert_eq!(
-        admin_get(&topo, "/ready"),
+        admin::get(&topo, "/ready"),
         (200, "ready\nfail-policy: closed\n".to_owned())
     );
-    assert_eq!(admin_get(&topo, "/healthz").0, 200);
-    assert_eq!(admin_get(&topo, "/nope").0, 404);
+    assert_eq!(admin::get(&topo, "/healthz").0, 200);
+    assert_eq!(admin::get(&topo, "/nope").0, 404);
     {
         let _in_pod = topo.enter_pod_cgroup();
         for _ in 0..5 {
@@ -132,8 +103,8 @@ fn admin_serves_ready_health_and_metrics_equal_to_what_the_client_did(
     // Connections close asynchronously; wait for the proxy to count them.
     let deadline = Instant::now() + Duration::from_secs(5);
     let text = loop {
-        let (_, text) = admin_get(&topo, "/metrics");
-        if metric(
+        let (_, text) = admin::get(&topo, "/metrics");
+        if admin::metric(
             &text,
             "mesh_redirect_proxy_connections_open{direction=\"outbound\"}",
         ) == Some(0)
@@ -144,7 +115,7 @@ fn admin_serves_ready_health_and_metrics_equal_to_what_the_client_did(
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(
-        metric(
+        admin::metric(
             &text,
             "mesh_redirect_proxy_connections_total{direction=\"outbound\"}"
         ),
@@ -152,23 +123,23 @@ fn admin_serves_ready_health_and_metrics_equal_to_what_the_client_did(
         "{text}"
     );
     assert_eq!(
-        metric(
+        admin::metric(
             &text,
             "mesh_redirect_proxy_bytes_total{direction=\"outbound\",flow=\"to_upstream\"}"
         ),
         Some(50)
     );
     assert_eq!(
-        metric(
+        admin::metric(
             &text,
             "mesh_redirect_proxy_bytes_total{direction=\"outbound\",flow=\"to_client\"}"
         ),
         Some(50)
     );
-    assert_eq!(metric(&text, "mesh_redirect_ready"), Some(1));
+    assert_eq!(admin::metric(&text, "mesh_redirect_ready"), Some(1));
     if mode == RedirectMode::Ebpf {
         assert_eq!(
-            metric(
+            admin::metric(
                 &text,
                 "mesh_redirect_redirects_total{direction=\"outbound\"}"
             ),
@@ -176,12 +147,15 @@ fn admin_serves_ready_health_and_metrics_equal_to_what_the_client_did(
             "{text}"
         );
         assert_eq!(
-            metric(&text, "mesh_redirect_getsockopt_total{result=\"answered\"}"),
+            admin::metric(&text, "mesh_redirect_getsockopt_total{result=\"answered\"}"),
             Some(5)
         );
-        assert!(metric(&text, "mesh_redirect_sk_msg_total{verdict=\"redirected\"}").unwrap() >= 10);
+        assert!(
+            admin::metric(&text, "mesh_redirect_sk_msg_total{verdict=\"redirected\"}").unwrap()
+                >= 10
+        );
         assert_eq!(
-            metric(&text, "mesh_redirect_sk_msg_total{verdict=\"passed\"}"),
+            admin::metric(&text, "mesh_redirect_sk_msg_total{verdict=\"passed\"}"),
             Some(0)
         );
         assert!(
@@ -248,7 +222,7 @@ fn sigterm_drains_open_connections_then_stops() {
     open.write_all(b"during").unwrap();
     open.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"during");
-    assert_eq!(admin_get(&topo, "/ready").0, 503);
+    assert_eq!(admin::get(&topo, "/ready").0, 503);
     // New connects are refused (fail closed) while draining.
     let refused = topo
         .pod
@@ -453,15 +427,15 @@ fn the_fail_policy_decides_while_no_proxy_listens(#[case] flag: &[&str], #[case]
     args.extend(["--proxy", "external"]);
     args.extend(flag);
     let _agent = Agent::run(&args, None);
-    let (_, text) = admin_get(&topo, "/metrics");
+    let (_, text) = admin::get(&topo, "/metrics");
     assert_eq!(
-        metric(&text, "mesh_redirect_fail_open"),
+        admin::metric(&text, "mesh_redirect_fail_open"),
         Some(u64::from(open)),
         "{text}"
     );
     let policy = if open { "open" } else { "closed" };
     assert!(text.contains(&format!("fail_policy=\"{policy}\"")));
-    let (_, ready) = admin_get(&topo, "/ready");
+    let (_, ready) = admin::get(&topo, "/ready");
     assert!(
         ready.contains(&format!("fail-policy: {policy}\n")),
         "{ready}"
@@ -814,9 +788,9 @@ fn heavy_ten_thousand_held_then_a_thousand_a_second_for_a_minute() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (_, text) = admin_get(&topo, "/metrics");
+    let (_, text) = admin::get(&topo, "/metrics");
     assert_eq!(
-        metric(
+        admin::metric(
             &text,
             "mesh_redirect_proxy_connections_total{direction=\"outbound\"}"
         ),
@@ -824,7 +798,7 @@ fn heavy_ten_thousand_held_then_a_thousand_a_second_for_a_minute() {
         "{text}"
     );
     assert_eq!(
-        metric(
+        admin::metric(
             &text,
             "mesh_redirect_redirects_total{direction=\"outbound\"}"
         ),

@@ -1,0 +1,58 @@
+//! The agent's admin server, as a test reads it (inside the pod's
+//! namespace, at its default address).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use crate::Topology;
+
+/// GET `path` from the admin server inside the pod.
+#[must_use]
+pub fn get(topo: &Topology, path: &str) -> (u16, String) {
+    let mut s = topo
+        .pod
+        .run(|| TcpStream::connect((Ipv4Addr::LOCALHOST, 15020)))
+        .expect("admin listens");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// The value of a metric line (exact name with labels) in Prometheus text.
+#[must_use]
+pub fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Proxied connections the built-in proxy accepted, by direction
+/// (`outbound`/`inbound`), once the count has reached at least `at_least`
+/// (connections are counted as the proxy gets to them) or 5 s passed.
+#[must_use]
+pub fn proxied(topo: &Topology, direction: &str, at_least: u64) -> u64 {
+    let name = format!("mesh_redirect_proxy_connections_total{{direction=\"{direction}\"}}");
+    let deadline = Instant::now() + crate::scaled(Duration::from_secs(5));
+    loop {
+        let (_, text) = get(topo, "/metrics");
+        let n = metric(&text, &name).unwrap_or(0);
+        if n >= at_least || Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
