@@ -54,6 +54,7 @@ goldens![
     "outbound-owner-groups",
     "outbound-owner-groups-exclude",
     "ipv6-dns-outbound-owner-groups-exclude",
+    "ipv6-capture-all-dns-outbound-owner-groups-exclude",
     "basic-exclude-nic",
     "drop-invalid",
     "host-ipv4-loopback-cidr",
@@ -197,7 +198,14 @@ fn config(name: &str) -> Config {
         "outbound-owner-groups-exclude" => {
             c.owner_groups = OwnerGroups::AllExcept(strings(&["888", "ftp"]));
         }
+        // istio's case: DNS capture asked for, but no DNS servers, so off.
         "ipv6-dns-outbound-owner-groups-exclude" => {
+            c.enable_ipv6 = true;
+            c.redirect_dns = true;
+            c.owner_groups = OwnerGroups::AllExcept(strings(&["888", "ftp"]));
+        }
+        // Ours: the same with --capture-all-dns, so the DNS rules are there.
+        "ipv6-capture-all-dns-outbound-owner-groups-exclude" => {
             c.enable_ipv6 = true;
             c.redirect_dns = true;
             c.capture_all_dns = true;
