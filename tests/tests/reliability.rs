@@ -277,7 +277,7 @@ fn sigkill_with_an_external_proxy_disturbs_nothing_and_the_restart_adopts() {
 
     let mut conn = pod_poll_connect(&topo, echo.addr);
     let transfer = std::thread::spawn(move || {
-        tests::transfer::echo_round_trip(&mut conn, 256 << 20, 16 * 1024)
+        tests::transfer::echo_round_trip(&mut conn, tests::bulk_bytes(256 << 20), 16 * 1024)
     });
     std::thread::sleep(Duration::from_millis(300));
     let pid = i32::try_from(agent.pid()).unwrap();
