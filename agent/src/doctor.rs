@@ -98,14 +98,11 @@ impl Report {
             .map(|p| p.name.chars().count())
             .max()
             .unwrap_or(0);
-        for p in &self.probes {
-            // A missing thing no mode needs (one iptables backend of two,
-            // an optional program) is not a failure: "–".
-            let mark = match (p.ok, p.needed_by.is_empty()) {
-                (true, _) => "✓",
-                (false, true) => "–",
-                (false, false) => "✗",
-            };
+        // A missing thing no mode needs (one iptables backend of two, an
+        // optional program) is not a failure: listed after the modes.
+        let optional_missing = |p: &&Probe| !p.ok && p.needed_by.is_empty();
+        for p in self.probes.iter().filter(|p| !optional_missing(p)) {
+            let mark = if p.ok { "✓" } else { "✗" };
             let pad = width - p.name.chars().count();
             let _ = writeln!(out, "{mark} {}{}  {}", p.name, " ".repeat(pad), p.detail);
         }
@@ -120,6 +117,13 @@ impl Report {
                     m.mode.name(),
                     m.missing.join(", ")
                 );
+            }
+        }
+        let optional: Vec<&Probe> = self.probes.iter().filter(optional_missing).collect();
+        if !optional.is_empty() {
+            out.push_str("\nnot here, and no mode needs it:\n");
+            for p in optional {
+                let _ = writeln!(out, "– {}: {}", p.name, p.detail);
             }
         }
         out
@@ -384,12 +388,21 @@ pub(crate) fn verifier_verdict(error: &str) -> String {
         .next()
         .unwrap_or_default()
         .trim_end_matches('.');
-    let reason = error.lines().rev().map(str::trim).find(|l| {
-        !l.is_empty()
-            && !l.starts_with("verification time")
-            && !l.starts_with("stack depth")
-            && !l.starts_with("processed ")
-    });
+    // The verifier's reason, if it gave one: its last telling line (the
+    // first line is the syscall's error, with the log's start appended).
+    let reason = error
+        .split_once('\n')
+        .map(|(_, log)| log)
+        .unwrap_or_default()
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| {
+            !l.is_empty()
+                && !l.starts_with("verification time")
+                && !l.starts_with("stack depth")
+                && !l.starts_with("processed ")
+        });
     match reason {
         Some(r) if !first.contains(r) => format!("{first}: {r}"),
         _ => first.to_owned(),
@@ -614,6 +627,13 @@ mod tests {
             "eBPF program mesh_getsockopt: the BPF_PROG_LOAD syscall returned Permission denied (os error 13): R9 pointer arithmetic on sock prohibited"
         );
         assert_eq!(verifier_verdict("no object embedded"), "no object embedded");
+        // Refused before the verifier ran: no reason to add.
+        assert_eq!(
+            verifier_verdict(
+                "the BPF_PROG_LOAD syscall returned Operation not permitted (os error 1). Verifier output:"
+            ),
+            "the BPF_PROG_LOAD syscall returned Operation not permitted (os error 1)"
+        );
     }
 
     #[test]
@@ -630,7 +650,11 @@ mod tests {
         let text = r.render();
         assert!(text.contains("✓ a "));
         assert!(text.contains("✗ bb"));
-        assert!(text.contains("– opt"), "optional and missing: {text}");
+        assert!(
+            text.contains("\nnot here, and no mode needs it:\n– opt: "),
+            "optional and missing: {text}"
+        );
+        assert!(!text.contains("✗ opt") && !text.contains("✓ opt"), "{text}");
         assert!(text.contains("mode ebpf     NOT usable: missing bb"));
     }
 }
