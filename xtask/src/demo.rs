@@ -104,7 +104,7 @@ pub fn run() -> Result<()> {
         )
     };
 
-    let cgroup = cgroup2_root()?.join("mrdemo-app");
+    let cgroup = crate::host::cgroup2_root()?.join("mrdemo-app");
     let mut env = Environment {
         cgroup: cgroup.clone(),
         agent: None,
@@ -133,18 +133,6 @@ pub fn run() -> Result<()> {
         bail!("the short-circuit did not carry every request (see the table)");
     }
     Ok(())
-}
-
-fn cgroup2_root() -> Result<PathBuf> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
-    mountinfo
-        .lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let mount_point = pre.split(' ').nth(4)?;
-            (post.split(' ').next()? == "cgroup2").then(|| PathBuf::from(mount_point))
-        })
-        .context("no cgroup2 mount in /proc/self/mountinfo")
 }
 
 fn create_topology(cgroup: &Path) -> Result<()> {

@@ -1,10 +1,13 @@
 //! Project automation: `cargo xtask <command>`.
 
+mod bench;
 mod build;
 mod cmd;
 mod demo;
+mod host;
 mod setup;
 mod test;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -34,6 +37,13 @@ enum Command {
     /// The main job: two throwaway network namespaces, an HTTP server in
     /// one, the agent serving the other, curl through it, a table.
     Demo,
+    /// Benchmark every redirect mode (and HAProxy) against each other,
+    /// interleaved, on fixed CPUs; a Markdown report and an SVG chart
+    /// under target/bench/.
+    Bench(bench::Options),
+    /// The kernel integration tests inside qemu guests booted with Debian's
+    /// kernels (default: 6.1 and 6.12).
+    VmTest(vm::Options),
     /// Build, then run the agent with these arguments (e.g. `doctor`).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -68,6 +78,8 @@ fn run(command: Command) -> Result<()> {
             kernel_only,
         } => test::run(filter.as_deref(), kernel_only)?,
         Command::Demo => demo::run()?,
+        Command::Bench(opts) => bench::run(&opts)?,
+        Command::VmTest(opts) => vm::run(&opts)?,
         Command::Run { args } => {
             let tc = setup::ensure(&[])?;
             let bin = build::build(&tc, true)?;

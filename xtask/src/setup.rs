@@ -41,7 +41,7 @@ pub enum Need {
     Demo,
     /// HAProxy, the peer proxy `bench` compares against.
     Bench,
-    /// qemu, cpio and kmod for `vm-test`.
+    /// qemu and kmod for `vm-test` (it writes its initramfs itself).
     Vm,
 }
 
@@ -72,7 +72,6 @@ impl Need {
             ],
             Self::Vm => &[
                 ("qemu-system-x86", "vm-test boots Debian kernels under qemu"),
-                ("cpio", "vm-test packs an initramfs"),
                 (
                     "kmod",
                     "vm-test indexes the guest kernel's modules (depmod); the guest loads them (modprobe)",
