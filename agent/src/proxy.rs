@@ -23,7 +23,7 @@ use std::{
     os::fd::{AsRawFd, RawFd},
     sync::{
         Arc,
-        atomic::{AtomicU8, AtomicU64, Ordering},
+        atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -201,6 +201,8 @@ impl Stats {
 /// A running proxy.
 pub struct ProxyHandle {
     phase: Arc<AtomicU8>,
+    /// Workers whose accept loops still run.
+    accepting: Arc<AtomicUsize>,
     threads: Vec<JoinHandle<()>>,
     pub stats: Arc<Stats>,
 }
@@ -226,6 +228,19 @@ struct Worker {
     stats: Arc<Stats>,
     limit: Arc<Semaphore>,
     phase: Arc<AtomicU8>,
+    /// Held while this worker may still accept.
+    accepting: Accepting,
+}
+
+/// Counts the workers that may still accept a connection: one each until
+/// its accept loops have ended, so [`ProxyHandle::drain`] does not see "no
+/// connection open" while one is being accepted.
+struct Accepting(Arc<AtomicUsize>);
+
+impl Drop for Accepting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Release);
+    }
 }
 
 /// What the workers should be doing, set by [`ProxyHandle`] and polled by
@@ -256,6 +271,7 @@ impl Worker {
             stats,
             limit,
             phase,
+            accepting,
         } = self;
         // The runtime is built before the table is unshared (see
         // `Worker`): its epoll, eventfd and signal-pipe descriptors stay
@@ -350,8 +366,10 @@ impl Worker {
                 Some(l) => drop(tokio::join!(out, serve(l, Direction::Inbound))),
                 None => out.await,
             }
-            // Accepting stopped: live connections carry on until they end or
-            // we are told to close them all.
+            // Accepting stopped (every connection accepted is counted open
+            // by now): live connections carry on until they end or we are
+            // told to close them all.
+            drop(accepting);
             let _ = stop_accepting.wait_for(|s| *s).await;
             let _ = close_all.wait_for(|c| *c).await;
         });
@@ -453,6 +471,7 @@ impl ProxyHandle {
     ) -> Result<Self, ProxyError> {
         let workers = config.worker_threads.max(1);
         let phase = Arc::new(AtomicU8::new(SERVING));
+        let accepting = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(Stats::default());
         let config = Arc::new(config);
         // Every worker may take every connection until we know how many its
@@ -467,6 +486,7 @@ impl ProxyHandle {
             let spawned = (|| {
                 let copies = listeners.try_clone().map_err(ProxyError::Runtime)?;
                 let ours: Vec<RawFd> = copies.raw_fds().collect();
+                accepting.fetch_add(1, Ordering::Relaxed);
                 let worker = Worker {
                     netns: netns.try_clone().map_err(ProxyError::Runtime)?,
                     listeners: copies,
@@ -474,6 +494,7 @@ impl ProxyHandle {
                     stats: Arc::clone(&stats),
                     limit: Arc::clone(&limit),
                     phase: Arc::clone(&phase),
+                    accepting: Accepting(Arc::clone(&accepting)),
                 };
                 let (ready, ready_rx) = std::sync::mpsc::channel();
                 let thread = std::thread::Builder::new()
@@ -535,6 +556,7 @@ impl ProxyHandle {
         info!(outbound = %config.outbound, inbound = ?config.inbound, mark = config.mark, workers, max_connections = max, "proxy: listeners up");
         Ok(Self {
             phase,
+            accepting,
             threads: threads.into_iter().map(|(t, _)| t).collect(),
             stats,
         })
@@ -547,13 +569,17 @@ impl ProxyHandle {
         self.phase.fetch_max(STOP_ACCEPTING, Ordering::Relaxed);
     }
 
-    /// Waits until no connection is open or `deadline` passes; returns how
-    /// many were still open.
+    /// After [`Self::stop_accepting`]: waits until every worker stopped
+    /// accepting and no connection is open, or `deadline` passes; returns
+    /// how many were still open.
     #[must_use = "the connections still open"]
     pub fn drain(&self, deadline: Instant) -> u64 {
         loop {
+            // Accept loops first: a connection accepted is counted open
+            // before its worker's loop ends.
+            let accepting = self.accepting.load(Ordering::Acquire);
             let open = self.stats.open();
-            if open == 0 || Instant::now() >= deadline {
+            if (accepting == 0 && open == 0) || Instant::now() >= deadline {
                 return open;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -627,13 +653,14 @@ async fn serve(
             socket::reset_on_close(&client);
             continue;
         };
+        let open = OpenGuard::new(&stats, direction);
         next_id += 1;
         let span = info_span!("conn", dir = direction.name(), id = next_id, src = %peer, dst = tracing::field::Empty);
         let (config, stats, mut close_all) =
             (Arc::clone(&config), Arc::clone(&stats), close_all.clone());
         tokio::spawn(
             async move {
-                let _permits = (permit, room);
+                let _held = (permit, room, open);
                 tokio::select! {
                     () = handle(client, direction, &config, &stats) => {}
                     _ = close_all.wait_for(|c| *c) => debug!("closed at shutdown"),
@@ -645,26 +672,29 @@ async fn serve(
     debug!(direction = direction.name(), "proxy: stopped accepting");
 }
 
-/// Counts a connection open for as long as it lives.
-struct OpenGuard<'a>(&'a DirectionStats);
+/// Counts a connection open from its accept for as long as it lives.
+struct OpenGuard(Arc<Stats>, Direction);
 
-impl<'a> OpenGuard<'a> {
-    fn new(stats: &'a DirectionStats) -> Self {
-        stats.connections_total.fetch_add(1, Ordering::Relaxed);
-        stats.connections_open.fetch_add(1, Ordering::Relaxed);
-        Self(stats)
+impl OpenGuard {
+    fn new(stats: &Arc<Stats>, direction: Direction) -> Self {
+        let d = stats.direction(direction);
+        d.connections_total.fetch_add(1, Ordering::Relaxed);
+        d.connections_open.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(stats), direction)
     }
 }
 
-impl Drop for OpenGuard<'_> {
+impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+        self.0
+            .direction(self.1)
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 async fn handle(mut client: TcpStream, direction: Direction, config: &ProxyConfig, stats: &Stats) {
     let dstats = stats.direction(direction);
-    let _open = OpenGuard::new(dstats);
     let _ = client.set_nodelay(true);
     let dst = match socket::original_dst(&client) {
         Ok(dst) => dst,
