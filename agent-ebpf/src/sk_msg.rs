@@ -80,9 +80,8 @@ pub fn sk_msg(ctx: &SkMsgContext) {
     let size = u64::from(md.size);
     // SAFETY: a value of our hash map, written concurrently by the reader's
     // side only (an aligned u64: never torn).
-    let queued = state
-        .sent
-        .wrapping_sub(unsafe { core::ptr::read_volatile(read) });
+    let read = unsafe { core::ptr::read_volatile(read) };
+    let queued = state.sent.wrapping_sub(read);
     if queued.saturating_add(size) > queue_limit() {
         // The reader fell behind: TCP from now on, which holds us back.
         debug!(
@@ -91,7 +90,7 @@ pub fn sk_msg(ctx: &SkMsgContext) {
             peer.dst_port,
             peer.src_port,
             state.sent,
-            unsafe { core::ptr::read_volatile(read) },
+            read,
             size
         );
         state.verdict = SockState::VERDICT_PASS;

@@ -9,8 +9,12 @@
 //!
 //! The file is turned into those flags before clap sees the command line,
 //! so every value is checked by the same parser, with the same messages,
-//! as on the command line; anything wrong is reported with the file's path
-//! and the line, before anything is attached or written.
+//! as on the command line. Before anything is attached or written: a
+//! syntax error, an unknown key or a value of the wrong type is reported
+//! with the file's path and line; a value the flag's parser refuses with
+//! the path and the flag; a bad rule list (checked later) with the flag.
+//! A switch set in the file cannot be unset on the command line (but
+//! `--fail-open`/`--fail-closed` override each other).
 
 use std::{
     ffi::{OsStr, OsString},

@@ -194,14 +194,25 @@ pub fn run(opts: &Options) -> Report {
     }
     let can_mount = caps.as_ref().is_ok_and(|c| c.has(caps::CAP_SYS_ADMIN));
     probes.push(bpffs_probe(&mounts, can_mount));
-    for (id, bin) in [
+    let backends: Vec<Probe> = [
         ("iptables.legacy", "iptables-legacy"),
         ("iptables.nft", "iptables-nft"),
-    ] {
+    ]
+    .into_iter()
+    .map(|(id, bin)| {
         let (ok, detail) = iptables_probe(bin);
-        // Either backend will do: neither is individually required.
-        probes.push(Probe::new(id, &format!("{bin} nat table"), ok, detail, &[]));
-    }
+        Probe::new(id, &format!("{bin} nat table"), ok, detail, &[])
+    })
+    .collect();
+    // Either backend will do: neither is required while the other works;
+    // with neither, both are what the iptables mode lacks (✗ rows).
+    let none = !backends.iter().any(|p| p.ok);
+    probes.extend(backends.into_iter().map(|mut p| {
+        if none {
+            p.needed_by = vec![Mode::Iptables];
+        }
+        p
+    }));
     let modes = modes(&probes);
     Report { probes, modes }
 }
@@ -388,12 +399,11 @@ pub(crate) fn verifier_verdict(error: &str) -> String {
         .next()
         .unwrap_or_default()
         .trim_end_matches('.');
-    // The verifier's reason, if it gave one: its last telling line (the
-    // first line is the syscall's error, with the log's start appended).
+    // The verifier's reason, if it gave one: the last telling line of its
+    // log (empty when the kernel refused the load before verifying).
     let reason = error
-        .split_once('\n')
-        .map(|(_, log)| log)
-        .unwrap_or_default()
+        .split_once("Verifier output:")
+        .map_or("", |(_, log)| log)
         .lines()
         .rev()
         .map(str::trim)

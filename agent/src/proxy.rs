@@ -237,6 +237,13 @@ struct Worker {
 /// connection open" while one is being accepted.
 struct Accepting(Arc<AtomicUsize>);
 
+impl Accepting {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(count))
+    }
+}
+
 impl Drop for Accepting {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Release);
@@ -486,7 +493,6 @@ impl ProxyHandle {
             let spawned = (|| {
                 let copies = listeners.try_clone().map_err(ProxyError::Runtime)?;
                 let ours: Vec<RawFd> = copies.raw_fds().collect();
-                accepting.fetch_add(1, Ordering::Relaxed);
                 let worker = Worker {
                     netns: netns.try_clone().map_err(ProxyError::Runtime)?,
                     listeners: copies,
@@ -494,7 +500,7 @@ impl ProxyHandle {
                     stats: Arc::clone(&stats),
                     limit: Arc::clone(&limit),
                     phase: Arc::clone(&phase),
-                    accepting: Accepting(Arc::clone(&accepting)),
+                    accepting: Accepting::new(&accepting),
                 };
                 let (ready, ready_rx) = std::sync::mpsc::channel();
                 let thread = std::thread::Builder::new()

@@ -56,7 +56,8 @@ pub struct RunArgs {
     /// Read settings from this TOML file first: each key is one of these
     /// flags without its dashes (`outbound-port = 15001`, `no-inbound =
     /// true`, `outbound-ip-ranges-exclude = ["10.0.0.0/8"]`); flags given here
-    /// override it. Expanded before parsing (see `agent::config`).
+    /// override its values (a switch it turns on stays on). Expanded before
+    /// parsing (see `agent::config`).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Redirect mode.
@@ -122,7 +123,7 @@ pub struct RunArgs {
     pub drain_timeout_secs: u64,
     /// While no proxy listens, let connections go where they were going
     /// (eBPF mode only). Default: fail closed.
-    #[arg(long, conflicts_with = "fail_closed")]
+    #[arg(long, overrides_with = "fail_closed")]
     pub fail_open: bool,
     /// While no proxy listens, refuse connections, as iptables REDIRECT to
     /// a closed port does (the default).
@@ -681,4 +682,32 @@ async fn wait(
         "shutting down"
     );
     Ok(stop)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::RunArgs;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> RunArgs {
+        Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
+            .unwrap()
+            .run
+    }
+
+    /// A config file's `fail-open = true` can be overridden by
+    /// `--fail-closed` on the command line (and the other way round).
+    #[test]
+    fn the_later_fail_policy_wins() {
+        assert!(!parse(&["--fail-open", "--fail-closed"]).fail_open);
+        assert!(parse(&["--fail-closed", "--fail-open"]).fail_open);
+        assert!(!parse(&[]).fail_open);
+    }
 }

@@ -42,7 +42,7 @@ pub fn metric(text: &str, name: &str) -> Option<u64> {
 
 /// Proxied connections the built-in proxy accepted, by direction
 /// (`outbound`/`inbound`), once the count has reached at least `at_least`
-/// (connections are counted as the proxy gets to them) or 5 s passed.
+/// or 5 s passed (the admin server reads the count asynchronously).
 #[must_use]
 pub fn proxied(topo: &Topology, direction: &str, at_least: u64) -> u64 {
     let name = format!("mesh_redirect_proxy_connections_total{{direction=\"{direction}\"}}");

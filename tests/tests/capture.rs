@@ -168,24 +168,11 @@ fn the_proxys_connects_to_a_local_app_are_captured_inbound(
     let _agent = start_agent(&topo, mode, &[]);
     let _in_pod = topo.enter_pod_cgroup();
     let proxy = FakeProxy::new(&topo);
-    let connect_as_proxy = |dst: SocketAddrV4| {
-        let ns = topo.pod.open();
-        std::thread::spawn(move || {
-            ns.enter().expect("enter the pod's netns");
-            // SAFETY: the raw syscall changes this thread's ids only (glibc's
-            // wrapper would change every thread's); the thread ends here.
-            let rc = unsafe { libc::syscall(libc::SYS_setresuid, 1337, 1337, 1337) };
-            assert_eq!(rc, 0, "setresuid");
-            TcpStream::connect_timeout(&dst.into(), tests::scaled(Duration::from_millis(300)))
-        })
-        .join()
-        .expect("connecting thread")
-    };
     let local_app = SocketAddrV4::new(POD_IP, 8080);
-    let _ = connect_as_proxy(local_app);
+    connect_as(&topo, Ids::Uid1337, local_app);
     assert_eq!(landed(&proxy.inbound), Landed::Proxy(local_app));
     let elsewhere = SocketAddrV4::new(SRV_IP, 9000);
-    let _ = connect_as_proxy(elsewhere);
+    connect_as(&topo, Ids::Uid1337, elsewhere);
     assert_eq!(landed(&proxy.outbound), Landed::Direct);
 }
 
@@ -453,10 +440,11 @@ fn a_config_file_sets_runs_flags_and_a_bad_one_is_named() {
         ],
         None,
     );
+    // The file's mode, not auto's choice (which would log "mode auto:").
+    let log = agent.log_text();
     assert!(
-        agent.log_text().contains("mode=\"ebpf\""),
-        "{}",
-        agent.log_text()
+        log.contains("mode=\"ebpf\"") && !log.contains("mode auto:"),
+        "{log}"
     );
     assert!(
         agent.log_text().contains("outbound_port=15001"),

@@ -478,7 +478,9 @@ fn connect_per_request(addr: SocketAddrV4, duration: Duration) -> Result<ClientR
         || {
             let s = connect(addr)?;
             write_all(&s, GET_CLOSE)?;
-            read_response_to_eof(&s, &mut buf, || {})?;
+            if !read_response_to_eof(&s, &mut buf, || {})? {
+                bail!("the response body does not match its X-Sha256");
+            }
             Ok(())
         },
     )
