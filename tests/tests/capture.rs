@@ -23,25 +23,27 @@ use tests::{
     topology::{POD_IP, SRV_IP},
 };
 
-fn start_agent(topo: &Topology, mode: RedirectMode, extra: &[&str]) -> Agent {
+/// The agent serving the test's pod in `mode`, with `extra` flags.
+fn run_agent(topo: &Topology, mode: RedirectMode, extra: &[&str]) -> Agent {
     let netns = topo.pod.path();
-    let args = [
-        &[
-            "--mode",
-            mode.arg(),
-            "--netns",
-            netns.to_str().unwrap(),
-            "--cgroup",
-            topo.cgroup.path().to_str().unwrap(),
-            "--proxy",
-            "external",
-            "--proxy-uid",
-            "1337",
-        ][..],
-        extra,
-    ]
-    .concat();
-    Agent::run(&args, None)
+    let base = [
+        "--mode",
+        mode.arg(),
+        "--netns",
+        netns.to_str().unwrap(),
+        "--cgroup",
+        topo.cgroup.path().to_str().unwrap(),
+    ];
+    Agent::run(&[&base[..], extra].concat(), None)
+}
+
+/// [`run_agent`] for an external proxy running as uid 1337.
+fn start_agent(topo: &Topology, mode: RedirectMode, extra: &[&str]) -> Agent {
+    run_agent(
+        topo,
+        mode,
+        &[&["--proxy", "external", "--proxy-uid", "1337"][..], extra].concat(),
+    )
 }
 
 /// The test's stand-ins for the proxy's listeners, in the pod (created
@@ -219,22 +221,7 @@ fn a_bypass_identity_exempts_only_itself(
 ) {
     require_root!();
     let topo = Topology::new();
-    let netns = topo.pod.path();
-    let _agent = Agent::run(
-        &[
-            "--mode",
-            mode.arg(),
-            "--netns",
-            netns.to_str().unwrap(),
-            "--cgroup",
-            topo.cgroup.path().to_str().unwrap(),
-            "--proxy",
-            "external",
-            flag,
-            "1337",
-        ],
-        None,
-    );
+    let _agent = run_agent(&topo, mode, &["--proxy", "external", flag, "1337"]);
     let _in_pod = topo.enter_pod_cgroup();
     let proxy = FakeProxy::new(&topo);
     let dst = SocketAddrV4::new(SRV_IP, 9000);
@@ -550,18 +537,7 @@ fn inbound_reaches_the_app_from_the_passthrough_source(
 ) {
     require_root!();
     let topo = Topology::new();
-    let netns = topo.pod.path();
-    let _agent = Agent::run(
-        &[
-            "--mode",
-            mode.arg(),
-            "--netns",
-            netns.to_str().unwrap(),
-            "--cgroup",
-            topo.cgroup.path().to_str().unwrap(),
-        ],
-        None,
-    );
+    let _agent = run_agent(&topo, mode, &[]);
     let app = {
         let _in_pod = topo.enter_pod_cgroup();
         Server::start(
