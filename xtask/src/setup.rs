@@ -6,14 +6,23 @@
 //! installed. A rustup nightly with `rust-src` is used where one exists (a
 //! developer's machine); otherwise Debian's `rustc-web`/`cargo-web`/
 //! `rust-web-src`, whose sources match `/usr/bin/rustc` exactly. `bpf-linker`
-//! must be built against the same LLVM major version as that compiler.
+//! must be built against the same LLVM major version as that compiler, and
+//! the pinned bpf-linker supports only some LLVM majors: a compiler with
+//! another one is not fit, whatever apt calls its newest.
 //!
 //! Every step checks first and changes nothing when its piece is present.
+//! Before its first install, setup refreshes the package lists once: a new
+//! machine's lists are the image's, where bookworm offers rustc-web 1.85
+//! (LLVM 19) and the current 1.96 (LLVM 22) is in bookworm-security. When
+//! even the refreshed lists have nothing fit, it fails naming what it found
+//! and what it needs.
 
 use std::{
     env,
+    ops::RangeInclusive,
     path::{Path, PathBuf},
     process::Command,
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -84,17 +93,44 @@ impl Need {
 const DEBIAN_RUST: [&str; 3] = ["rustc-web", "cargo-web", "rust-web-src"];
 const DEBIAN_RUST_SRC: &str = "/usr/lib/rustlib/src/rust/library";
 
+/// The bpf-linker release setup installs, and the LLVM majors it has a
+/// cargo feature for (`llvm-21` .. `llvm-23`): the eBPF compiler must be
+/// built with one of them.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPF_LINKER_LLVM: RangeInclusive<u32> = 21..=23;
+/// The oldest compiler the workspace builds with (its `rust-version`).
+const MIN_RUSTC: (u32, u32) = (1, 87);
+
 /// Ensures the eBPF toolchain (and what `needs` asks for) is present,
 /// installing what is missing. Returns the toolchain to build with.
 pub fn ensure(needs: &[Need]) -> Result<EbpfToolchain> {
     let toolchain = ensure_compiler()?;
     ensure_bpf_linker(&toolchain)?;
-    let pkgs: Vec<(&str, &str)> = needs
-        .iter()
-        .flat_map(|n| n.packages().iter().copied())
-        .collect();
+    let mut pkgs: Vec<(&str, &str)> = Vec::new();
+    for pkg in needs.iter().flat_map(|n| n.packages()) {
+        if !pkgs.iter().any(|(p, _)| *p == pkg.0) {
+            pkgs.push(*pkg);
+        }
+    }
     apt_ensure(&pkgs)?;
     Ok(toolchain)
+}
+
+/// Why a compiler cannot build the eBPF crate, or `None` when it can.
+fn unfit(version: (u32, u32), llvm_major: u32) -> Option<String> {
+    if version < MIN_RUSTC {
+        return Some(format!(
+            "the workspace needs rustc {}.{} or later",
+            MIN_RUSTC.0, MIN_RUSTC.1
+        ));
+    }
+    (!BPF_LINKER_LLVM.contains(&llvm_major)).then(|| {
+        format!(
+            "bpf-linker {BPF_LINKER_VERSION} supports LLVM {}-{} only",
+            BPF_LINKER_LLVM.start(),
+            BPF_LINKER_LLVM.end()
+        )
+    })
 }
 
 fn ensure_compiler() -> Result<EbpfToolchain> {
@@ -107,24 +143,85 @@ fn ensure_compiler() -> Result<EbpfToolchain> {
     }
     let why = "no rustup nightly with rust-src here; Debian's rustc-web ships \
                the compiler with its exact std sources for -Z build-std";
-    apt_ensure(&DEBIAN_RUST.map(|p| (p, why)))?;
+    if let Some(tc) = debian_rust()? {
+        return Ok(tc);
+    }
+    // Missing, or too old for bpf-linker: a new machine's package lists are
+    // the image's, so ask the registry for its current ones first.
+    refresh_lists()?;
+    apt_install(&DEBIAN_RUST.map(|p| (p, why)))?;
+    if let Some(tc) = debian_rust()? {
+        return Ok(tc);
+    }
+    let found = stdout_of(Command::new("/usr/bin/rustc").arg("-vV")).unwrap_or_default();
+    bail!(
+        "the package registry offers no fit eBPF compiler: after `apt-get update`, Debian's \
+         rustc-web is {} ({}), and the eBPF build needs rustc {}.{}+ built with LLVM {}-{} \
+         (what bpf-linker {BPF_LINKER_VERSION} supports) with its std sources; add a suite \
+         that has it (bookworm-security has rustc-web 1.96 with LLVM 22) or install a rustup \
+         nightly with rust-src",
+        deb_version("rustc-web").unwrap_or_else(|| "not installable".into()),
+        found
+            .lines()
+            .find(|l| l.starts_with("LLVM"))
+            .unwrap_or("no LLVM version"),
+        MIN_RUSTC.0,
+        MIN_RUSTC.1,
+        BPF_LINKER_LLVM.start(),
+        BPF_LINKER_LLVM.end()
+    )
+}
+
+/// Debian's rustc-web, if it is installed, complete and fit for the eBPF
+/// build; `None` (after saying why) when it must be installed or upgraded.
+fn debian_rust() -> Result<Option<EbpfToolchain>> {
+    let versions = DEBIAN_RUST.map(deb_version);
+    let [Some(rustc_web), _, _] = &versions else {
+        return Ok(None);
+    };
+    if let Some((pkg, v)) = DEBIAN_RUST
+        .iter()
+        .zip(&versions)
+        .find(|(_, v)| v.as_ref() != Some(rustc_web))
+    {
+        eprintln!(
+            "setup: Debian's {pkg} is {}, rustc-web {rustc_web}: they must match",
+            v.as_deref().unwrap_or("missing")
+        );
+        return Ok(None);
+    }
     let rustc = PathBuf::from("/usr/bin/rustc");
     let cargo = PathBuf::from("/usr/bin/cargo");
     if !Path::new(DEBIAN_RUST_SRC).is_dir() {
-        bail!("{DEBIAN_RUST_SRC} is missing although rust-web-src is installed");
+        bail!("{DEBIAN_RUST_SRC} is missing although rust-web-src {rustc_web} is installed");
     }
-    let llvm_major = llvm_major(&rustc)?;
-    let version = stdout_of(Command::new(&rustc).arg("-V")).unwrap_or_default();
-    Ok(EbpfToolchain {
+    let vv = stdout_of(Command::new(&rustc).arg("-vV"))
+        .with_context(|| format!("{} -vV failed", rustc.display()))?;
+    let (Some(version), Some(llvm_major)) = (parse_release(&vv), parse_llvm_major(&vv)) else {
+        bail!(
+            "no release or LLVM version in `{} -vV`:\n{vv}",
+            rustc.display()
+        );
+    };
+    if let Some(why) = unfit(version, llvm_major) {
+        eprintln!(
+            "setup: Debian's rustc-web {rustc_web} (rustc {}.{}, LLVM {llvm_major}) is not fit: {why}",
+            version.0, version.1
+        );
+        return Ok(None);
+    }
+    Ok(Some(EbpfToolchain {
         describe: format!(
-            "{version} at {} (Debian rustc-web, LLVM {llvm_major})",
+            "rustc {}.{} at {} (Debian rustc-web {rustc_web}, LLVM {llvm_major})",
+            version.0,
+            version.1,
             rustc.display()
         ),
         cargo,
         rustc,
         bootstrap: true,
         llvm_major,
-    })
+    }))
 }
 
 fn rustup_nightly_with_src() -> Option<EbpfToolchain> {
@@ -139,7 +236,12 @@ fn rustup_nightly_with_src() -> Option<EbpfToolchain> {
     let cargo = PathBuf::from(stdout_of(
         Command::new("rustup").args(["+nightly", "which", "cargo"]),
     )?);
-    let llvm_major = llvm_major(&rustc).ok()?;
+    let vv = stdout_of(Command::new(&rustc).arg("-vV"))?;
+    let llvm_major = parse_llvm_major(&vv)?;
+    if let Some(why) = unfit(parse_release(&vv)?, llvm_major) {
+        eprintln!("setup: rustup nightly (LLVM {llvm_major}) is not fit for the eBPF build: {why}");
+        return None;
+    }
     let version = stdout_of(Command::new(&rustc).arg("-V"))?;
     Some(EbpfToolchain {
         describe: format!("{version} (LLVM {llvm_major})"),
@@ -150,11 +252,11 @@ fn rustup_nightly_with_src() -> Option<EbpfToolchain> {
     })
 }
 
-/// The LLVM major version a rustc was built with (`rustc -vV`).
-fn llvm_major(rustc: &Path) -> Result<u32> {
-    let vv = stdout_of(Command::new(rustc).arg("-vV"))
-        .with_context(|| format!("{} -vV failed", rustc.display()))?;
-    parse_llvm_major(&vv).with_context(|| format!("no LLVM version in `{} -vV`", rustc.display()))
+/// `(major, minor)` of a rustc, from the `release:` line of `rustc -vV`.
+fn parse_release(vv: &str) -> Option<(u32, u32)> {
+    let release = vv.lines().find_map(|l| l.strip_prefix("release: "))?;
+    let mut parts = release.split(['.', '-']);
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 fn parse_llvm_major(vv: &str) -> Option<u32> {
@@ -224,6 +326,9 @@ fn ensure_bpf_linker(tc: &EbpfToolchain) -> Result<()> {
         .args([
             "install",
             "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
             "--force",
             "--no-default-features",
             "--features",
@@ -255,46 +360,96 @@ fn dpkg_installed(pkg: &str) -> bool {
         .is_some_and(|s| s == "install ok installed")
 }
 
+/// The installed version of a Debian package.
+fn deb_version(pkg: &str) -> Option<String> {
+    dpkg_installed(pkg)
+        .then(|| stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Version}", pkg])))
+        .flatten()
+}
+
+/// Whether this process already ran `apt-get update`.
+static LISTS_REFRESHED: AtomicBool = AtomicBool::new(false);
+
+/// `apt-get update`, once per run: a new machine's package lists are the
+/// image's and offer old versions (or none) of what is needed.
+fn refresh_lists() -> Result<()> {
+    if LISTS_REFRESHED.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    require_root("refresh the package lists (apt-get update)")?;
+    eprintln!("setup: refreshing the package lists before installing");
+    cmd::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .arg("update"),
+    )?;
+    LISTS_REFRESHED.store(true, Ordering::Relaxed);
+    Ok(())
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if cmd::is_root() {
+        Ok(())
+    } else {
+        bail!("setup needs root to {what}")
+    }
+}
+
 /// Installs the Debian packages among `pkgs` that are missing, saying why.
 fn apt_ensure(pkgs: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<_> = pkgs.iter().filter(|(p, _)| !dpkg_installed(p)).collect();
+    let missing: Vec<_> = pkgs
+        .iter()
+        .copied()
+        .filter(|(p, _)| !dpkg_installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
-    for (p, why) in &missing {
-        eprintln!("setup: installing Debian package {p}: {why}");
-    }
-    let names: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
     if !cmd::is_root() {
+        let names: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
         bail!(
             "missing Debian packages {}; run as root or install them: apt-get install -y {}",
             names.join(", "),
             names.join(" ")
         );
     }
-    let install = || {
-        let mut c = Command::new("apt-get");
-        c.env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&names);
-        cmd::run(&mut c)
-    };
-    if install().is_err() {
-        eprintln!("setup: apt-get install failed; refreshing the package lists and retrying");
-        cmd::run(Command::new("apt-get").arg("update"))?;
-        install()?;
+    refresh_lists()?;
+    apt_install(&missing)
+}
+
+/// `apt-get install` (which also upgrades what is installed) of `pkgs`,
+/// against lists [`refresh_lists`] made current.
+fn apt_install(pkgs: &[(&str, &str)]) -> Result<()> {
+    require_root("install Debian packages")?;
+    for (p, why) in pkgs {
+        eprintln!("setup: installing Debian package {p}: {why}");
     }
-    Ok(())
+    cmd::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(pkgs.iter().map(|(p, _)| p)),
+    )
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_llvm_major;
+    use super::{parse_llvm_major, parse_release, unfit};
 
     #[test]
     fn llvm_major_from_rustc_vv() {
         let vv = "rustc 1.96.0 (abc 2026-05-01)\nbinary: rustc\nhost: x86_64-unknown-linux-gnu\nrelease: 1.96.0\nLLVM version: 22.1.8\n";
         assert_eq!(parse_llvm_major(vv), Some(22));
         assert_eq!(parse_llvm_major("rustc 1.0\n"), None);
+        assert_eq!(parse_release(vv), Some((1, 96)));
+        assert_eq!(parse_release("release: 1.97.0-nightly\n"), Some((1, 97)));
+    }
+
+    #[test]
+    fn fitness_names_what_is_missing() {
+        // Debian bookworm's rustc-web 1.85 (LLVM 19): what a stale list offers.
+        assert!(unfit((1, 85), 19).is_some_and(|w| w.contains("1.87")));
+        assert!(unfit((1, 90), 19).is_some_and(|w| w.contains("LLVM 21-23")));
+        assert_eq!(unfit((1, 96), 22), None);
     }
 }
