@@ -4,6 +4,7 @@ mod bench;
 mod build;
 mod cmd;
 mod demo;
+mod fresh;
 mod host;
 mod setup;
 mod test;
@@ -44,6 +45,9 @@ enum Command {
     /// The kernel integration tests inside qemu guests booted with Debian's
     /// kernels (default: 6.1 and 6.12).
     VmTest(vm::Options),
+    /// Prove the README's set-up and main job from nothing: a clean Debian
+    /// root (debootstrap), a clean clone, the README's command inside.
+    FreshMachine(fresh::Options),
     /// Build, then run the agent with these arguments (e.g. `doctor`).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -66,7 +70,13 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Setup => {
             use setup::Need;
-            setup::ensure(&[Need::Tests, Need::Demo, Need::Bench, Need::Vm])?;
+            setup::ensure(&[
+                Need::Tests,
+                Need::Demo,
+                Need::Bench,
+                Need::Vm,
+                Need::FreshMachine,
+            ])?;
             eprintln!("setup: everything is in place");
         }
         Command::Build => {
@@ -80,6 +90,7 @@ fn run(command: Command) -> Result<()> {
         Command::Demo => demo::run()?,
         Command::Bench(opts) => bench::run(&opts)?,
         Command::VmTest(opts) => vm::run(&opts)?,
+        Command::FreshMachine(opts) => fresh::run(&opts)?,
         Command::Run { args } => {
             let tc = setup::ensure(&[])?;
             let bin = build::build(&tc, true)?;

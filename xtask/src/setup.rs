@@ -52,6 +52,8 @@ pub enum Need {
     Bench,
     /// qemu and kmod for `vm-test` (it writes its initramfs itself).
     Vm,
+    /// debootstrap for `fresh-machine`.
+    FreshMachine,
 }
 
 impl Need {
@@ -79,6 +81,10 @@ impl Need {
                     "the benchmark empties a pod's conntrack table before counting its entries",
                 ),
             ],
+            Self::FreshMachine => &[(
+                "debootstrap",
+                "fresh-machine builds a clean Debian root to run the README's commands in",
+            )],
             Self::Vm => &[
                 ("qemu-system-x86", "vm-test boots Debian kernels under qemu"),
                 (
@@ -106,14 +112,19 @@ const MIN_RUSTC: (u32, u32) = (1, 87);
 pub fn ensure(needs: &[Need]) -> Result<EbpfToolchain> {
     let toolchain = ensure_compiler()?;
     ensure_bpf_linker(&toolchain)?;
+    ensure_packages(needs)?;
+    Ok(toolchain)
+}
+
+/// Installs the Debian packages `needs` asks for (no eBPF toolchain).
+pub fn ensure_packages(needs: &[Need]) -> Result<()> {
     let mut pkgs: Vec<(&str, &str)> = Vec::new();
     for pkg in needs.iter().flat_map(|n| n.packages()) {
         if !pkgs.iter().any(|(p, _)| *p == pkg.0) {
             pkgs.push(*pkg);
         }
     }
-    apt_ensure(&pkgs)?;
-    Ok(toolchain)
+    apt_ensure(&pkgs)
 }
 
 /// Why a compiler cannot build the eBPF crate, or `None` when it can.
