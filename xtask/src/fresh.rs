@@ -119,6 +119,8 @@ pub fn run(opts: &Options) -> Result<()> {
 /// `$2` the command. The environment is a login's, nothing of ours.
 const ENTER: &str = r#"
 root="$1"; job="$2"
+# The root must be a mount point of its own (`ip netns` re-marks / as a slave).
+mount --bind "$root" "$root"
 mount -t proc proc "$root/proc"
 mount --rbind /dev "$root/dev"
 mount --rbind /sys "$root/sys"
