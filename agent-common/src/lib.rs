@@ -73,8 +73,26 @@ pub mod globals {
     /// `u64`: how many redirected bytes a socket's reader may be behind
     /// before its sender switches to TCP for good.
     pub const SOCKMAP_QUEUE_LIMIT: &str = "SOCKMAP_QUEUE_LIMIT";
-    /// Its default: 4 MiB, below TCP's largest default receive buffer.
-    pub const SOCKMAP_QUEUE_LIMIT_DEFAULT: u64 = 4 << 20;
+    /// Its default, in KiB (`run --sockmap-queue-kib`): 4 MiB, below TCP's
+    /// largest default receive buffer.
+    pub const SOCKMAP_QUEUE_LIMIT_DEFAULT_KIB: u32 = 4096;
+    /// Its default, in bytes.
+    pub const SOCKMAP_QUEUE_LIMIT_DEFAULT: u64 = (SOCKMAP_QUEUE_LIMIT_DEFAULT_KIB as u64) << 10;
+}
+
+/// The ports of istio's sidecar conventions, used by both redirect modes.
+pub mod ports {
+    /// Where the proxy receives captured outbound connections (127.0.0.1).
+    pub const OUTBOUND: u16 = 15001;
+    /// Where the proxy receives captured inbound connections.
+    pub const INBOUND: u16 = 15006;
+    /// HBONE (istio's tunnel port): never captured inbound.
+    pub const HBONE: u16 = 15008;
+    /// The agent's admin server (127.0.0.1, never captured).
+    pub const ADMIN: u16 = 15020;
+    /// Inbound ports never captured unless told otherwise: the proxy's
+    /// Prometheus (15090), health (15021) and admin (15020) ports.
+    pub const DEFAULT_INBOUND_EXCLUDE: [u16; 3] = [15090, 15021, ADMIN];
 }
 
 /// Capacities of the maps. Every map is bounded: the tuple and socket maps
@@ -118,7 +136,12 @@ pub mod flags {
 
 /// Source address of the proxy's inbound passthrough connections to the app
 /// (Envoy's convention): never captured again, and short-circuited.
-pub const INBOUND_PASSTHROUGH_SRC: u32 = net::ip4_raw([127, 0, 0, 6]);
+pub const INBOUND_PASSTHROUGH_SRC: core::net::Ipv4Addr = core::net::Ipv4Addr::new(127, 0, 0, 6);
+/// The IPv6 inbound passthrough source (istio's `::6`).
+pub const INBOUND_PASSTHROUGH_SRC_V6: core::net::Ipv6Addr =
+    core::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+/// [`INBOUND_PASSTHROUGH_SRC`] as the eBPF contexts carry it (network order).
+pub const INBOUND_PASSTHROUGH_SRC_RAW: u32 = net::ip4_raw(INBOUND_PASSTHROUGH_SRC.octets());
 
 /// What a port list says about a port.
 pub struct PortRule;
@@ -153,30 +176,69 @@ impl PortKey {
     }
 }
 
-/// Data of an LPM-trie key for the CIDR maps: the namespace cookie (its 64
-/// bits always part of the prefix) followed by the IPv4 address, both big
-/// endian so the trie's bitwise prefix match works. The prefix length that
-/// goes with it is `64 + cidr_len`.
+/// Data of an LPM-trie key for the CIDR maps: the namespace cookie and the
+/// address family (their bits always part of the prefix, so a rule never
+/// matches another namespace or family), then the address, all big endian
+/// so the trie's bitwise prefix match works. An IPv4 address takes the
+/// first 4 bytes of `addr`. The prefix length that goes with it is
+/// [`CidrKeyData::prefix_len`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CidrKeyData {
     /// Namespace cookie, big-endian bytes.
     pub netns_be: [u8; 8],
-    /// Network order.
-    pub ip4: [u8; 4],
+    /// `AF_INET` or `AF_INET6`, big-endian bytes.
+    pub family_be: [u8; 4],
+    /// Network order; an IPv4 address in the first 4 bytes, the rest zero.
+    pub addr: [u8; 16],
 }
-const _: () = assert!(size_of::<CidrKeyData>() == 12);
+const _: () = assert!(size_of::<CidrKeyData>() == 28);
 
 impl CidrKeyData {
-    /// Prefix bits taken by the namespace cookie.
-    pub const NETNS_BITS: u32 = 64;
+    /// Prefix bits always matched: the namespace cookie and the family.
+    pub const FIXED_BITS: u32 = 64 + 32;
 
+    /// An IPv4 address (raw, network order) in a namespace.
     #[must_use]
-    pub const fn new(netns_cookie: u64, ip4_raw: u32) -> Self {
+    pub const fn v4(netns_cookie: u64, ip4_raw: u32) -> Self {
+        let o = net::ip4_octets(ip4_raw);
         Self {
             netns_be: netns_cookie.to_be_bytes(),
-            ip4: net::ip4_octets(ip4_raw),
+            family_be: net::AF_INET.to_be_bytes(),
+            addr: [o[0], o[1], o[2], o[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         }
+    }
+
+    /// An IPv6 address (its octets) in a namespace.
+    #[must_use]
+    pub const fn v6(netns_cookie: u64, octets: [u8; 16]) -> Self {
+        Self {
+            netns_be: netns_cookie.to_be_bytes(),
+            family_be: net::AF_INET6.to_be_bytes(),
+            addr: octets,
+        }
+    }
+
+    /// The trie prefix length of a CIDR of `cidr_len` bits.
+    #[must_use]
+    pub const fn prefix_len(cidr_len: u8) -> u32 {
+        Self::FIXED_BITS + cidr_len as u32
+    }
+
+    /// The CIDR length of a trie prefix length (`None` below the fixed bits).
+    #[must_use]
+    pub const fn cidr_len(prefix_len: u32) -> Option<u8> {
+        match prefix_len.checked_sub(Self::FIXED_BITS) {
+            #[expect(clippy::cast_possible_truncation, reason = "checked: at most 128")]
+            Some(n) if n <= 128 => Some(n as u8),
+            _ => None,
+        }
+    }
+
+    /// Whether this is an IPv4 address.
+    #[must_use]
+    pub const fn is_v4(&self) -> bool {
+        u32::from_be_bytes(self.family_be) == net::AF_INET
     }
 }
 
@@ -295,6 +357,82 @@ impl SockKey {
         }
     }
 
+    /// A socket's own tuple from a `bpf_sock_ops` or `sk_msg_md` context:
+    /// `local_port` in host order, `remote_port` in network order in the
+    /// upper 16 bits (see [`net`]).
+    #[must_use]
+    pub const fn from_sock_ops(
+        netns_cookie: u64,
+        local_ip4: u32,
+        local_port: u32,
+        remote_ip4: u32,
+        remote_port: u32,
+    ) -> Self {
+        Self::new(
+            netns_cookie,
+            local_ip4,
+            net::port_from_host_u32(local_port),
+            remote_ip4,
+            net::port_from_be_upper(remote_port),
+        )
+    }
+
+    /// A socket's own tuple from a `bpf_sock` (getsockopt, getpeername):
+    /// `src_port` in host order, `dst_port` in network order in the lower
+    /// 16 bits.
+    #[must_use]
+    pub const fn from_bpf_sock(
+        netns_cookie: u64,
+        src_ip4: u32,
+        src_port: u32,
+        dst_ip4: u32,
+        dst_port: u32,
+    ) -> Self {
+        Self::new(
+            netns_cookie,
+            src_ip4,
+            net::port_from_host_u32(src_port),
+            dst_ip4,
+            net::port_from_be_lower(dst_port),
+        )
+    }
+
+    /// The accepting socket's tuple from a `bpf_sk_lookup` context:
+    /// `local_port` in host order, `remote_port` in network order in the
+    /// lower 16 bits.
+    #[must_use]
+    pub const fn from_sk_lookup(
+        netns_cookie: u64,
+        local_ip4: u32,
+        local_port: u32,
+        remote_ip4: u32,
+        remote_port: u32,
+    ) -> Self {
+        Self::new(
+            netns_cookie,
+            local_ip4,
+            net::port_from_host_u32(local_port),
+            remote_ip4,
+            net::port_from_be_lower(remote_port),
+        )
+    }
+
+    /// A socket's own tuple from its addresses (userspace).
+    #[must_use]
+    pub const fn from_addrs(
+        netns_cookie: u64,
+        local: core::net::SocketAddrV4,
+        peer: core::net::SocketAddrV4,
+    ) -> Self {
+        Self::new(
+            netns_cookie,
+            net::ip4_raw(local.ip().octets()),
+            local.port(),
+            net::ip4_raw(peer.ip().octets()),
+            peer.port(),
+        )
+    }
+
     /// The same connection seen from the peer socket.
     #[must_use]
     pub const fn reversed(&self) -> Self {
@@ -339,75 +477,88 @@ impl SockState {
     pub const VERDICT_PASS: u32 = 2;
 }
 
-/// Indexes of the per-CPU [`maps::COUNTERS`] array.
-pub mod counter {
+/// Declares [`Counter`]: each variant with its index, its metric name and
+/// its meaning, on one line, so a name can never drift from its slot.
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $variant:ident = $index:literal => $name:literal,)*) => {
+        /// The slots of the per-CPU [`maps::COUNTERS`] array.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Counter {
+            $($(#[doc = $doc])* $variant = $index,)*
+        }
+
+        impl Counter {
+            /// Every counter, in slot order.
+            pub const ALL: &'static [Self] = &[$(Self::$variant,)*];
+
+            /// The name in metrics (`mesh_redirect_datapath_events_total{event}`),
+            /// `status` and reports.
+            #[must_use]
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+counters! {
     /// connect4 rewrote a connect to the outbound port.
-    pub const CONNECT_REDIRECTED: u32 = 0;
+    ConnectRedirected = 0 => "connect_redirected",
     /// connect4 left a connect alone because of its mark, uid/gid or destination.
-    pub const CONNECT_BYPASSED: u32 = 1;
+    ConnectBypassed = 1 => "connect_bypassed",
     /// connect4 could not store the original destination: connect left alone.
-    pub const CONNECT_STORE_FAILED: u32 = 2;
+    ConnectStoreFailed = 2 => "connect_store_failed",
     /// sockops put a socket into the SOCKHASH.
-    pub const SOCKHASH_INSERTED: u32 = 3;
+    SockhashInserted = 3 => "sockhash_inserted",
     /// sockops could not put a socket into the SOCKHASH (plain TCP is used).
-    pub const SOCKHASH_INSERT_FAILED: u32 = 4;
+    SockhashInsertFailed = 4 => "sockhash_insert_failed",
     /// sockops could not move an original destination to the tuple map
     /// (map full): the proxy will not learn it and closes the connection.
-    pub const ORIG_DST_STORE_FAILED: u32 = 5;
+    OrigDstStoreFailed = 5 => "orig_dst_store_failed",
     /// sk_msg redirected a message to the peer socket.
-    pub const MSG_REDIRECTED: u32 = 6;
+    MsgRedirected = 6 => "msg_redirected",
     /// sk_msg let a message continue over TCP (peer missing or sticky pass).
-    pub const MSG_PASSED: u32 = 7;
+    MsgPassed = 7 => "msg_passed",
     /// `getsockopt(SO_ORIGINAL_DST)` answered from the tuple map.
-    pub const GETSOCKOPT_ANSWERED: u32 = 8;
+    GetsockoptAnswered = 8 => "getsockopt_answered",
     /// `getsockopt(SO_ORIGINAL_DST)` on a socket we know nothing about.
-    pub const GETSOCKOPT_MISSED: u32 = 9;
+    GetsockoptMissed = 9 => "getsockopt_missed",
     /// sockops removed a closed socket's entries.
-    pub const SOCKETS_CLOSED: u32 = 10;
+    SocketsClosed = 10 => "sockets_closed",
     /// sk_lookup steered a connection to the inbound listener.
-    pub const INBOUND_STEERED: u32 = 11;
+    InboundSteered = 11 => "inbound_steered",
     /// sk_lookup left a connection alone (excluded port, loopback, passthrough).
-    pub const INBOUND_BYPASSED: u32 = 12;
+    InboundBypassed = 12 => "inbound_bypassed",
     /// sk_lookup found no inbound listener: refused (fail closed, as iptables
     /// REDIRECT to a closed port would) or passed (fail open).
-    pub const INBOUND_NO_LISTENER: u32 = 13;
+    InboundNoListener = 13 => "inbound_no_listener",
     /// sk_lookup could not assign the listener: the connection goes on
     /// without the proxy (an internal miss, counted, never dropped).
-    pub const INBOUND_ASSIGN_FAILED: u32 = 14;
+    InboundAssignFailed = 14 => "inbound_assign_failed",
     /// sockops registered a proxy's inbound listener (on listen(2)).
-    pub const INBOUND_LISTENER_REGISTERED: u32 = 15;
+    InboundListenerRegistered = 15 => "inbound_listener_registered",
     /// Fail open: a connect went direct because no proxy listened.
-    pub const CONNECT_FAIL_OPEN: u32 = 16;
+    ConnectFailOpen = 16 => "connect_fail_open",
     /// Fail open: an inbound connection went to the app because no proxy listened.
-    pub const INBOUND_FAIL_OPEN: u32 = 17;
+    InboundFailOpen = 17 => "inbound_fail_open",
     /// sk_msg switched a socket to TCP for good because its reader fell
     /// more than the sockmap queue limit behind (backpressure).
-    pub const MSG_SPILLED: u32 = 18;
-    /// Number of counters.
-    pub const COUNT: u32 = 19;
+    MsgSpilled = 18 => "msg_spilled",
+}
 
-    /// Names in index order, for metrics and reports.
-    pub const NAMES: [&str; COUNT as usize] = [
-        "connect_redirected",
-        "connect_bypassed",
-        "connect_store_failed",
-        "sockhash_inserted",
-        "sockhash_insert_failed",
-        "orig_dst_store_failed",
-        "msg_redirected",
-        "msg_passed",
-        "getsockopt_answered",
-        "getsockopt_missed",
-        "sockets_closed",
-        "inbound_steered",
-        "inbound_bypassed",
-        "inbound_no_listener",
-        "inbound_assign_failed",
-        "inbound_listener_registered",
-        "connect_fail_open",
-        "inbound_fail_open",
-        "msg_spilled",
-    ];
+impl Counter {
+    /// Number of slots.
+    #[expect(clippy::cast_possible_truncation, reason = "a handful of counters")]
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    /// The slot in [`maps::COUNTERS`].
+    #[must_use]
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
 }
 
 #[cfg(feature = "user")]
@@ -428,6 +579,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn each_context_layout_gives_the_same_key() {
+        use core::net::{Ipv4Addr, SocketAddrV4};
+        let (a, b) = (net::ip4_raw([10, 0, 0, 1]), net::LOCALHOST);
+        let want = SockKey::new(9, a, 40000, b, 15001);
+        let be = |p: u16| u32::from(u16::from_ne_bytes(p.to_be_bytes()));
+        assert_eq!(
+            SockKey::from_sock_ops(9, a, 40000, b, be(15001) << 16),
+            want
+        );
+        assert_eq!(SockKey::from_bpf_sock(9, a, 40000, b, be(15001)), want);
+        assert_eq!(SockKey::from_sk_lookup(9, a, 40000, b, be(15001)), want);
+        assert_eq!(
+            SockKey::from_addrs(
+                9,
+                SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 40000),
+                SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001)
+            ),
+            want
+        );
+    }
+
+    #[test]
     fn reversed_swaps_ends_and_keeps_namespace() {
         let k = SockKey::new(7, 1, 1000, 2, 15001);
         let r = k.reversed();
@@ -435,12 +608,22 @@ mod tests {
         assert_eq!(r.reversed(), k);
     }
 
+    /// Each counter sits in its own slot, in order, and its name is its
+    /// variant's, in snake case: a name cannot label another slot.
     #[test]
-    fn counter_names_are_unique() {
-        for (i, a) in counter::NAMES.iter().enumerate() {
-            for b in &counter::NAMES[i + 1..] {
-                assert_ne!(a, b);
+    fn counters_are_in_slot_order_and_named_after_their_variant() {
+        extern crate std;
+        use std::{format, string::String};
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(c.index() as usize, i, "{c:?}");
+            let mut snake = String::new();
+            for ch in format!("{c:?}").chars() {
+                if ch.is_ascii_uppercase() && !snake.is_empty() {
+                    snake.push('_');
+                }
+                snake.push(ch.to_ascii_lowercase());
             }
+            assert_eq!(c.name(), snake, "{c:?}");
         }
     }
 }

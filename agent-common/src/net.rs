@@ -12,6 +12,24 @@
 //! IPv4 addresses are network order everywhere: the bytes `a.b.c.d` in
 //! memory, read as a native `u32`. We keep them that way ("raw") in maps.
 
+/// `AF_INET`, as the contexts' `family` fields carry it.
+pub const AF_INET: u32 = 2;
+/// `AF_INET6`.
+pub const AF_INET6: u32 = 10;
+/// `sa_family` of a `sockaddr_in` / `sockaddr_in6` (a `u16`).
+#[expect(clippy::cast_possible_truncation, reason = "small constants")]
+pub const SA_FAMILY_INET: u16 = AF_INET as u16;
+#[expect(clippy::cast_possible_truncation, reason = "small constants")]
+pub const SA_FAMILY_INET6: u16 = AF_INET6 as u16;
+/// `SOCK_STREAM`, as `bpf_sock_addr.type` carries it.
+pub const SOCK_STREAM: u32 = 1;
+/// `SOCK_DGRAM`.
+pub const SOCK_DGRAM: u32 = 2;
+/// `IPPROTO_TCP`, as the `protocol` fields carry it.
+pub const IPPROTO_TCP: u32 = 6;
+/// `IPPROTO_UDP`.
+pub const IPPROTO_UDP: u32 = 17;
+
 /// Network order as a native `u32`: `ip4_raw([127, 0, 0, 1])`.
 #[must_use]
 pub const fn ip4_raw(octets: [u8; 4]) -> u32 {

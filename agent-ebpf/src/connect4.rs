@@ -2,7 +2,7 @@
 //! the proxy's outbound port, remembering the original destination by socket
 //! cookie. sockops moves it to the connection's tuple once established.
 
-use agent_common::{NetnsConfig, OrigDst, counter, flags, net};
+use agent_common::{Counter, NetnsConfig, OrigDst, flags, net};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
@@ -25,14 +25,11 @@ use crate::{
     rules::{self, Outbound},
 };
 
-const AF_INET: u32 = 2;
-const SOCK_STREAM: u32 = 1;
-
 #[inline(always)]
 pub fn connect4(ctx: &SockAddrContext) {
     // SAFETY: the kernel hands us a valid context for the program's duration.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.user_family != AF_INET || sa.type_ != SOCK_STREAM {
+    if sa.user_family != net::AF_INET || sa.type_ != net::SOCK_STREAM {
         return;
     }
     // SAFETY: helper call on our own context.
@@ -50,12 +47,12 @@ pub fn connect4(ctx: &SockAddrContext) {
         Outbound::Capture => {}
         Outbound::Ignore => return,
         Outbound::Bypass => {
-            bump(counter::CONNECT_BYPASSED);
+            bump(Counter::ConnectBypassed);
             return;
         }
     }
     if cfg.has(flags::FAIL_OPEN) && !proxy_listening(ctx, cfg.outbound_port) {
-        bump(counter::CONNECT_FAIL_OPEN);
+        bump(Counter::ConnectFailOpen);
         return;
     }
     // SAFETY: helper call on our own context.
@@ -64,12 +61,12 @@ pub fn connect4(ctx: &SockAddrContext) {
     if ORIG_DST_BY_COOKIE.insert(cookie, orig, 0).is_err() {
         // Without the original destination the proxy could not forward:
         // leave the connect alone rather than break it.
-        bump(counter::CONNECT_STORE_FAILED);
+        bump(Counter::ConnectStoreFailed);
         return;
     }
     sa.user_ip4 = net::LOCALHOST;
     sa.user_port = net::port_to_be_lower(cfg.outbound_port);
-    bump(counter::CONNECT_REDIRECTED);
+    bump(Counter::ConnectRedirected);
     debug!(
         ctx,
         "connect4: {:i}:{} redirected to 127.0.0.1:{}",

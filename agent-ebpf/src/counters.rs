@@ -1,11 +1,13 @@
-//! Per-CPU event counters (indexes in `agent_common::counter`).
+//! Per-CPU event counters (`agent_common::Counter`).
+
+use agent_common::Counter;
 
 use crate::COUNTERS;
 
 /// Adds one to a counter on the current CPU. Per-CPU slots need no atomics.
 #[inline(always)]
-pub fn bump(index: u32) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+pub fn bump(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter.index()) {
         // SAFETY: the slot belongs to this CPU and the program cannot be
         // preempted by another program touching the same slot mid-update.
         unsafe { *slot += 1 };

@@ -9,14 +9,11 @@ use aya_ebpf::{
 
 use crate::ORIG_DST_BY_TUPLE;
 
-const AF_INET: u32 = 2;
-const IPPROTO_TCP: u32 = 6;
-
 #[inline(always)]
 pub fn getpeername4(ctx: &SockAddrContext) {
     // SAFETY: the kernel hands us a valid context for the program's duration.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.user_family != AF_INET {
+    if sa.user_family != net::AF_INET {
         return;
     }
     // SAFETY: `sk` is the socket getpeername was called on.
@@ -26,18 +23,12 @@ pub fn getpeername4(ctx: &SockAddrContext) {
     }
     // SAFETY: checked non-null.
     let sk = unsafe { &*sk };
-    if sk.protocol != IPPROTO_TCP {
+    if sk.protocol != net::IPPROTO_TCP {
         return;
     }
     // SAFETY: helper call on our own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let app = SockKey::new(
-        netns,
-        sk.src_ip4,
-        net::port_from_host_u32(sk.src_port),
-        sa.user_ip4,
-        net::port_from_be_lower(sa.user_port),
-    );
+    let app = SockKey::from_bpf_sock(netns, sk.src_ip4, sk.src_port, sa.user_ip4, sa.user_port);
     // SAFETY: copied out at once.
     if let Some(orig) = unsafe { ORIG_DST_BY_TUPLE.get(app) }.copied() {
         sa.user_ip4 = orig.ip4;

@@ -2,7 +2,7 @@
 //! proxy's end of a redirected connection, as netfilter would, and leave
 //! every other option exactly as the kernel answered it.
 
-use agent_common::{OrigDst, SockKey, counter, net};
+use agent_common::{Counter, OrigDst, SockKey, net};
 use aya_ebpf::{
     EbpfContext as _, helpers::generated::bpf_get_netns_cookie, programs::SockoptContext,
 };
@@ -12,9 +12,7 @@ use crate::{INBOUND_STEERED, ORIG_DST_BY_TUPLE, counters::bump};
 
 const SOL_IP: i32 = 0;
 const SO_ORIGINAL_DST: i32 = 80;
-const AF_INET: u32 = 2;
-const AF_INET_U16: u16 = 2;
-const IPPROTO_TCP: u32 = 6;
+
 /// The most of a reply the kernel hands a getsockopt program (x86-64).
 const PAGE_SIZE: i32 = 4096;
 
@@ -78,7 +76,7 @@ fn answer(ctx: &SockoptContext) -> bool {
     }
     // SAFETY: checked non-null.
     let sk = unsafe { &*sk };
-    if sk.family != AF_INET || sk.protocol != IPPROTO_TCP {
+    if sk.family != net::AF_INET || sk.protocol != net::IPPROTO_TCP {
         return false;
     }
     // Each field read once, straight off the socket pointer: the verifier
@@ -95,13 +93,8 @@ fn answer(ctx: &SockoptContext) -> bool {
     // SAFETY: helper call on our own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // The app's side of the connection: from the peer (app) to us (proxy).
-    let app = SockKey::new(
-        netns,
-        dst_ip4,
-        net::port_from_be_lower(u32::from(dst_port)),
-        src_ip4,
-        net::port_from_host_u32(src_port),
-    );
+    let app =
+        SockKey::from_bpf_sock(netns, src_ip4, src_port, dst_ip4, u32::from(dst_port)).reversed();
     // SAFETY: copied out at once.
     let orig = if let Some(orig) = unsafe { ORIG_DST_BY_TUPLE.get(app) }.copied() {
         orig
@@ -110,7 +103,7 @@ fn answer(ctx: &SockoptContext) -> bool {
         // the socket's own local address.
         OrigDst::new(src_ip4, net::port_from_host_u32(src_port))
     } else {
-        bump(counter::GETSOCKOPT_MISSED);
+        bump(Counter::GetsockoptMissed);
         return false;
     };
     // SAFETY: valid context.
@@ -123,7 +116,7 @@ fn answer(ctx: &SockoptContext) -> bool {
         return false;
     }
     let reply = SockaddrIn {
-        family: AF_INET_U16,
+        family: net::SA_FAMILY_INET,
         port: orig.port.to_be(),
         addr: orig.ip4,
         zero: [0; 8],
@@ -137,7 +130,7 @@ fn answer(ctx: &SockoptContext) -> bool {
         core::ptr::write_volatile(&raw mut so.optlen, SOCKADDR_IN_LEN_I32);
         core::ptr::write_volatile(&raw mut so.retval, 0);
     }
-    bump(counter::GETSOCKOPT_ANSWERED);
+    bump(Counter::GetsockoptAnswered);
     debug!(
         ctx,
         "getsockopt: SO_ORIGINAL_DST {:i}:{}",

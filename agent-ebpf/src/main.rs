@@ -1,6 +1,50 @@
 //! The agent's eBPF programs: maps and thin entry points. Each hook's logic
 //! lives in its own module; every entry point turns an internal error into
 //! "let the traffic through", never into a drop or a refused syscall.
+//!
+//! # Life of a connection
+//!
+//! Outbound, an app in a served namespace connects to 10.0.0.2:80:
+//!
+//! 1. `connect4` (cgroup, the app's connect): reads `NETNS_CONFIG` and the
+//!    rule maps (`OUT_PORTS`, `OUT_CIDR_EXCLUDE`, `OUT_CIDR_INCLUDE`);
+//!    captured, it writes `ORIG_DST_BY_COOKIE[socket cookie] = 10.0.0.2:80`
+//!    and rewrites the address to 127.0.0.1:15001.
+//! 2. `sockops`, active ESTABLISHED (the app's socket): moves the entry
+//!    from `ORIG_DST_BY_COOKIE` to `ORIG_DST_BY_TUPLE[app→proxy tuple]`,
+//!    creates the socket's `SOCK_STATE`, an `INGRESS_READ` entry, and puts
+//!    it into `SOCKETS` (the SOCKHASH) under its own tuple.
+//! 3. `sockops`, passive ESTABLISHED (the proxy's accepted socket): claims
+//!    the `ORIG_DST_BY_TUPLE` entry (`owner` = its cookie) and joins
+//!    `SOCKETS` and `INGRESS_READ` the same way.
+//! 4. `sk_msg` (every send of a socket in `SOCKETS`): reads its
+//!    `SOCK_STATE` (sticky verdict, bytes sent) and the peer's
+//!    `INGRESS_READ`, then redirects the message into the peer's ingress
+//!    queue (found in `SOCKETS` by the reversed tuple) or passes it to TCP;
+//!    writes `SOCK_STATE` and `COUNTERS`.
+//! 5. `recvmsg` (fexit on the reader's recvmsg, where tracing programs are
+//!    allowed): adds what was read to the reader's `INGRESS_READ` entry.
+//! 6. `getsockopt` (the proxy asks `SO_ORIGINAL_DST`): reads
+//!    `ORIG_DST_BY_TUPLE` by the reversed tuple of the proxy's socket and
+//!    answers 10.0.0.2:80, as conntrack would.
+//! 7. `getpeername4` (the app asks who its peer is): reads
+//!    `ORIG_DST_BY_TUPLE` and answers 10.0.0.2:80, not the proxy.
+//! 8. `sockops`, state CLOSE (each socket): deletes the
+//!    `ORIG_DST_BY_TUPLE` entry it owns, its `INGRESS_READ` and
+//!    `INBOUND_STEERED` entries and any left `ORIG_DST_BY_COOKIE` entry;
+//!    the kernel removes it from `SOCKETS` and frees its `SOCK_STATE`.
+//!
+//! Inbound, a peer connects to the pod's 10.0.0.1:8080:
+//!
+//! 1. `sk_lookup` (the served namespace's lookup): reads `INBOUND_CONFIG`
+//!    and `IN_PORTS`, assigns the proxy's listener from `INBOUND_LISTENER`
+//!    (put there by `sockops` on listen(2), or by the agent) and records
+//!    the accepted tuple in `INBOUND_STEERED`.
+//! 2. `getsockopt` answers `SO_ORIGINAL_DST` with the socket's own local
+//!    address (no NAT happened), found through `INBOUND_STEERED`.
+//! 3. The proxy connects to the app from 127.0.0.6: `sockops` puts both
+//!    ends into `SOCKETS` (steps 2-4 and 8 above, without an original
+//!    destination).
 // On the host (clippy, check) this builds as an ordinary std binary so the
 // programs get linted; only the BPF target is no_std/no_main.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
@@ -21,8 +65,8 @@ mod sk_msg;
 mod sockops;
 
 use agent_common::{
-    CidrKeyData, InboundConfig, NetnsConfig, OrigDst, PortKey, SockKey, SockState, capacity,
-    counter,
+    CidrKeyData, Counter, InboundConfig, NetnsConfig, OrigDst, PortKey, SockKey, SockState,
+    capacity,
 };
 use aya_ebpf::{
     btf_maps::SkStorage,
@@ -72,7 +116,7 @@ static INGRESS_READ: HashMap<SockKey, u64> = HashMap::with_max_entries(capacity:
 static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
 
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
 #[map]
 static OUT_CIDR_EXCLUDE: LpmTrie<CidrKeyData, u8> = LpmTrie::with_max_entries(capacity::RULES, 0);
@@ -96,15 +140,11 @@ static INBOUND_LISTENER: SockMap = SockMap::with_max_entries(1, 0);
 static INBOUND_STEERED: LruHashMap<SockKey, u8> =
     LruHashMap::with_max_entries(capacity::INBOUND_STEERED, 0);
 
+// The hooks, in the order a connection meets them.
+
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     connect4::connect4(&ctx);
-    ALLOW
-}
-
-#[cgroup_sock_addr(getpeername4)]
-pub fn mesh_getpeer4(ctx: SockAddrContext) -> i32 {
-    getpeername4::getpeername4(&ctx);
     ALLOW
 }
 
@@ -126,15 +166,21 @@ pub fn mesh_recvmsg(ctx: FExitContext) -> i32 {
     0
 }
 
-#[sk_lookup]
-pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
-    sk_lookup::sk_lookup(&ctx)
-}
-
 #[cgroup_sockopt(getsockopt)]
 pub fn mesh_getsockopt(ctx: SockoptContext) -> i32 {
     getsockopt::getsockopt(&ctx);
     ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn mesh_getpeer4(ctx: SockAddrContext) -> i32 {
+    getpeername4::getpeername4(&ctx);
+    ALLOW
+}
+
+#[sk_lookup]
+pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
+    sk_lookup::sk_lookup(&ctx)
 }
 
 #[cfg(target_arch = "bpf")]

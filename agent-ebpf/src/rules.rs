@@ -42,10 +42,7 @@ pub fn outbound(
     if net::is_loopback(dst_ip4) {
         return Outbound::Ignore;
     }
-    let key = Key::new(
-        CidrKeyData::NETNS_BITS + 32,
-        CidrKeyData::new(netns, dst_ip4),
-    );
+    let key = Key::new(CidrKeyData::prefix_len(32), CidrKeyData::v4(netns, dst_ip4));
     if OUT_CIDR_EXCLUDE.get(&key).is_some() {
         return Outbound::Bypass;
     }

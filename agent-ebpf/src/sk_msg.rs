@@ -19,7 +19,7 @@
 //! switch keeps the byte order: what is still queued is read before
 //! anything TCP brings.
 
-use agent_common::{SockKey, SockState, counter, net};
+use agent_common::{Counter, SockKey, SockState};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_F_INGRESS,
@@ -38,7 +38,7 @@ pub fn sk_msg(ctx: &SkMsgContext) {
     // SAFETY: `sk` is the sending socket.
     let sk = unsafe { md.__bindgen_anon_3.sk };
     if sk.is_null() {
-        bump(counter::MSG_PASSED);
+        bump(Counter::MsgPassed);
         return;
     }
     // SAFETY: BTF sk_storage map pointer and a full socket; no creation here.
@@ -52,29 +52,30 @@ pub fn sk_msg(ctx: &SkMsgContext) {
     }
     .cast::<SockState>();
     if state.is_null() {
-        bump(counter::MSG_PASSED);
+        bump(Counter::MsgPassed);
         return;
     }
     // SAFETY: non-null storage of this socket; sendmsg holds the socket lock.
     let state = unsafe { &mut *state };
     if state.verdict == SockState::VERDICT_PASS {
-        bump(counter::MSG_PASSED);
+        bump(Counter::MsgPassed);
         return;
     }
     // SAFETY: helper call on our own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let mut peer = SockKey::new(
+    let mut peer = SockKey::from_sock_ops(
         netns,
-        md.remote_ip4,
-        net::port_from_be_upper(md.remote_port),
         md.local_ip4,
-        net::port_from_host_u32(md.local_port),
-    );
+        md.local_port,
+        md.remote_ip4,
+        md.remote_port,
+    )
+    .reversed();
     // What the reader took out; without an entry the peer is not
     // short-circuited.
     let Some(read) = INGRESS_READ.get_ptr(peer) else {
         state.verdict = SockState::VERDICT_PASS;
-        bump(counter::MSG_PASSED);
+        bump(Counter::MsgPassed);
         return;
     };
     let size = u64::from(md.size);
@@ -94,8 +95,8 @@ pub fn sk_msg(ctx: &SkMsgContext) {
             size
         );
         state.verdict = SockState::VERDICT_PASS;
-        bump(counter::MSG_SPILLED);
-        bump(counter::MSG_PASSED);
+        bump(Counter::MsgSpilled);
+        bump(Counter::MsgPassed);
         return;
     }
     // On a miss the helper returns SK_DROP; we return SK_PASS regardless, so
@@ -103,10 +104,10 @@ pub fn sk_msg(ctx: &SkMsgContext) {
     if SOCKETS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
         state.verdict = SockState::VERDICT_REDIRECT;
         state.sent = state.sent.wrapping_add(size);
-        bump(counter::MSG_REDIRECTED);
+        bump(Counter::MsgRedirected);
     } else {
         state.verdict = SockState::VERDICT_PASS;
-        bump(counter::MSG_PASSED);
+        bump(Counter::MsgPassed);
     }
 }
 

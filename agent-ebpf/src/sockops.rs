@@ -7,7 +7,7 @@
 //! callback) before the proxy's accepted socket exists (passive callback), so
 //! the tuple entry is always in place when the proxy's socket shows up.
 
-use agent_common::{INBOUND_PASSTHROUGH_SRC, SockKey, SockState, counter, flags, net};
+use agent_common::{Counter, INBOUND_PASSTHROUGH_SRC_RAW, SockKey, SockState, flags, net};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
@@ -25,11 +25,9 @@ use crate::{
     ORIG_DST_BY_TUPLE, SOCK_STATE, SOCKETS, counters::bump,
 };
 
-const AF_INET: u32 = 2;
-
 #[inline(always)]
 pub fn sockops(ctx: &SockOpsContext) {
-    if ctx.family() != AF_INET {
+    if ctx.family() != net::AF_INET {
         return;
     }
     match ctx.op() {
@@ -47,12 +45,12 @@ pub fn sockops(ctx: &SockOpsContext) {
 fn own_key(ctx: &SockOpsContext) -> SockKey {
     // SAFETY: helper call on our own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    SockKey::new(
+    SockKey::from_sock_ops(
         netns,
         ctx.local_ip4(),
-        net::port_from_host_u32(ctx.local_port()),
+        ctx.local_port(),
         ctx.remote_ip4(),
-        net::port_from_be_upper(ctx.remote_port()),
+        ctx.remote_port(),
     )
 }
 
@@ -84,7 +82,7 @@ fn on_connect(ctx: &SockOpsContext) {
 #[inline(always)]
 fn on_active_established(ctx: &SockOpsContext) {
     // The proxy's inbound passthrough connection to the app.
-    if ctx.local_ip4() == INBOUND_PASSTHROUGH_SRC {
+    if ctx.local_ip4() == INBOUND_PASSTHROUGH_SRC_RAW {
         let key = own_key(ctx);
         if sockmap_enabled(key.netns_cookie) {
             watch_close(ctx);
@@ -103,7 +101,7 @@ fn on_active_established(ctx: &SockOpsContext) {
         .insert(key, orig, u64::from(BPF_ANY))
         .is_err()
     {
-        bump(counter::ORIG_DST_STORE_FAILED);
+        bump(Counter::OrigDstStoreFailed);
         return;
     }
     watch_close(ctx);
@@ -127,7 +125,7 @@ fn on_passive_established(ctx: &SockOpsContext) {
     }
     // The app's end of the proxy's inbound passthrough connection, or the
     // proxy's end of a connection connect4 redirected.
-    let passthrough = key.dst_ip4 == INBOUND_PASSTHROUGH_SRC;
+    let passthrough = key.dst_ip4 == INBOUND_PASSTHROUGH_SRC_RAW;
     if !passthrough {
         if key.src_port != cfg.outbound_port || !claim_orig_dst(ctx, key) {
             return;
@@ -142,7 +140,7 @@ fn on_passive_established(ctx: &SockOpsContext) {
     // Open data) would be read after redirected ones: keep plain TCP.
     // SAFETY: valid context.
     if unsafe { (*ctx.ops).bytes_received } != 0 {
-        bump(counter::SOCKHASH_INSERT_FAILED);
+        bump(Counter::SockhashInsertFailed);
         return;
     }
     watch_close(ctx);
@@ -178,7 +176,7 @@ fn insert_socket(ctx: &SockOpsContext, mut key: SockKey) {
     // SAFETY: valid context; `sk` is the full socket of this callback.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     if sk.is_null() {
-        bump(counter::SOCKHASH_INSERT_FAILED);
+        bump(Counter::SockhashInsertFailed);
         return;
     }
     // The state must exist before the socket can run sk_msg: sk_msg never
@@ -199,14 +197,14 @@ fn insert_socket(ctx: &SockOpsContext, mut key: SockKey) {
         )
     };
     if state.is_null() {
-        bump(counter::SOCKHASH_INSERT_FAILED);
+        bump(Counter::SockhashInsertFailed);
         return;
     }
     // Nothing read from its ingress queue yet: without this entry no sender
     // could tell how far behind this socket's reader is, so the socket
     // stays out of the map.
     if INGRESS_READ.insert(key, 0, u64::from(BPF_ANY)).is_err() {
-        bump(counter::SOCKHASH_INSERT_FAILED);
+        bump(Counter::SockhashInsertFailed);
         return;
     }
     let ops: *mut bpf_sock_ops = ctx.ops;
@@ -215,14 +213,14 @@ fn insert_socket(ctx: &SockOpsContext, mut key: SockKey) {
         .update(&mut key, unsafe { &mut *ops }, u64::from(BPF_ANY))
         .is_ok()
     {
-        bump(counter::SOCKHASH_INSERTED);
+        bump(Counter::SockhashInserted);
         debug!(
             ctx,
             "sockops: socket :{} -> :{} short-circuited", key.src_port, key.dst_port
         );
     } else {
         let _ = INGRESS_READ.remove(key);
-        bump(counter::SOCKHASH_INSERT_FAILED);
+        bump(Counter::SockhashInsertFailed);
     }
 }
 
@@ -243,8 +241,8 @@ fn on_listen(ctx: &SockOpsContext) {
     let ops: *mut bpf_sock_ops = ctx.ops;
     // SAFETY: `ops` is this callback's context, a listening full socket.
     match unsafe { INBOUND_LISTENER.update(0, ops, u64::from(BPF_ANY)) } {
-        Ok(()) => bump(counter::INBOUND_LISTENER_REGISTERED),
-        Err(_) => bump(counter::SOCKHASH_INSERT_FAILED),
+        Ok(()) => bump(Counter::InboundListenerRegistered),
+        Err(_) => bump(Counter::SockhashInsertFailed),
     }
 }
 
@@ -263,7 +261,7 @@ fn on_close(ctx: &SockOpsContext) {
         unsafe { ORIG_DST_BY_TUPLE.get(key.reversed()) }.is_some_and(|o| o.owner == cookie);
     let owned = if own { key } else { key.reversed() };
     if (own || claimed) && ORIG_DST_BY_TUPLE.remove(owned).is_ok() {
-        bump(counter::SOCKETS_CLOSED);
+        bump(Counter::SocketsClosed);
     }
     let _ = INBOUND_STEERED.remove(key);
     let _ = INGRESS_READ.remove(key);

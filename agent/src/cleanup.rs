@@ -19,7 +19,11 @@ use serde::Serialize;
 
 use crate::{
     handoff,
-    iptables::{apply, istio::EXEMPT_MARK_COMMENT},
+    iptables::{
+        apply,
+        backend::{Backend, Family},
+        istio::EXEMPT_MARK_COMMENT,
+    },
     netns::Netns,
     pins,
 };
@@ -34,6 +38,39 @@ pub struct Report {
     pub iptables_removed: Vec<PathBuf>,
     /// Namespaces with ISTIO chains that are not ours (left alone).
     pub iptables_not_ours: Vec<PathBuf>,
+}
+
+impl Report {
+    /// One line per thing removed or left.
+    #[must_use]
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        for p in &self.removed {
+            let _ = writeln!(out, "removed pins {}", p.display());
+        }
+        for p in &self.live {
+            let _ = writeln!(
+                out,
+                "left pins {} (its agent is running; stop it, or --force)",
+                p.display()
+            );
+        }
+        for p in &self.iptables_removed {
+            let _ = writeln!(out, "removed our iptables rules in {}", p.display());
+        }
+        for p in &self.iptables_not_ours {
+            let _ = writeln!(
+                out,
+                "left ISTIO chains in {} (not installed by mesh-redirect)",
+                p.display()
+            );
+        }
+        if self.removed.is_empty() && self.iptables_removed.is_empty() {
+            out.push_str("nothing of ours to remove\n");
+        }
+        out
+    }
 }
 
 /// Whether an agent answers on the control socket for `cookie`.
@@ -66,8 +103,8 @@ pub fn run(
     for path in namespaces {
         let netns = Netns::open(path).context("--netns")?;
         let runner = |p: &str| netns.command(p);
-        for backend in [apply::Backend::Legacy, apply::Backend::Nft] {
-            let Ok(saved) = apply::save(&runner, backend, apply::Family::Ipv4) else {
+        for backend in [Backend::Legacy, Backend::Nft] {
+            let Ok(saved) = apply::save(&runner, backend, Family::Ipv4) else {
                 continue;
             };
             if !saved.contains("ISTIO_OUTPUT") {

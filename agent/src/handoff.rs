@@ -12,6 +12,9 @@
 //!
 //! `STATS` on the same socket answers one line of JSON
 //! ([`crate::admin::AgentReport`]): what `status` shows of a running agent.
+//! `RULES <json>` changes its capture rules (the lists given, as
+//! [`RuleArgs`]), in either mode, and answers the rules now in force:
+//! what `mesh-redirect rules --netns` sends.
 
 use std::{
     fs,
@@ -25,11 +28,29 @@ use std::{
     time::Duration,
 };
 
-use crate::proxy::Listeners;
+use crate::{
+    proxy::Listeners,
+    rules::{CaptureRules, RuleArgs},
+};
+
+/// Where running agents' control sockets are, by default.
+pub const DEFAULT_CONTROL_DIR: &str = "/run/mesh-redirect";
 
 const REQUEST: &str = "TAKEOVER";
 const STATS: &str = "STATS";
+const RULES: &str = "RULES";
 const REPLY_OK: &[u8] = b"OK\n";
+/// The longest request line read (a `RULES` request carries up to four
+/// lists of 4096 entries).
+const MAX_REQUEST: usize = 1 << 20;
+
+/// What a running agent answers on its control socket, besides a takeover.
+pub trait Requests {
+    /// One line of JSON: the agent's [`crate::admin::AgentReport`].
+    fn stats(&self) -> String;
+    /// Applies the lists given; the rules now in force, or why not.
+    fn rules(&mut self, args: &RuleArgs) -> Result<CaptureRules, String>;
+}
 
 /// `TAKEOVER <outbound-port or -> <inbound-port or ->`: what the successor
 /// will serve (`-`: nothing, e.g. with an external proxy), so the running
@@ -45,6 +66,8 @@ pub enum HandoffError {
     Io { path: PathBuf, source: io::Error },
     #[error("control socket {path}: the running agent answered {answer:?}")]
     Refused { path: PathBuf, answer: String },
+    #[error("control socket {path}: the running agent refused the rules: {reason}")]
+    RulesRefused { path: PathBuf, reason: String },
     #[error(
         "control socket {path}: the running agent listens on {theirs}, not on the ports asked for ({ours}); stop it first"
     )]
@@ -132,23 +155,43 @@ pub fn take_over(
     })))
 }
 
-/// Asks the agent behind the control socket at `path` for its numbers
-/// (one line of JSON).
-pub fn query_stats(path: &Path) -> Result<String, HandoffError> {
+/// Sends one request line to the agent behind `path`; its answer.
+fn ask(path: &Path, request: &str) -> Result<String, HandoffError> {
     let io_err = |source| HandoffError::Io {
         path: path.to_owned(),
         source,
     };
     let mut stream = UnixStream::connect(path).map_err(io_err)?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(io_err)?;
     stream
-        .write_all(format!("{STATS}\n").as_bytes())
+        .write_all(format!("{request}\n").as_bytes())
         .map_err(io_err)?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer).map_err(io_err)?;
     Ok(answer.trim().to_owned())
+}
+
+/// Asks the agent behind the control socket at `path` for its numbers
+/// (one line of JSON).
+pub fn query_stats(path: &Path) -> Result<String, HandoffError> {
+    ask(path, STATS)
+}
+
+/// Asks the agent behind `path` to apply `args` to its capture rules.
+pub fn request_rules(path: &Path, args: &RuleArgs) -> Result<CaptureRules, HandoffError> {
+    let json = serde_json::to_string(args).expect("rule lists serialize");
+    let answer = ask(path, &format!("{RULES} {json}"))?;
+    let reply: Result<CaptureRules, String> =
+        serde_json::from_str(&answer).map_err(|e| HandoffError::Refused {
+            path: path.to_owned(),
+            answer: format!("{answer} ({e})"),
+        })?;
+    reply.map_err(|reason| HandoffError::RulesRefused {
+        path: path.to_owned(),
+        reason,
+    })
 }
 
 /// The running agent's end: the control socket, and what to hand over.
@@ -189,13 +232,13 @@ impl ControlServer {
         &self.listener
     }
 
-    /// Answers a pending request, if any: a takeover with `listeners`, a
-    /// `STATS` with `stats()`. `true`: handed over (the caller stops
+    /// Answers a pending request, if any: a takeover with `listeners`, the
+    /// others through `agent`. `true`: handed over (the caller stops
     /// accepting, drains and exits without tearing down).
     pub fn serve_one(
         &self,
         listeners: Option<&Listeners>,
-        stats: &dyn Fn() -> String,
+        agent: &mut dyn Requests,
     ) -> Result<bool, HandoffError> {
         let io_err = |source| HandoffError::Io {
             path: self.path.clone(),
@@ -211,10 +254,8 @@ impl ControlServer {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .map_err(io_err)?;
         let mut req = Vec::new();
-        let mut byte = [0u8; 1];
-        while req.len() < 64 && stream.read(&mut byte).map_err(io_err)? == 1 && byte[0] != b'\n' {
-            req.push(byte[0]);
-        }
+        let mut reader = io::BufReader::new(&stream).take(MAX_REQUEST as u64);
+        io::BufRead::read_until(&mut reader, b'\n', &mut req).map_err(io_err)?;
         let port = |l: &TcpListener| l.local_addr().map(|a| a.port()).ok();
         let ours = request(
             listeners.and_then(|l| port(&l.outbound)),
@@ -223,7 +264,17 @@ impl ControlServer {
         let req = String::from_utf8_lossy(&req);
         if req.trim() == STATS {
             stream
-                .write_all(format!("{}\n", stats()).as_bytes())
+                .write_all(format!("{}\n", agent.stats()).as_bytes())
+                .map_err(io_err)?;
+            return Ok(false);
+        }
+        if let Some(json) = req.trim().strip_prefix(RULES) {
+            let reply = serde_json::from_str::<RuleArgs>(json.trim())
+                .map_err(|e| format!("unreadable request: {e}"))
+                .and_then(|args| agent.rules(&args));
+            let reply = serde_json::to_string(&reply).expect("rules serialize");
+            stream
+                .write_all(format!("{reply}\n").as_bytes())
                 .map_err(io_err)?;
             return Ok(false);
         }
@@ -341,6 +392,20 @@ fn recv_with_fds(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
 mod tests {
     use super::*;
 
+    /// An agent that answers stats with a fixed line and has these rules.
+    struct Fake(&'static str, CaptureRules);
+
+    impl Requests for Fake {
+        fn stats(&self) -> String {
+            self.0.to_owned()
+        }
+
+        fn rules(&mut self, args: &RuleArgs) -> Result<CaptureRules, String> {
+            self.1 = args.apply_to(&self.1).map_err(|e| e.to_string())?;
+            Ok(self.1.clone())
+        }
+    }
+
     #[test]
     fn listeners_pass_through_a_control_socket() {
         let dir = std::env::temp_dir().join(format!("mr-handoff-{}", std::process::id()));
@@ -358,11 +423,9 @@ mod tests {
         };
         let serving = std::thread::scope(|s| {
             let handle = s.spawn(|| {
+                let mut agent = Fake("{\"pid\":1}", CaptureRules::default());
                 loop {
-                    if server
-                        .serve_one(Some(&listeners), &|| "{\"pid\":1}".to_owned())
-                        .unwrap()
-                    {
+                    if server.serve_one(Some(&listeners), &mut agent).unwrap() {
                         return true;
                     }
                     std::thread::sleep(Duration::from_millis(5));
@@ -370,6 +433,19 @@ mod tests {
             });
             // A stats request is answered and hands nothing over.
             assert_eq!(query_stats(&path).unwrap(), "{\"pid\":1}");
+            // So is a rules change, and a refused one says why.
+            let args = RuleArgs {
+                exclude_outbound_ports: Some(crate::rules::List(vec![9000])),
+                ..RuleArgs::default()
+            };
+            let now = request_rules(&path, &args).unwrap();
+            assert_eq!(now.outbound_exclude_ports, vec![9000]);
+            let too_many = RuleArgs {
+                exclude_outbound_ports: Some(crate::rules::List((1..=4097).collect())),
+                ..RuleArgs::default()
+            };
+            let err = request_rules(&path, &too_many).unwrap_err();
+            assert!(matches!(err, HandoffError::RulesRefused { .. }), "{err}");
             let got = take_over(&path, Some(port), None)
                 .unwrap()
                 .flatten()
@@ -401,9 +477,10 @@ mod tests {
         };
         std::thread::scope(|s| {
             let handle = s.spawn(|| {
+                let mut agent = Fake("", CaptureRules::default());
                 for _ in 0..400 {
                     assert!(
-                        !server.serve_one(Some(&listeners), &String::new).unwrap(),
+                        !server.serve_one(Some(&listeners), &mut agent).unwrap(),
                         "handed over on a mismatch"
                     );
                     std::thread::sleep(Duration::from_millis(5));

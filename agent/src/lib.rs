@@ -4,14 +4,20 @@
 //! `SO_ORIGINAL_DST` with `cgroup/getsockopt` so unmodified proxies keep
 //! working, and short-circuits the app↔proxy hop with a SOCKHASH and
 //! `sk_msg`; iptables REDIRECT is the fallback.
+//!
+//! Where things live: [`capture`] (the redirect modes behind one
+//! interface) over [`ebpf`] (the datapath: load, attach, maps, rules) and
+//! [`iptables`] (istio's rules); [`proxy`] (the built-in proxy); [`run`]
+//! (a run's arguments, plan and lifecycle); [`admin`] (metrics, readiness);
+//! [`handoff`] (the control socket); [`doctor`], [`status`], [`inspect`],
+//! [`cleanup`], [`update_rules`] (the other commands).
 
 pub mod admin;
-pub mod bpf_sys;
 pub mod caps;
+pub mod capture;
 pub mod cgroup;
 pub mod cleanup;
 pub mod config;
-pub mod control;
 pub mod doctor;
 pub mod ebpf;
 pub mod handoff;
@@ -25,3 +31,4 @@ pub mod rules;
 pub mod run;
 pub mod socket;
 pub mod status;
+pub mod update_rules;

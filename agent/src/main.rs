@@ -1,10 +1,13 @@
-//! The `mesh-redirect` command line.
+//! The `mesh-redirect` command line: parses, then hands each command to its
+//! module.
 
-use std::{ffi::OsString, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
-use agent::config;
-use agent::doctor;
-use clap::{CommandFactory as _, Parser, Subcommand};
+use agent::{
+    cleanup, doctor, handoff::DEFAULT_CONTROL_DIR, mounts::DEFAULT_BPFFS, run::RunArgs, status,
+};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
+use serde::Serialize;
 
 #[derive(Parser)]
 #[command(
@@ -35,7 +38,7 @@ enum Command {
     /// receives it, or serve an external one. On SIGTERM/SIGINT it drains,
     /// then detaches and unpins everything it attached.
     #[command(args_override_self = true)]
-    Run(Box<agent::run::RunArgs>),
+    Run(Box<RunArgs>),
     /// What is attached to a cgroup and what the datapath's maps hold, read
     /// from the kernel.
     Status {
@@ -46,10 +49,10 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// The bpffs mount pins are under.
-        #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf")]
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
         /// Where running agents' control sockets are.
-        #[arg(long, value_name = "PATH", default_value = "/run/mesh-redirect")]
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_DIR)]
         control_dir: PathBuf,
     },
     /// A drop-in for istio-iptables: the same flags, defaults and
@@ -60,10 +63,10 @@ enum Command {
     /// anything that is not ours.
     Cleanup {
         /// The bpffs mount the pins are under.
-        #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf")]
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
         /// Where running agents' control sockets are.
-        #[arg(long, value_name = "PATH", default_value = "/run/mesh-redirect")]
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_DIR)]
         control_dir: PathBuf,
         /// Network namespaces to clean iptables rules from (repeatable;
         /// default: this one).
@@ -76,12 +79,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show or change the capture rules of a running eBPF datapath, at once
-    /// and without a restart: each list given replaces the current one.
+    /// Show or change the capture rules of a running capture, at once and
+    /// without a restart: each list given replaces the current one.
     Rules {
-        /// cgroup2 directory the datapath serves (default: the cgroup2 root).
+        /// Ask the agent serving this network namespace (either mode).
+        #[arg(long, value_name = "PATH", conflicts_with = "cgroup")]
+        netns: Option<PathBuf>,
+        /// Change the eBPF datapath attached to this cgroup2 directory
+        /// through its maps (default: the cgroup2 root); works while its
+        /// agent is down.
         #[arg(long, value_name = "PATH")]
         cgroup: Option<PathBuf>,
+        /// Where running agents' control sockets are.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_DIR)]
+        control_dir: PathBuf,
         #[command(flatten)]
         rules: agent::rules::RuleArgs,
         /// Print JSON instead of a table.
@@ -92,24 +103,36 @@ enum Command {
 
 fn main() -> ExitCode {
     init_tracing();
-    let cli = match parse_args() {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return ExitCode::from(2);
-        }
+        Err(e) => e.exit(),
     };
     match cli.command {
         Command::Doctor { json, cgroup } => run_doctor(json, cgroup),
+        Command::Run(args) => {
+            let run = matches
+                .subcommand_matches("run")
+                .expect("the run subcommand");
+            match RunArgs::resolve(*args, run) {
+                Ok(args) => report(agent::run::run(&args)),
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Rules {
+            netns,
             cgroup,
+            control_dir,
             rules,
             json,
         } => report(
-            agent::control::update_rules(cgroup.as_deref(), &rules).map(|r| print_rules(&r, json)),
+            agent::update_rules::run(netns.as_deref(), cgroup.as_deref(), &control_dir, &rules)
+                .map(|r| print(&r, json, agent::rules::CaptureRules::render)),
         ),
-        Command::Run(args) => report(agent::run::run(&args)),
-        Command::Iptables(args) => report(agent::iptables::istio::main(&args)),
+        Command::Iptables(args) => report(agent::iptables::cli::main(&args)),
         Command::Cleanup {
             bpffs,
             control_dir,
@@ -117,36 +140,8 @@ fn main() -> ExitCode {
             force,
             json,
         } => report(
-            agent::cleanup::run(&bpffs, &control_dir, &netns, force).map(|r| {
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&r).expect("report serializes")
-                    );
-                    return;
-                }
-                for p in &r.removed {
-                    println!("removed pins {}", p.display());
-                }
-                for p in &r.live {
-                    println!(
-                        "left pins {} (its agent is running; stop it, or --force)",
-                        p.display()
-                    );
-                }
-                for p in &r.iptables_removed {
-                    println!("removed our iptables rules in {}", p.display());
-                }
-                for p in &r.iptables_not_ours {
-                    println!(
-                        "left ISTIO chains in {} (not installed by mesh-redirect)",
-                        p.display()
-                    );
-                }
-                if r.removed.is_empty() && r.iptables_removed.is_empty() {
-                    println!("nothing of ours to remove");
-                }
-            }),
+            cleanup::run(&bpffs, &control_dir, &netns, force)
+                .map(|r| print(&r, json, cleanup::Report::render)),
         ),
         Command::Status {
             cgroup,
@@ -154,91 +149,21 @@ fn main() -> ExitCode {
             bpffs,
             control_dir,
         } => report(
-            agent::status::collect(cgroup.as_deref(), &bpffs, &control_dir).map(|s| {
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&s).expect("status serializes")
-                    );
-                } else {
-                    print!("{}", s.render());
-                }
-            }),
+            status::collect(cgroup.as_deref(), &bpffs, &control_dir)
+                .map(|s| print(&s, json, status::Status::render)),
         ),
     }
 }
 
-/// The command line, with `run --config FILE` expanded into the flags the
-/// file sets (before the command line's own, which override them).
-fn parse_args() -> Result<Cli, config::ConfigError> {
-    let mut args: Vec<OsString> = std::env::args_os().collect();
-    if args.get(1).is_some_and(|a| a == "run") {
-        let cli = Cli::command();
-        let flags: Vec<config::Flag> = cli
-            .find_subcommand("run")
-            .expect("run is a subcommand")
-            .get_arguments()
-            .filter_map(|a| {
-                a.get_long().map(|long| config::Flag {
-                    long: long.to_owned(),
-                    takes_value: a.get_action().takes_values(),
-                })
-            })
-            .collect();
-        let rest = args.split_off(2);
-        let expanded = config::expand(rest, &flags)?;
-        if let Some(path) = &expanded.file {
-            // The file's values on their own first, so that a bad one is
-            // reported as the file's.
-            let alone = args
-                .iter()
-                .cloned()
-                .chain(expanded.from_file.iter().cloned());
-            if let Err(e) = Cli::try_parse_from(alone) {
-                return Err(config::ConfigError::Rejected {
-                    path: path.clone(),
-                    message: e
-                        .render()
-                        .to_string()
-                        .lines()
-                        .next()
-                        .unwrap_or_default()
-                        .trim_start_matches("error: ")
-                        .to_owned(),
-                });
-            }
-        }
-        args.extend(expanded.words());
-    }
-    Ok(Cli::parse_from(args))
-}
-
-/// `rules`' answer: the lists now in force.
-fn print_rules(r: &agent::rules::CaptureRules, json: bool) {
+/// Prints `value` as JSON, or as its table.
+fn print<T: Serialize>(value: &T, json: bool, render: fn(&T) -> String) {
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&r).expect("rules serialize")
+            serde_json::to_string_pretty(value).expect("reports serialize")
         );
     } else {
-        println!("outbound include (-i): {}", r.outbound_include_cidrs);
-        println!(
-            "outbound exclude (-x): {}",
-            agent::rules::Selection::Some(r.outbound_exclude_cidrs.clone())
-        );
-        println!(
-            "outbound ports include (-q): {}",
-            agent::rules::Selection::Some(r.outbound_include_ports.clone())
-        );
-        println!(
-            "outbound ports exclude (-o): {}",
-            agent::rules::Selection::Some(r.outbound_exclude_ports.clone())
-        );
-        println!("inbound ports include (-b): {}", r.inbound_include_ports);
-        println!(
-            "inbound ports exclude (-d): {}",
-            agent::rules::Selection::Some(r.inbound_exclude_ports.clone())
-        );
+        print!("{}", render(value));
     }
 }
 
@@ -271,23 +196,11 @@ fn run_doctor(json: bool, cgroup: Option<PathBuf>) -> ExitCode {
         return ExitCode::from(2);
     }
     let report = doctor::run(&doctor::Options { cgroup });
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("report serializes")
-        );
-    } else {
-        print!("{}", report.render());
-    }
+    print(&report, json, doctor::Report::render);
     if report.any_usable() {
         ExitCode::SUCCESS
     } else {
-        let missing: Vec<String> = report
-            .modes
-            .iter()
-            .map(|m| format!("{}: {}", m.mode.name(), m.missing.join(", ")))
-            .collect();
-        eprintln!("error: no redirect mode is usable ({})", missing.join("; "));
+        eprintln!("error: {}", report.why_unusable());
         ExitCode::FAILURE
     }
 }

@@ -8,6 +8,13 @@
 //! hashes every map's definition (name, type, key and value size, capacity,
 //! flags) as the eBPF object declares it: an agent whose maps differ never
 //! reuses old ones, it removes them and starts clean.
+//!
+//! It covers the maps only, on purpose: they hold the live connections'
+//! state (and the SOCKHASH their queued bytes), which an upgrade must keep.
+//! The programs are not part of it because they are always replaced: an
+//! adopting agent puts its own program behind every pinned link, on the
+//! SOCKHASH and on the fexit (`ebpf::attach`), so an upgrade that changes
+//! only a program runs the new one at once and leaves no old one loaded.
 
 use std::{
     fs, io,

@@ -15,73 +15,55 @@
 //! the agent runs (`mesh-redirect rules`); in iptables mode they become
 //! istio's rules.
 
-use std::{fmt, net::Ipv4Addr, str::FromStr};
+use std::{fmt, net::IpAddr};
 
+use agent_common::{INBOUND_PASSTHROUGH_SRC, ports};
+
+pub use ipnet::IpNet;
 use serde::Serialize;
 
-/// An IPv4 network: address and prefix length (host bits cleared).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-pub struct Ipv4Net {
-    pub addr: Ipv4Addr,
-    pub prefix: u8,
-}
-
-impl Ipv4Net {
-    /// The network containing `addr` with this prefix.
-    #[must_use]
-    pub fn new(addr: Ipv4Addr, prefix: u8) -> Self {
-        let mask = if prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(prefix))
-        };
-        Self {
-            addr: Ipv4Addr::from(u32::from(addr) & mask),
-            prefix,
+/// Parses `ADDRESS/PREFIX` (IPv4 or IPv6) as istio-iptables does: the
+/// address kept as written (host bits too), a decimal prefix length within
+/// the family's range, no sign, no leading zero.
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let (addr, len) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} is not a CIDR (ADDRESS/PREFIX)"))?;
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} in {s:?} is not an IP address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    match len.parse::<u8>() {
+        Ok(n) if n <= max && !(len.len() > 1 && len.starts_with('0')) && !len.starts_with('+') => {
+            Ok(IpNet::new(addr, n).expect("prefix length checked"))
         }
-    }
-
-    #[must_use]
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        Self::new(ip, self.prefix).addr == self.addr
+        _ => Err(format!("prefix length {len:?} in {s:?} is not 0-{max}")),
     }
 }
 
-impl fmt::Display for Ipv4Net {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
+/// A capture rule's CIDR: [`parse_cidr`], or a bare address for one host
+/// (a /32 or /128), with the host bits cleared.
+pub fn parse_rule_cidr(s: &str) -> Result<IpNet, String> {
+    if s.contains('/') {
+        return parse_cidr(s).map(|n| n.trunc());
     }
-}
-
-impl FromStr for Ipv4Net {
-    type Err = String;
-
-    /// `a.b.c.d/n`, or a bare address (a /32).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => {
-                let p: u8 = p
-                    .parse()
-                    .map_err(|_| format!("bad prefix length in {s:?}"))?;
-                if p > 32 {
-                    return Err(format!("prefix length above 32 in {s:?}"));
-                }
-                (a, p)
-            }
-            None => (s, 32),
-        };
-        let addr: Ipv4Addr = addr
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IPv4 CIDR"))?;
-        Ok(Self::new(addr, prefix))
-    }
+    s.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("{s:?} is not an IP address or CIDR"))
 }
 
 /// A list that is either "everything" (`*`) or explicit items.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selection<T> {
     All,
-    Some(Vec<T>),
+    /// Only these; empty means none.
+    Only(Vec<T>),
+}
+
+impl<T> Default for Selection<T> {
+    fn default() -> Self {
+        Self::Only(Vec::new())
+    }
 }
 
 impl<T> Selection<T> {
@@ -90,11 +72,12 @@ impl<T> Selection<T> {
         matches!(self, Self::All)
     }
 
+    /// The explicit items (none for `*`).
     #[must_use]
     pub fn items(&self) -> &[T] {
         match self {
             Self::All => &[],
-            Self::Some(v) => v,
+            Self::Only(v) => v,
         }
     }
 }
@@ -103,15 +86,12 @@ impl<T: fmt::Display> fmt::Display for Selection<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::All => f.write_str("*"),
-            Self::Some(v) => {
-                let parts: Vec<String> = v.iter().map(ToString::to_string).collect();
-                f.write_str(&parts.join(","))
-            }
+            Self::Only(v) => f.write_str(&join(v)),
         }
     }
 }
 
-/// A bad list, naming the flag.
+/// A rule list with too many entries, naming the flag.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{flag}: {reason}")]
 pub struct RuleError {
@@ -119,64 +99,123 @@ pub struct RuleError {
     pub reason: String,
 }
 
-/// Parses a comma-separated list; empty string = empty list.
-fn parse_list<T: FromStr>(
-    flag: &'static str,
-    s: &str,
-    what: impl Fn(&str) -> String,
-) -> Result<Vec<T>, RuleError> {
+/// What a rule list holds: CIDRs or ports.
+pub trait ListItem: Sized + fmt::Display {
+    /// One item, as written.
+    fn parse_item(s: &str) -> Result<Self, String>;
+}
+
+impl ListItem for IpNet {
+    fn parse_item(s: &str) -> Result<Self, String> {
+        parse_rule_cidr(s)
+    }
+}
+
+impl ListItem for u16 {
+    fn parse_item(s: &str) -> Result<Self, String> {
+        match s.parse::<u32>() {
+            Ok(p) => match Self::try_from(p) {
+                Ok(p) if p != 0 => Ok(p),
+                _ => Err(format!("port {p} is out of range 1-65535")),
+            },
+            Err(_) => Err(format!("{s:?} is not a port number")),
+        }
+    }
+}
+
+fn parse_items<T: ListItem>(s: &str) -> Result<Vec<T>, String> {
     s.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
-        .map(|p| {
-            p.parse().map_err(|_| RuleError {
-                flag,
-                reason: what(p),
-            })
-        })
+        .map(T::parse_item)
         .collect()
 }
 
-/// CIDRs, or `*`.
-pub fn parse_cidrs(flag: &'static str, s: &str) -> Result<Selection<Ipv4Net>, RuleError> {
-    if s.trim() == "*" {
-        return Ok(Selection::All);
+impl<T: ListItem> Selection<T> {
+    /// `*`, or a comma-separated list (empty: none).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.trim() == "*" {
+            Ok(Self::All)
+        } else {
+            parse_items(s).map(Self::Only)
+        }
     }
-    s.split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            p.parse::<Ipv4Net>()
-                .map_err(|reason| RuleError { flag, reason })
-        })
-        .collect::<Result<_, _>>()
-        .map(Selection::Some)
 }
 
-/// Ports (1..=65535), or `*`.
-pub fn parse_ports(flag: &'static str, s: &str) -> Result<Selection<u16>, RuleError> {
-    if s.trim() == "*" {
-        return Ok(Selection::All);
+/// An explicit list (`*` makes no sense for an exclusion list): comma
+/// separated on the command line, an array (or the same string) in a
+/// config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct List<T>(pub Vec<T>);
+
+impl<T: ListItem> List<T> {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.trim() == "*" {
+            return Err("`*` is not allowed here".into());
+        }
+        parse_items(s).map(Self)
     }
-    let ports: Vec<u32> = parse_list(flag, s, |p| format!("{p:?} is not a port number"))?;
-    ports
-        .into_iter()
-        .map(|p| match u16::try_from(p) {
-            Ok(p) if p != 0 => Ok(p),
-            _ => Err(RuleError {
-                flag,
-                reason: format!("port {p} is out of range 1-65535"),
-            }),
-        })
-        .collect::<Result<_, _>>()
-        .map(Selection::Some)
+}
+
+/// Both list kinds read a config file's string or array the same way, and
+/// write themselves as the command line's comma-separated string.
+macro_rules! list_serde {
+    ($ty:ident) => {
+        impl<T: ListItem> serde::Serialize for $ty<T> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.to_string())
+            }
+        }
+
+        impl<'de, T: ListItem> serde::Deserialize<'de> for $ty<T> {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                Self::parse(&list_text(d)?).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+list_serde!(Selection);
+list_serde!(List);
+
+/// A list as a config file writes it (a string, or an array of strings
+/// and numbers), as the command line's comma-separated text.
+fn list_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Item {
+        Text(String),
+        Number(i64),
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Text(String),
+        Items(Vec<Item>),
+    }
+    Ok(match serde::Deserialize::deserialize(d)? {
+        Written::Text(s) => s,
+        Written::Items(items) => items
+            .into_iter()
+            .map(|i| match i {
+                Item::Text(s) => s,
+                Item::Number(n) => n.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(","),
+    })
+}
+
+impl<T: fmt::Display> fmt::Display for List<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&join(&self.0))
+    }
 }
 
 /// The capture rules of one served namespace.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct CaptureRules {
-    pub outbound_include_cidrs: Selection<Ipv4Net>,
-    pub outbound_exclude_cidrs: Vec<Ipv4Net>,
+    pub outbound_include_cidrs: Selection<IpNet>,
+    pub outbound_exclude_cidrs: Vec<IpNet>,
     pub outbound_include_ports: Vec<u16>,
     pub outbound_exclude_ports: Vec<u16>,
     pub inbound_include_ports: Selection<u16>,
@@ -185,8 +224,6 @@ pub struct CaptureRules {
 
 /// Istio's sidecar defaults: capture every outbound destination and every
 /// inbound port, except the proxy's health and admin ports.
-pub const DEFAULT_INBOUND_EXCLUDE: &str = "15090,15021,15020";
-
 impl Default for CaptureRules {
     fn default() -> Self {
         Self {
@@ -195,70 +232,93 @@ impl Default for CaptureRules {
             outbound_include_ports: Vec::new(),
             outbound_exclude_ports: Vec::new(),
             inbound_include_ports: Selection::All,
-            inbound_exclude_ports: vec![15090, 15021, 15020],
+            inbound_exclude_ports: ports::DEFAULT_INBOUND_EXCLUDE.to_vec(),
         }
     }
 }
 
+/// A list flag's parser: its errors name the flag (short and long), on the
+/// command line and in a config file alike.
+fn named<T: 'static>(
+    flag: &'static str,
+    parse: fn(&str) -> Result<T, String>,
+) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static {
+    move |s| parse(s).map_err(|e| format!("{flag}: {e}"))
+}
+
 /// The include/exclude flags, as `run` and `rules` take them (istio's
-/// short and long names).
-#[derive(Debug, Clone, Default, clap::Args)]
+/// short and long names; a config file's keys are the long names).
+#[derive(Debug, Clone, Default, clap::Args, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RuleArgs {
-    /// Outbound destinations to capture: comma-separated CIDRs, or `*` for all.
-    #[arg(short = 'i', long = "outbound-ip-ranges-include")]
-    pub include_cidrs: Option<String>,
+    /// Outbound destinations to capture: comma-separated CIDRs (IPv4 or
+    /// IPv6), or `*` for all.
+    #[arg(short = 'i', long = "outbound-ip-ranges-include", value_name = "CIDRS|*", value_parser = named("-i/--outbound-ip-ranges-include", Selection::<IpNet>::parse))]
+    #[serde(
+        rename = "outbound-ip-ranges-include",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub include_cidrs: Option<Selection<IpNet>>,
     /// Outbound destinations never captured: comma-separated CIDRs.
-    #[arg(short = 'x', long = "outbound-ip-ranges-exclude")]
-    pub exclude_cidrs: Option<String>,
+    #[arg(short = 'x', long = "outbound-ip-ranges-exclude", value_name = "CIDRS", value_parser = named("-x/--outbound-ip-ranges-exclude", List::<IpNet>::parse))]
+    #[serde(
+        rename = "outbound-ip-ranges-exclude",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub exclude_cidrs: Option<List<IpNet>>,
     /// Outbound ports captured whatever the destination.
-    #[arg(short = 'q', long = "outbound-ports-include")]
-    pub include_outbound_ports: Option<String>,
+    #[arg(short = 'q', long = "outbound-ports-include", value_name = "PORTS", value_parser = named("-q/--outbound-ports-include", List::<u16>::parse))]
+    #[serde(
+        rename = "outbound-ports-include",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub include_outbound_ports: Option<List<u16>>,
     /// Outbound ports never captured.
-    #[arg(short = 'o', long = "outbound-ports-exclude")]
-    pub exclude_outbound_ports: Option<String>,
+    #[arg(short = 'o', long = "outbound-ports-exclude", value_name = "PORTS", value_parser = named("-o/--outbound-ports-exclude", List::<u16>::parse))]
+    #[serde(
+        rename = "outbound-ports-exclude",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub exclude_outbound_ports: Option<List<u16>>,
     /// Inbound ports to capture: comma-separated ports, or `*` for all.
-    #[arg(short = 'b', long = "inbound-ports-include")]
-    pub include_inbound_ports: Option<String>,
+    #[arg(short = 'b', long = "inbound-ports-include", value_name = "PORTS|*", value_parser = named("-b/--inbound-ports-include", Selection::<u16>::parse))]
+    #[serde(
+        rename = "inbound-ports-include",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub include_inbound_ports: Option<Selection<u16>>,
     /// Inbound ports never captured (default: the proxy's health and admin
     /// ports, 15090,15021,15020).
-    #[arg(short = 'd', long = "inbound-ports-exclude")]
-    pub exclude_inbound_ports: Option<String>,
+    #[arg(short = 'd', long = "inbound-ports-exclude", value_name = "PORTS", value_parser = named("-d/--inbound-ports-exclude", List::<u16>::parse))]
+    #[serde(
+        rename = "inbound-ports-exclude",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub exclude_inbound_ports: Option<List<u16>>,
 }
 
 impl RuleArgs {
-    /// `base` with every list given here replaced.
+    /// `base` with every list given here replaced; too long a list is
+    /// refused, naming its flag.
     pub fn apply_to(&self, base: &CaptureRules) -> Result<CaptureRules, RuleError> {
         let mut r = base.clone();
+        let list = |l: &Option<List<u16>>, into: &mut Vec<u16>| {
+            if let Some(List(v)) = l {
+                into.clone_from(v);
+            }
+        };
         if let Some(s) = &self.include_cidrs {
-            r.outbound_include_cidrs = parse_cidrs("-i/--outbound-ip-ranges-include", s)?;
+            r.outbound_include_cidrs = s.clone();
         }
-        if let Some(s) = &self.exclude_cidrs {
-            r.outbound_exclude_cidrs = explicit(
-                "-x/--outbound-ip-ranges-exclude",
-                parse_cidrs("-x/--outbound-ip-ranges-exclude", s)?,
-            )?;
+        if let Some(List(v)) = &self.exclude_cidrs {
+            r.outbound_exclude_cidrs.clone_from(v);
         }
-        if let Some(s) = &self.include_outbound_ports {
-            r.outbound_include_ports = explicit(
-                "-q/--outbound-ports-include",
-                parse_ports("-q/--outbound-ports-include", s)?,
-            )?;
-        }
-        if let Some(s) = &self.exclude_outbound_ports {
-            r.outbound_exclude_ports = explicit(
-                "-o/--outbound-ports-exclude",
-                parse_ports("-o/--outbound-ports-exclude", s)?,
-            )?;
-        }
+        list(&self.include_outbound_ports, &mut r.outbound_include_ports);
+        list(&self.exclude_outbound_ports, &mut r.outbound_exclude_ports);
         if let Some(s) = &self.include_inbound_ports {
-            r.inbound_include_ports = parse_ports("-b/--inbound-ports-include", s)?;
+            r.inbound_include_ports = s.clone();
         }
-        if let Some(s) = &self.exclude_inbound_ports {
-            r.inbound_exclude_ports = explicit(
-                "-d/--inbound-ports-exclude",
-                parse_ports("-d/--inbound-ports-exclude", s)?,
-            )?;
-        }
+        list(&self.exclude_inbound_ports, &mut r.inbound_exclude_ports);
         let cap = agent_common::capacity::RULES as usize;
         for (flag, n) in [
             ("-i", r.outbound_include_cidrs.items().len()),
@@ -283,18 +343,23 @@ impl RuleArgs {
     }
 }
 
-/// `*` makes no sense for an exclusion list.
-fn explicit<T>(flag: &'static str, s: Selection<T>) -> Result<Vec<T>, RuleError> {
-    match s {
-        Selection::All => Err(RuleError {
-            flag,
-            reason: "`*` is not allowed here".into(),
-        }),
-        Selection::Some(v) => Ok(v),
-    }
-}
-
 impl CaptureRules {
+    /// The lists in force, one per line, with their flags.
+    #[must_use]
+    pub fn render(&self) -> String {
+        format!(
+            "outbound include (-i): {}\noutbound exclude (-x): {}\n\
+             outbound ports include (-q): {}\noutbound ports exclude (-o): {}\n\
+             inbound ports include (-b): {}\ninbound ports exclude (-d): {}\n",
+            self.outbound_include_cidrs,
+            join(&self.outbound_exclude_cidrs),
+            join(&self.outbound_include_ports),
+            join(&self.outbound_exclude_ports),
+            self.inbound_include_ports,
+            join(&self.inbound_exclude_ports),
+        )
+    }
+
     /// The identities and destinations that bypass capture, one line each,
     /// for the startup log.
     #[must_use]
@@ -324,7 +389,7 @@ impl CaptureRules {
                 }
             ));
         }
-        let mut inbound = vec!["15008".to_owned()];
+        let mut inbound = vec![ports::HBONE.to_string()];
         inbound.extend(self.inbound_exclude_ports.iter().map(ToString::to_string));
         out.push(format!(
             "inbound ports never captured: {}",
@@ -336,9 +401,9 @@ impl CaptureRules {
                 self.inbound_include_ports
             ));
         }
-        out.push(
-            "inbound from 127.0.0.6 (the proxy's passthrough source): never captured".to_owned(),
-        );
+        out.push(format!(
+            "inbound from {INBOUND_PASSTHROUGH_SRC} (the proxy's passthrough source): never captured"
+        ));
         out
     }
 }
@@ -356,73 +421,103 @@ mod tests {
 
     #[test]
     fn cidrs_parse_and_normalize() {
-        let s = parse_cidrs("-i", "10.0.0.0/8, 192.168.1.7/24,1.2.3.4").unwrap();
+        let s = Selection::<IpNet>::parse("10.0.0.0/8, 192.168.1.7/24,1.2.3.4").unwrap();
         assert_eq!(
             s,
-            Selection::Some(vec![
-                Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 8),
-                Ipv4Net::new(Ipv4Addr::new(192, 168, 1, 0), 24),
-                Ipv4Net::new(Ipv4Addr::new(1, 2, 3, 4), 32),
+            Selection::Only(vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "192.168.1.0/24".parse().unwrap(),
+                "1.2.3.4/32".parse().unwrap(),
             ])
         );
         assert_eq!(s.to_string(), "10.0.0.0/8,192.168.1.0/24,1.2.3.4/32");
-        assert_eq!(parse_cidrs("-i", "*").unwrap(), Selection::All);
-        assert_eq!(parse_cidrs("-i", "").unwrap(), Selection::Some(vec![]));
+        let v6 = List::<IpNet>::parse("fd00::1/8,::1").unwrap();
+        assert_eq!(v6.to_string(), "fd00::/8,::1/128");
+        assert_eq!(Selection::<IpNet>::parse("*").unwrap(), Selection::All);
+        assert_eq!(
+            Selection::<IpNet>::parse("").unwrap(),
+            Selection::Only(vec![])
+        );
     }
 
     #[test]
-    fn bad_cidrs_name_the_flag() {
-        for bad in ["10.0.0.0/33", "10.0.0/8", "ten/8", "10.0.0.0/x", "::1/128"] {
-            let e = parse_cidrs("-x", bad).unwrap_err();
-            assert_eq!(e.flag, "-x", "{bad}");
-            assert!(e.to_string().starts_with("-x: "), "{e}");
+    fn bad_cidrs_are_refused() {
+        for bad in [
+            "10.0.0.0/33",
+            "10.0.0/8",
+            "ten/8",
+            "10.0.0.0/x",
+            "::1/129",
+            "fd00::/08",
+            "fd00:::1/64",
+        ] {
+            assert!(List::<IpNet>::parse(bad).is_err(), "{bad}");
         }
+        assert!(List::<IpNet>::parse("*").unwrap_err().contains("`*`"));
     }
 
     #[test]
     fn ports_range_checked() {
         assert_eq!(
-            parse_ports("-b", "80, 443").unwrap(),
-            Selection::Some(vec![80, 443])
+            Selection::<u16>::parse("80, 443").unwrap(),
+            Selection::Only(vec![80, 443])
         );
-        assert_eq!(parse_ports("-b", "*").unwrap(), Selection::All);
-        for bad in ["0", "65536", "http", "-1"] {
-            let e = parse_ports("-d", bad).unwrap_err();
-            assert_eq!(e.flag, "-d", "{bad}");
+        assert_eq!(Selection::<u16>::parse("*").unwrap(), Selection::All);
+        for bad in ["0", "65536", "http", "-1", "*"] {
+            assert!(List::<u16>::parse(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
-    fn contains() {
-        let n: Ipv4Net = "10.1.0.0/16".parse().unwrap();
-        assert!(n.contains(Ipv4Addr::new(10, 1, 200, 3)));
-        assert!(!n.contains(Ipv4Addr::new(10, 2, 0, 1)));
-        let all: Ipv4Net = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains(Ipv4Addr::new(8, 8, 8, 8)));
+    fn lists_read_a_config_files_string_or_array() {
+        #[derive(serde::Deserialize)]
+        struct F {
+            a: List<u16>,
+            b: List<u16>,
+            c: Selection<IpNet>,
+        }
+        let f: F = toml::from_str("a = [15090, \"15021\"]\nb = \"80,443\"\nc = \"*\"\n").unwrap();
+        assert_eq!(
+            (f.a.0, f.b.0, f.c),
+            (vec![15090, 15021], vec![80, 443], Selection::All)
+        );
+        assert!(toml::from_str::<F>("a = [0]\nb = \"\"\nc = \"*\"\n").is_err());
+    }
+
+    #[test]
+    fn istio_cidrs_keep_the_address_as_written() {
+        assert_eq!(parse_cidr("10.1.2.3/8").unwrap().to_string(), "10.1.2.3/8");
+        assert_eq!(
+            parse_cidr("fd00:0:0::1/64").unwrap().to_string(),
+            "fd00::1/64"
+        );
+        for bad in ["10.0.0.0", "10.0.0.0/+8", "10.0.0.0/08", "::/129"] {
+            assert!(parse_cidr(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
     fn args_replace_only_the_lists_given() {
         let args = RuleArgs {
-            exclude_cidrs: Some("10.0.0.0/8".into()),
-            include_inbound_ports: Some("8080".into()),
+            exclude_cidrs: Some(List::parse("10.0.0.0/8").unwrap()),
+            include_inbound_ports: Some(Selection::parse("8080").unwrap()),
             ..Default::default()
         };
         let r = args.apply_to(&CaptureRules::default()).unwrap();
         assert_eq!(r.outbound_include_cidrs, Selection::All);
         assert_eq!(
             r.outbound_exclude_cidrs,
-            vec!["10.0.0.0/8".parse().unwrap()]
+            vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]
         );
-        assert_eq!(r.inbound_include_ports, Selection::Some(vec![8080]));
+        assert_eq!(r.inbound_include_ports, Selection::Only(vec![8080]));
         assert_eq!(r.inbound_exclude_ports, vec![15090, 15021, 15020]);
-        let star = RuleArgs {
-            exclude_outbound_ports: Some("*".into()),
+        let many = RuleArgs {
+            exclude_outbound_ports: Some(List((1..=4097).collect())),
             ..Default::default()
         };
         assert_eq!(
-            star.apply_to(&CaptureRules::default()).unwrap_err().flag,
-            "-o/--outbound-ports-exclude"
+            many.apply_to(&CaptureRules::default()).unwrap_err().flag,
+            "-q/-o"
         );
     }
 

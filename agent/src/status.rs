@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result};
 use serde::Serialize;
 
 use crate::{
-    admin::AgentReport,
+    admin::report::AgentReport,
     cgroup, handoff,
     inspect::{self, AttachedProgram, Snapshot},
 };
@@ -139,12 +139,8 @@ impl Status {
         }
         if let Some(s) = &self.datapath {
             out.push_str("counters\n");
-            for name in agent_common::counter::NAMES {
-                let _ = writeln!(
-                    out,
-                    "  {name:<24} {}",
-                    s.counters.get(name).copied().unwrap_or(0)
-                );
+            for &c in agent_common::Counter::ALL {
+                let _ = writeln!(out, "  {:<24} {}", c.name(), s.counter(c));
             }
             out.push_str("maps\n");
             for m in &s.maps {

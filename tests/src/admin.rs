@@ -9,7 +9,8 @@ use std::{
 
 use crate::Topology;
 
-/// GET `path` from the admin server inside the pod.
+/// GET `path` from the admin server inside the pod (one request, then the
+/// connection closes: HTTP/1.1 keeps it open unless asked).
 #[must_use]
 pub fn get(topo: &Topology, path: &str) -> (u16, String) {
     let mut s = topo
@@ -17,8 +18,10 @@ pub fn get(topo: &Topology, path: &str) -> (u16, String) {
         .run(|| TcpStream::connect((Ipv4Addr::LOCALHOST, 15020)))
         .expect("admin listens");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n").as_bytes())
-        .unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     let code = resp

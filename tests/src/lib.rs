@@ -22,6 +22,7 @@ pub mod admin;
 pub mod agent_proc;
 pub mod client;
 pub mod farm;
+pub mod foreign;
 pub mod haproxy;
 pub mod servers;
 pub mod topology;
@@ -47,7 +48,7 @@ impl RedirectMode {
     }
 }
 pub use client::PollStream;
-pub use topology::{InCgroup, Topology};
+pub use topology::{InCgroup, Placement, Topology};
 
 pub const NO_SKIP_ENV: &str = "MESH_REDIRECT_NO_SKIP";
 pub const AGENT_BIN_ENV: &str = "MESH_REDIRECT_BIN";
@@ -211,6 +212,8 @@ impl Drop for TestCgroup {
 #[derive(Debug)]
 pub struct TestNetns {
     name: String,
+    /// `/var/run/netns/<name>`.
+    path: String,
 }
 
 impl TestNetns {
@@ -220,7 +223,8 @@ impl TestNetns {
         sh(&format!(
             "ip netns add {name} && ip -n {name} link set lo up"
         ));
-        Self { name }
+        let path = format!("/var/run/netns/{name}");
+        Self { name, path }
     }
 
     #[must_use]
@@ -230,7 +234,13 @@ impl TestNetns {
 
     #[must_use]
     pub fn path(&self) -> PathBuf {
-        PathBuf::from("/var/run/netns").join(&self.name)
+        PathBuf::from(&self.path)
+    }
+
+    /// [`Self::path`], as an agent argument.
+    #[must_use]
+    pub fn path_str(&self) -> &str {
+        &self.path
     }
 
     #[must_use]

@@ -4,11 +4,21 @@
 use std::{
     fs,
     io::Write as _,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
-use crate::{TestCgroup, TestNetns, sh};
+use crate::{Agent, PollStream, RedirectMode, TestCgroup, TestNetns, sh};
+
+/// Where the agent process lives relative to the pod's cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// In the test's own cgroup (the agent serves a pod it is not part of).
+    Outside,
+    /// In the pod's cgroup, like a sidecar.
+    Inside,
+}
 
 /// `pod` (10.77.0.1) ↔ `srv` (10.77.0.2), plus the pod's cgroup.
 /// Addresses repeat across tests: every pair lives in its own namespaces.
@@ -49,6 +59,57 @@ impl Topology {
     #[must_use]
     pub fn enter_pod_cgroup(&self) -> InCgroup {
         InCgroup::enter(self.cgroup.path())
+    }
+
+    /// What `run` needs to serve this pod: `--netns POD --cgroup CG`.
+    #[must_use]
+    pub fn serve_args(&self) -> Vec<&str> {
+        vec![
+            "--netns",
+            self.pod.path_str(),
+            "--cgroup",
+            self.cgroup.path().to_str().expect("a UTF-8 path"),
+        ]
+    }
+
+    /// `--mode M` and [`Self::serve_args`].
+    #[must_use]
+    pub fn agent_args(&self, mode: RedirectMode) -> Vec<&str> {
+        let mut args = vec!["--mode", mode.arg()];
+        args.extend(self.serve_args());
+        args
+    }
+
+    /// The agent serving this pod in `mode`, [`Self::agent_args`] then
+    /// `extra`, started where `placement` says.
+    #[must_use]
+    pub fn run_agent(&self, mode: RedirectMode, placement: Placement, extra: &[&str]) -> Agent {
+        let mut args = self.agent_args(mode);
+        args.extend(extra);
+        let cgroup = match placement {
+            Placement::Outside => None,
+            Placement::Inside => Some(&self.cgroup),
+        };
+        Agent::run(&args, cgroup)
+    }
+
+    /// Connects from inside the pod: the socket is created in the pod's
+    /// namespace, by a process in the pod's cgroup (the caller holds the
+    /// [`Self::enter_pod_cgroup`] guard); blocking, with a 30 s read timeout.
+    #[must_use]
+    pub fn pod_connect_blocking(&self, addr: SocketAddrV4) -> TcpStream {
+        let s = self
+            .pod
+            .run(|| TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5)))
+            .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s
+    }
+
+    /// [`Self::pod_connect_blocking`], driven like a network app: poll, then I/O.
+    #[must_use]
+    pub fn pod_connect(&self, addr: SocketAddrV4) -> PollStream {
+        PollStream::new(self.pod_connect_blocking(addr), Duration::from_secs(30)).unwrap()
     }
 }
 

@@ -16,32 +16,18 @@ use std::{
 use agent::socket;
 use rstest::rstest;
 use tests::{
-    Agent, RedirectMode, Topology,
+    Agent, Placement, RedirectMode, Topology,
     agent_proc::run_to_end,
     require_root,
     servers::{Behaviour, Server},
     topology::{POD_IP, SRV_IP},
 };
 
-/// The agent serving the test's pod in `mode`, with `extra` flags.
-fn run_agent(topo: &Topology, mode: RedirectMode, extra: &[&str]) -> Agent {
-    let netns = topo.pod.path();
-    let base = [
-        "--mode",
-        mode.arg(),
-        "--netns",
-        netns.to_str().unwrap(),
-        "--cgroup",
-        topo.cgroup.path().to_str().unwrap(),
-    ];
-    Agent::run(&[&base[..], extra].concat(), None)
-}
-
-/// [`run_agent`] for an external proxy running as uid 1337.
+/// The agent for an external proxy running as uid 1337.
 fn start_agent(topo: &Topology, mode: RedirectMode, extra: &[&str]) -> Agent {
-    run_agent(
-        topo,
+    topo.run_agent(
         mode,
+        Placement::Outside,
         &[&["--proxy", "external", "--proxy-uid", "1337"][..], extra].concat(),
     )
 }
@@ -221,7 +207,11 @@ fn a_bypass_identity_exempts_only_itself(
 ) {
     require_root!();
     let topo = Topology::new();
-    let _agent = run_agent(&topo, mode, &["--proxy", "external", flag, "1337"]);
+    let _agent = topo.run_agent(
+        mode,
+        Placement::Outside,
+        &["--proxy", "external", flag, "1337"],
+    );
     let _in_pod = topo.enter_pod_cgroup();
     let proxy = FakeProxy::new(&topo);
     let dst = SocketAddrV4::new(SRV_IP, 9000);
@@ -537,7 +527,7 @@ fn inbound_reaches_the_app_from_the_passthrough_source(
 ) {
     require_root!();
     let topo = Topology::new();
-    let _agent = run_agent(&topo, mode, &[]);
+    let _agent = topo.run_agent(mode, Placement::Outside, &[]);
     let app = {
         let _in_pod = topo.enter_pod_cgroup();
         Server::start(

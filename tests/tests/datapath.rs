@@ -10,59 +10,13 @@ use std::{
 };
 
 use agent::{inspect, socket};
-use agent_common::counter;
+use agent_common::Counter;
 use rstest::rstest;
 use tests::{
-    Agent, PollStream, RedirectMode, Topology, admin, require_root,
+    Agent, Placement, PollStream, RedirectMode, Topology, admin, require_root,
     servers::{Behaviour, HTTP_BODY, Server, http_get},
     topology::{POD_IP, SRV_IP, lo_tx_packets},
 };
-
-/// Where the agent process lives relative to the pod's cgroup.
-#[derive(Debug, Clone, Copy)]
-enum Placement {
-    /// In the test's own cgroup (the agent serves a pod it is not part of).
-    Outside,
-    /// In the pod's cgroup, like a sidecar.
-    Inside,
-}
-
-fn start_agent(topo: &Topology, mode: RedirectMode, placement: Placement, extra: &[&str]) -> Agent {
-    let netns = topo.pod.path();
-    let args = [
-        &[
-            "--mode",
-            mode.arg(),
-            "--netns",
-            netns.to_str().unwrap(),
-            "--cgroup",
-            topo.cgroup.path().to_str().unwrap(),
-        ],
-        extra,
-    ]
-    .concat();
-    let cg = match placement {
-        Placement::Outside => None,
-        Placement::Inside => Some(&topo.cgroup),
-    };
-    Agent::run(&args, cg)
-}
-
-/// Connects from inside the pod: the socket is created in the pod's
-/// namespace, by a process in the pod's cgroup (the caller holds the guard).
-fn pod_connect_blocking(topo: &Topology, addr: SocketAddrV4) -> TcpStream {
-    let s = topo
-        .pod
-        .run(|| TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5)))
-        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s
-}
-
-/// [`pod_connect_blocking`], driven like a network app: poll, then I/O.
-fn pod_connect(topo: &Topology, addr: SocketAddrV4) -> PollStream {
-    PollStream::new(pod_connect_blocking(topo, addr), Duration::from_secs(30)).unwrap()
-}
 
 fn snapshot(topo: &Topology) -> inspect::Snapshot {
     inspect::snapshot(topo.cgroup.path())
@@ -84,10 +38,10 @@ fn http_and_raw_tcp_reach_the_intended_upstream(
         9000,
         Behaviour::Echo { write_size: 4096 },
     );
-    let _agent = start_agent(&topo, mode, placement, &[]);
+    let _agent = topo.run_agent(mode, placement, &[]);
     let _in_pod = topo.enter_pod_cgroup();
 
-    let mut conn = pod_connect(&topo, http.addr);
+    let mut conn = topo.pod_connect(http.addr);
     // The app sees the server as its peer, not the proxy, as under NAT.
     assert_eq!(
         conn.peer_addr().unwrap(),
@@ -96,7 +50,7 @@ fn http_and_raw_tcp_reach_the_intended_upstream(
     assert_eq!(http_get(&mut conn, "upstream"), HTTP_BODY);
     drop(conn);
 
-    let mut raw = pod_connect(&topo, echo.addr);
+    let mut raw = topo.pod_connect(echo.addr);
     raw.write_all(b"ping over raw tcp").unwrap();
     let mut buf = [0u8; 17];
     raw.read_exact(&mut buf).unwrap();
@@ -112,8 +66,8 @@ fn http_and_raw_tcp_reach_the_intended_upstream(
     assert_eq!(admin::proxied(&topo, "outbound", 2), 2);
     if mode == RedirectMode::Ebpf {
         let s = snapshot(&topo);
-        assert_eq!(s.counter(counter::CONNECT_REDIRECTED), 2);
-        assert_eq!(s.counter(counter::GETSOCKOPT_ANSWERED), 2);
+        assert_eq!(s.counter(Counter::ConnectRedirected), 2);
+        assert_eq!(s.counter(Counter::GetsockoptAnswered), 2);
     }
 }
 
@@ -126,9 +80,9 @@ fn bulk_64_mib_each_way_is_byte_exact(
     let total = tests::bulk_bytes(64 << 20);
     let topo = Topology::new();
     let echo = Server::start(&topo.srv, SRV_IP, 9000, Behaviour::Echo { write_size });
-    let _agent = start_agent(&topo, mode, Placement::Outside, &[]);
+    let _agent = topo.run_agent(mode, Placement::Outside, &[]);
     let _in_pod = topo.enter_pod_cgroup();
-    let mut conn = pod_connect(&topo, echo.addr);
+    let mut conn = topo.pod_connect(echo.addr);
     let sent_hash = tests::transfer::echo_round_trip(&mut conn, total, write_size);
     let seen = echo.seen.lock().unwrap();
     assert_eq!(seen.received_bytes, vec![total as u64]);
@@ -207,10 +161,10 @@ fn a_reader_that_does_not_read_holds_the_writer_back(
         .srv
         .run(|| TcpListener::bind((SRV_IP, 9000)))
         .expect("bind");
-    let _agent = start_agent(&topo, mode, Placement::Outside, &[]);
+    let _agent = topo.run_agent(mode, Placement::Outside, &[]);
     let mut app = {
         let _in_pod = topo.enter_pod_cgroup();
-        pod_connect_blocking(&topo, SocketAddrV4::new(SRV_IP, 9000))
+        topo.pod_connect_blocking(SocketAddrV4::new(SRV_IP, 9000))
     };
     let (mut server, _) = listener.accept().unwrap();
     app.set_read_timeout(None).unwrap();
@@ -236,7 +190,7 @@ fn a_reader_that_does_not_read_holds_the_writer_back(
         let s = snapshot(&topo);
         eprintln!("{:?}", s.counters);
         assert!(
-            s.counter(counter::MSG_SPILLED) >= 1,
+            s.counter(Counter::MsgSpilled) >= 1,
             "the writer's sender did not switch to TCP: {:?}",
             s.counters
         );
@@ -262,13 +216,13 @@ fn keep_alive_requests_and_loopback_packets(
     require_root!();
     let topo = Topology::new();
     let http = Server::start(&topo.srv, SRV_IP, 8080, Behaviour::Http);
-    let _agent = start_agent(&topo, mode, placement, extra);
+    let _agent = topo.run_agent(mode, placement, extra);
     let _in_pod = topo.enter_pod_cgroup();
-    let mut conn = pod_connect(&topo, http.addr);
+    let mut conn = topo.pod_connect(http.addr);
     assert_eq!(http_get(&mut conn, "warmup"), HTTP_BODY);
 
     let redirected_now = || match mode {
-        RedirectMode::Ebpf => snapshot(&topo).counter(counter::MSG_REDIRECTED),
+        RedirectMode::Ebpf => snapshot(&topo).counter(Counter::MsgRedirected),
         RedirectMode::Iptables => 0,
     };
     let before = topo.pod.run(lo_tx_packets);
@@ -293,8 +247,8 @@ fn keep_alive_requests_and_loopback_packets(
         let counters = snapshot(&topo);
         eprintln!(
             "in all: {} messages passed, {} spilled",
-            counters.counter(counter::MSG_PASSED),
-            counters.counter(counter::MSG_SPILLED),
+            counters.counter(Counter::MsgPassed),
+            counters.counter(Counter::MsgSpilled),
         );
         assert!(
             per_request <= 0.1,
@@ -305,7 +259,7 @@ fn keep_alive_requests_and_loopback_packets(
             "only {redirected} messages redirected"
         );
         assert_eq!(
-            counters.counter(counter::MSG_PASSED),
+            counters.counter(Counter::MsgPassed),
             0,
             "a message fell back to TCP"
         );
@@ -318,7 +272,7 @@ fn an_unmodified_listener_gets_the_original_destination(
 ) {
     require_root!();
     let topo = Topology::new();
-    let _agent = start_agent(&topo, mode, Placement::Outside, &["--proxy", "external"]);
+    let _agent = topo.run_agent(mode, Placement::Outside, &["--proxy", "external"]);
     let _in_pod = topo.enter_pod_cgroup();
     // "Some other proxy" on the outbound port, in the pod, using plain
     // getsockopt(SOL_IP, SO_ORIGINAL_DST) as it would under iptables.
@@ -390,12 +344,12 @@ fn getsockopt_on_a_socket_we_do_not_know_gives_the_kernels_errno() {
         let (s, _) = listener.accept().unwrap();
         raw_original_dst(&s).unwrap_err().raw_os_error()
     };
-    let _agent = start_agent(&topo, RedirectMode::Ebpf, Placement::Outside, &[]);
+    let _agent = topo.run_agent(RedirectMode::Ebpf, Placement::Outside, &[]);
     let _in_pod = topo.enter_pod_cgroup();
     let _c = topo.pod.run(|| TcpStream::connect(addr).unwrap());
     let (s, _) = listener.accept().unwrap();
     assert_eq!(raw_original_dst(&s).unwrap_err().raw_os_error(), expected);
-    assert!(snapshot(&topo).counter(counter::GETSOCKOPT_MISSED) >= 1);
+    assert!(snapshot(&topo).counter(Counter::GetsockoptMissed) >= 1);
 }
 
 #[rstest]
@@ -404,7 +358,7 @@ fn upstream_refusal_resets_the_client_within_a_second(
 ) {
     require_root!();
     let topo = Topology::new();
-    let _agent = start_agent(&topo, mode, Placement::Outside, &[]);
+    let _agent = topo.run_agent(mode, Placement::Outside, &[]);
     let _in_pod = topo.enter_pod_cgroup();
     let start = Instant::now();
     let dst = SocketAddrV4::new(SRV_IP, 1);
@@ -454,9 +408,9 @@ fn upstream_reset_midstream_reaches_the_client_as_a_reset(
         9100,
         Behaviour::ResetAfter { bytes: 1000 },
     );
-    let _agent = start_agent(&topo, mode, Placement::Outside, &[]);
+    let _agent = topo.run_agent(mode, Placement::Outside, &[]);
     let _in_pod = topo.enter_pod_cgroup();
-    let mut conn = pod_connect(&topo, server.addr);
+    let mut conn = topo.pod_connect(server.addr);
     let mut buf = [0u8; 4096];
     let mut got = 0;
     let end = loop {
@@ -494,9 +448,9 @@ fn a_blocking_reader_never_sees_a_reset_as_a_clean_end() {
     require_root!();
     let topo = Topology::new();
     let server = Server::start(&topo.srv, SRV_IP, 9100, Behaviour::ResetAfter { bytes: 0 });
-    let _agent = start_agent(&topo, RedirectMode::Ebpf, Placement::Outside, &[]);
+    let _agent = topo.run_agent(RedirectMode::Ebpf, Placement::Outside, &[]);
     let _in_pod = topo.enter_pod_cgroup();
-    let mut conn = pod_connect_blocking(&topo, server.addr);
+    let mut conn = topo.pod_connect_blocking(server.addr);
     conn.set_read_timeout(None).unwrap();
     let mut buf = [0u8; 64];
     let mut spurious = 0;
@@ -529,7 +483,7 @@ fn maps_return_to_baseline_after_1000_short_connections() {
     require_root!();
     let topo = Topology::new();
     let echo = Server::start(&topo.srv, SRV_IP, 9000, Behaviour::Echo { write_size: 64 });
-    let _agent = start_agent(&topo, RedirectMode::Ebpf, Placement::Outside, &[]);
+    let _agent = topo.run_agent(RedirectMode::Ebpf, Placement::Outside, &[]);
     let _in_pod = topo.enter_pod_cgroup();
     let app = Server::start(
         &topo.pod,
@@ -539,7 +493,7 @@ fn maps_return_to_baseline_after_1000_short_connections() {
     );
     let baseline = snapshot(&topo).maps;
     for i in 0..1000 {
-        round_trip(pod_connect(&topo, echo.addr), &format!("outbound {i}"));
+        round_trip(topo.pod_connect(echo.addr), &format!("outbound {i}"));
     }
     let inbound_to = SocketAddrV4::new(POD_IP, app.addr.port());
     for i in 0..500 {
@@ -550,7 +504,7 @@ fn maps_return_to_baseline_after_1000_short_connections() {
         round_trip(c, &format!("inbound {i}"));
     }
     assert!(
-        snapshot(&topo).counter(counter::INBOUND_STEERED) >= 500,
+        snapshot(&topo).counter(Counter::InboundSteered) >= 500,
         "inbound connections were not steered"
     );
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -558,7 +512,7 @@ fn maps_return_to_baseline_after_1000_short_connections() {
         let now = snapshot(&topo);
         if now.maps == baseline {
             assert!(
-                now.counter(counter::SOCKHASH_INSERTED) >= 3000,
+                now.counter(Counter::SockhashInserted) >= 3000,
                 "{:?}",
                 now.counters
             );
@@ -592,11 +546,15 @@ fn a_signal_detaches_everything(
             .collect()
     };
     let before = ids(&own);
-    let agent = start_agent(&topo, mode, Placement::Outside, &[]);
+    let agent = topo.run_agent(mode, Placement::Outside, &[]);
     let iptables_save = || topo.pod.sh("iptables-legacy-save; iptables-nft-save");
     let sk_lookup = || {
         let ns = std::fs::File::open(topo.pod.path()).unwrap();
-        agent::bpf_sys::attached_names(&ns, agent::bpf_sys::attach_type::SK_LOOKUP).unwrap()
+        agent::ebpf::attach::attached(&ns, [agent::ebpf::Hook::SkLookup])
+            .unwrap()
+            .into_iter()
+            .map(|p| p.name)
+            .collect::<Vec<_>>()
     };
     match mode {
         RedirectMode::Ebpf => {
@@ -660,7 +618,7 @@ fn large_getsockopt_replies_pass_through_untouched() {
         "printf '*nat\\n{}COMMIT\\n' | iptables-legacy-restore",
         rules.replace('\n', "\\n")
     ));
-    let _agent = start_agent(&topo, RedirectMode::Ebpf, Placement::Outside, &[]);
+    let _agent = topo.run_agent(RedirectMode::Ebpf, Placement::Outside, &[]);
     let mut cmd = std::process::Command::new("iptables-legacy");
     cmd.args(["-w", "-t", "nat", "-S"])
         .stdout(std::process::Stdio::piped())
@@ -700,7 +658,7 @@ fn ebpf_log_lines_reach_the_agents_tracing_output() {
     );
     {
         let _in_pod = topo.enter_pod_cgroup();
-        let mut c = pod_connect(&topo, echo.addr);
+        let mut c = topo.pod_connect(echo.addr);
         c.write_all(b"x").unwrap();
         let mut b = [0u8; 1];
         c.read_exact(&mut b).unwrap();

@@ -4,10 +4,8 @@
 
 use std::process::Command;
 
-use agent::{
-    bpf_sys::prog_type,
-    doctor::{self, Mode},
-};
+use agent::doctor::{self, Mode};
+use aya::{programs::ProgramType, sys::BpfHelper};
 use tests::{agent_bin, require_root, shell_quote};
 
 /// Runs `doctor --json` in a private mount namespace after `setup` (shell),
@@ -71,13 +69,20 @@ fn ebpf_mode_is_usable_on_this_kernel() {
 #[test]
 fn a_helper_a_program_type_cannot_call_is_reported_missing() {
     require_root!();
-    // bpf_msg_redirect_hash (71) exists, but not for socket filters.
-    let (ok, detail) = doctor::helper_probe(prog_type::SOCKET_FILTER, 0, 71);
+    // bpf_msg_redirect_hash exists, but not for socket filters.
+    let (ok, detail) = doctor::helper_probe(
+        ProgramType::SocketFilter,
+        BpfHelper::BPF_FUNC_msg_redirect_hash,
+    );
     assert!(!ok, "{detail}");
     assert!(detail.contains("not available"), "{detail}");
     // A helper id no kernel knows.
-    let (ok, _) = doctor::helper_probe(prog_type::SK_MSG, 0, 100_000);
+    let (ok, _) = doctor::helper_probe(ProgramType::SkMsg, BpfHelper::__BPF_FUNC_MAX_ID);
     assert!(!ok);
+    // And one it does.
+    let (ok, detail) =
+        doctor::helper_probe(ProgramType::SkMsg, BpfHelper::BPF_FUNC_msg_redirect_hash);
+    assert!(ok, "{detail}");
 }
 
 #[test]

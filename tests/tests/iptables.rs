@@ -14,7 +14,8 @@ use std::{
 
 use agent::{
     iptables::{
-        apply::{self, ApplyError, Backend, Change, Family},
+        apply::{self, ApplyError, Change},
+        backend::{Backend, Family},
         istio::{self, Config, InterceptionMode, OwnerGroups, PortSpec, Selection},
     },
     netns::Netns,
@@ -338,9 +339,12 @@ fn backend_detection_prefers_legacy_rules_then_nft() {
     require_root!();
     let netns = TestNetns::new();
     let ns = netns.open();
-    assert_eq!(Backend::detect(&runner(&ns)).unwrap(), Backend::Nft);
+    assert_eq!(apply::detect_backend(&runner(&ns)).unwrap(), Backend::Nft);
     netns.sh("iptables-legacy -t nat -A OUTPUT -d 192.0.2.1 -j RETURN");
-    assert_eq!(Backend::detect(&runner(&ns)).unwrap(), Backend::Legacy);
+    assert_eq!(
+        apply::detect_backend(&runner(&ns)).unwrap(),
+        Backend::Legacy
+    );
 }
 
 // ---- the command line ----------------------------------------------------

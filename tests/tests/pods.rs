@@ -9,7 +9,7 @@ use std::{
 };
 
 use agent::inspect;
-use agent_common::counter;
+use agent_common::Counter;
 use rstest::rstest;
 use tests::{
     Agent, PollStream, RedirectMode, TestCgroup, Topology, require_root,
@@ -146,18 +146,18 @@ fn two_pods_chain_through_both_proxies(
             let sa = inspect::snapshot(topo.cgroup.path()).unwrap().unwrap();
             let sb = inspect::snapshot(cg_b.path()).unwrap().unwrap();
             assert_eq!(
-                sa.counter(counter::CONNECT_REDIRECTED),
+                sa.counter(Counter::ConnectRedirected),
                 1,
                 "app A's connect is captured by agent A"
             );
             assert_eq!(
-                sb.counter(counter::INBOUND_STEERED),
+                sb.counter(Counter::InboundSteered),
                 1,
                 "proxy A's connect is steered by agent B"
             );
             for s in [&sa, &sb] {
-                assert_eq!(s.counter(counter::MSG_PASSED), 0);
-                assert!(s.counter(counter::MSG_REDIRECTED) >= u64::from(REQUESTS));
+                assert_eq!(s.counter(Counter::MsgPassed), 0);
+                assert!(s.counter(Counter::MsgRedirected) >= u64::from(REQUESTS));
             }
         }
         // Plain TCP on both loopbacks, which shows the measurement sees them.
@@ -235,16 +235,16 @@ fn an_external_third_party_proxy_works_and_fails_fast_when_stopped(
     if mode == RedirectMode::Ebpf {
         let s = inspect::snapshot(topo.cgroup.path()).unwrap().unwrap();
         assert_eq!(
-            s.counter(counter::INBOUND_LISTENER_REGISTERED),
+            s.counter(Counter::InboundListenerRegistered),
             1,
             "HAProxy's listener registered itself"
         );
         assert!(
-            s.counter(counter::MSG_REDIRECTED) > 0,
+            s.counter(Counter::MsgRedirected) > 0,
             "HAProxy's hops were short-circuited"
         );
         assert_eq!(
-            s.counter(counter::GETSOCKOPT_ANSWERED),
+            s.counter(Counter::GetsockoptAnswered),
             2,
             "HAProxy asked SO_ORIGINAL_DST twice"
         );

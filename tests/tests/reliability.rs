@@ -16,10 +16,11 @@ use std::{
 };
 
 use agent::{
-    bpf_sys::{self, attach_type},
+    ebpf::{Hook, attach::attached},
     inspect,
 };
-use agent_common::counter;
+use agent_common::Counter;
+use aya_obj::generated::bpf_prog_type;
 use rstest::rstest;
 use tests::{
     Agent, PollStream, RedirectMode, Topology, admin,
@@ -30,25 +31,6 @@ use tests::{
     servers::{Behaviour, Server},
     topology::{POD_IP, SRV_IP},
 };
-
-fn base_args<'a>(topo: &'a Topology, netns: &'a str, mode: RedirectMode) -> Vec<&'a str> {
-    vec![
-        "--mode",
-        mode.arg(),
-        "--netns",
-        netns,
-        "--cgroup",
-        topo.cgroup.path().to_str().unwrap(),
-    ]
-}
-
-fn pod_poll_connect(topo: &Topology, addr: SocketAddrV4) -> PollStream {
-    let s = topo
-        .pod
-        .run(|| TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5)))
-        .expect("connect");
-    PollStream::new(s, Duration::from_secs(30)).unwrap()
-}
 
 /// Ours, attached on `cgroup`, per hook name.
 fn ours_on(cgroup: &Path) -> Vec<String> {
@@ -83,8 +65,7 @@ fn admin_serves_ready_health_and_metrics_equal_to_what_the_client_did(
         9000,
         Behaviour::Echo { write_size: 4096 },
     );
-    let netns = topo.pod.path();
-    let agent = Agent::run(&base_args(&topo, netns.to_str().unwrap(), mode), None);
+    let agent = Agent::run(&topo.agent_args(mode), None);
     assert_eq!(
         admin::get(&topo, "/ready"),
         (200, "ready\nfail-policy: closed\n".to_owned())
@@ -94,7 +75,7 @@ fn admin_serves_ready_health_and_metrics_equal_to_what_the_client_did(
     {
         let _in_pod = topo.enter_pod_cgroup();
         for _ in 0..5 {
-            let mut c = pod_poll_connect(&topo, echo.addr);
+            let mut c = topo.pod_connect(echo.addr);
             c.write_all(b"0123456789").unwrap();
             let mut buf = [0u8; 10];
             c.read_exact(&mut buf).unwrap();
@@ -204,12 +185,11 @@ fn sigterm_drains_open_connections_then_stops() {
         9000,
         Behaviour::Echo { write_size: 4096 },
     );
-    let netns = topo.pod.path();
-    let mut args = base_args(&topo, netns.to_str().unwrap(), RedirectMode::Ebpf);
+    let mut args = topo.agent_args(RedirectMode::Ebpf);
     args.extend(["--drain-timeout-secs", "3"]);
     let agent = Agent::run(&args, None);
     let _in_pod = topo.enter_pod_cgroup();
-    let mut open = pod_poll_connect(&topo, echo.addr);
+    let mut open = topo.pod_connect(echo.addr);
     open.write_all(b"before").unwrap();
     let mut buf = [0u8; 6];
     open.read_exact(&mut buf).unwrap();
@@ -260,8 +240,7 @@ fn sigkill_with_an_external_proxy_disturbs_nothing_and_the_restart_adopts() {
             write_size: 16 * 1024,
         },
     );
-    let netns = topo.pod.path();
-    let mut args = base_args(&topo, netns.to_str().unwrap(), RedirectMode::Ebpf);
+    let mut args = topo.agent_args(RedirectMode::Ebpf);
     args.extend([
         "--proxy",
         "external",
@@ -275,7 +254,7 @@ fn sigkill_with_an_external_proxy_disturbs_nothing_and_the_restart_adopts() {
     let _haproxy = Haproxy::start(&topo);
     let _in_pod = topo.enter_pod_cgroup();
 
-    let mut conn = pod_poll_connect(&topo, echo.addr);
+    let mut conn = topo.pod_connect(echo.addr);
     let transfer = std::thread::spawn(move || {
         tests::transfer::echo_round_trip(&mut conn, tests::bulk_bytes(256 << 20), 16 * 1024)
     });
@@ -292,10 +271,10 @@ fn sigkill_with_an_external_proxy_disturbs_nothing_and_the_restart_adopts() {
         inspect::snapshot(topo.cgroup.path())
             .unwrap()
             .unwrap()
-            .counter(counter::MSG_REDIRECTED)
+            .counter(Counter::MsgRedirected)
     };
     let r0 = redirected();
-    let mut c = pod_poll_connect(&topo, echo.addr);
+    let mut c = topo.pod_connect(echo.addr);
     c.write_all(b"agent is down").unwrap();
     let mut buf = [0u8; 13];
     c.read_exact(&mut buf).unwrap();
@@ -320,11 +299,93 @@ fn sigkill_with_an_external_proxy_disturbs_nothing_and_the_restart_adopts() {
         before,
         "no duplicate programs after the restart"
     );
-    let mut c = pod_poll_connect(&topo, echo.addr);
+    let mut c = topo.pod_connect(echo.addr);
     c.write_all(b"agent is back").unwrap();
     c.read_exact(&mut buf).unwrap();
     assert!(agent.stop_with(libc::SIGTERM).success());
     assert!(ours_on(topo.cgroup.path()).is_empty());
+    assert!(pins_of(&topo).is_empty());
+}
+
+/// An upgrade that changes a program (here its global data, as a new
+/// build would its code) never keeps the old one: after a killed (SIGKILL)
+/// agent's successor adopts the pins, every hook (cgroups, the namespace's
+/// sk_lookup, the SOCKHASH's sk_msg, the recvmsg fexit where tracing is
+/// allowed) runs the successor's programs, and none of the old ones is
+/// still loaded in the kernel.
+#[rstest]
+fn an_adopting_agent_replaces_every_program_of_the_old_one() {
+    require_root!();
+    let topo = Topology::new();
+    let mut args = topo.agent_args(RedirectMode::Ebpf);
+    args.extend(["--proxy", "external", "--proxy-uid", "1337"]);
+    // Every program of ours attached somewhere for this pod: the cgroup
+    // hooks, sk_lookup on the pod's namespace, sk_msg on the SOCKHASH.
+    let attached_ids = || -> Vec<u32> {
+        let netns = File::open(topo.pod.path()).unwrap();
+        let [pins] = &pins_of(&topo)[..] else {
+            panic!("one pin set for the pod: {:?}", pins_of(&topo));
+        };
+        let maps = agent::ebpf::DatapathMaps::from_pins(pins).unwrap();
+        let mut ids: Vec<u32> = inspect::attached(topo.cgroup.path())
+            .unwrap()
+            .into_iter()
+            .chain(attached(&netns, [Hook::SkLookup]).unwrap())
+            .chain(maps.attached_to_sockets().unwrap())
+            .filter(|p| p.ours)
+            .map(|p| p.id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+    let loaded_ours = || -> Vec<u32> {
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("mesh_")))
+            .map(|p| p.id())
+            .collect()
+    };
+    let before = loaded_ours();
+    let old = Agent::run(&args, None);
+    let old_ids = attached_ids();
+    assert_eq!(
+        old_ids.len(),
+        6,
+        "the four cgroup hooks, sk_lookup and sk_msg: {old_ids:?}"
+    );
+    // Everything the old agent loaded (the recvmsg fexit too, where it runs).
+    let old_loaded: Vec<u32> = loaded_ours()
+        .into_iter()
+        .filter(|id| !before.contains(id))
+        .collect();
+    assert!(old_ids.iter().all(|id| old_loaded.contains(id)));
+    let pid = i32::try_from(old.pid()).unwrap();
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    drop(old);
+    assert_eq!(
+        attached_ids(),
+        old_ids,
+        "a killed agent's programs stay attached"
+    );
+
+    args.extend(["--sockmap-queue-kib", "2048"]);
+    let new = Agent::run(&args, None);
+    assert!(new.log_text().contains("adopting the pinned datapath"));
+    let new_ids = attached_ids();
+    assert_eq!(
+        new_ids.len(),
+        old_ids.len(),
+        "one program per hook: {new_ids:?}"
+    );
+    assert!(
+        new_ids.iter().all(|id| !old_ids.contains(id)),
+        "an old program is still attached: old {old_ids:?}, now {new_ids:?}"
+    );
+    let still = loaded_ours();
+    let left: Vec<&u32> = old_loaded.iter().filter(|id| still.contains(id)).collect();
+    assert!(left.is_empty(), "old programs still loaded: {left:?}");
+    assert!(new.stop_with(libc::SIGTERM).success());
     assert!(pins_of(&topo).is_empty());
 }
 
@@ -337,8 +398,7 @@ fn a_new_agent_takes_over_without_refusing_a_connection(
     require_root!();
     let topo = Topology::new();
     let echo = Server::start(&topo.srv, SRV_IP, 9000, Behaviour::Echo { write_size: 64 });
-    let netns = topo.pod.path();
-    let args = base_args(&topo, netns.to_str().unwrap(), mode);
+    let args = topo.agent_args(mode);
     let old = Agent::run(&args, None);
     let hooks_before = ours_on(topo.cgroup.path());
     // Where the old agent runs: the new one is started there too (this
@@ -421,8 +481,7 @@ fn the_fail_policy_decides_while_no_proxy_listens(#[case] flag: &[&str], #[case]
             Behaviour::Echo { write_size: 64 },
         )
     };
-    let netns = topo.pod.path();
-    let mut args = base_args(&topo, netns.to_str().unwrap(), RedirectMode::Ebpf);
+    let mut args = topo.agent_args(RedirectMode::Ebpf);
     // No proxy runs: an external one that is down.
     args.extend(["--proxy", "external"]);
     args.extend(flag);
@@ -454,8 +513,8 @@ fn the_fail_policy_decides_while_no_proxy_listens(#[case] flag: &[&str], #[case]
         assert!(out.is_ok(), "fail open: the connect goes direct: {out:?}");
         assert!(inb.is_ok(), "fail open: inbound reaches the app: {inb:?}");
         let s = inspect::snapshot(topo.cgroup.path()).unwrap().unwrap();
-        assert!(s.counter(counter::CONNECT_FAIL_OPEN) >= 1);
-        assert!(s.counter(counter::INBOUND_FAIL_OPEN) >= 1);
+        assert!(s.counter(Counter::ConnectFailOpen) >= 1);
+        assert!(s.counter(Counter::InboundFailOpen) >= 1);
         let deadline = Instant::now() + Duration::from_secs(2);
         while (echo.peers().len(), app.peers().len()) != (1, 1) {
             assert!(
@@ -509,7 +568,7 @@ fn cleanup_after_a_sigkill_removes_pins_links_and_our_chains_only(
     let other_before = other.sh("iptables-nft-save -t nat; iptables-legacy-save -t nat");
 
     let netns = topo.pod.path();
-    let agent = Agent::run(&base_args(&topo, netns.to_str().unwrap(), mode), None);
+    let agent = Agent::run(&topo.agent_args(mode), None);
     let pid = i32::try_from(agent.pid()).unwrap();
     // SAFETY: kill(2) on our child.
     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -587,14 +646,7 @@ fn an_admin_port_in_use_fails_before_anything_is_attached() {
     let _taken = topo
         .pod
         .run(|| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 15020)).unwrap());
-    let netns = topo.pod.path();
-    let out = run_to_end(
-        &[
-            &["run"][..],
-            &base_args(&topo, netns.to_str().unwrap(), RedirectMode::Ebpf),
-        ]
-        .concat(),
-    );
+    let out = run_to_end(&[&["run"][..], &topo.agent_args(RedirectMode::Ebpf)].concat());
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -613,43 +665,27 @@ fn another_program_on_the_same_hooks_keeps_working() {
     let echo = Server::start(&topo.srv, SRV_IP, 9000, Behaviour::Echo { write_size: 64 });
     let cg = File::open(topo.cgroup.path()).unwrap();
     let mut foreign = Vec::new();
-    for (ptype, at) in [
-        (
-            bpf_sys::prog_type::CGROUP_SOCK_ADDR,
-            attach_type::CGROUP_INET4_CONNECT,
-        ),
-        (bpf_sys::prog_type::SOCK_OPS, attach_type::CGROUP_SOCK_OPS),
-        (
-            bpf_sys::prog_type::CGROUP_SOCKOPT,
-            attach_type::CGROUP_GETSOCKOPT,
-        ),
-    ] {
-        let prog = bpf_sys::load_probe_program(
-            ptype,
-            if ptype == bpf_sys::prog_type::SOCK_OPS {
-                0
-            } else {
-                at
-            },
-            None,
-            1,
-        )
-        .unwrap();
-        foreign.push((bpf_sys::link_create(&prog, &cg, at).unwrap(), at));
+    for hook in [Hook::Connect4, Hook::SockOps, Hook::GetSockopt] {
+        let ptype = match hook {
+            Hook::Connect4 => bpf_prog_type::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+            Hook::SockOps => bpf_prog_type::BPF_PROG_TYPE_SOCK_OPS,
+            _ => bpf_prog_type::BPF_PROG_TYPE_CGROUP_SOCKOPT,
+        };
+        let prog = tests::foreign::pass_through(ptype, hook.attach_type()).unwrap();
+        foreign.push((
+            tests::foreign::link(&prog, &cg, hook.attach_type()).unwrap(),
+            hook,
+        ));
     }
-    let count = |at| bpf_sys::prog_query(&cg, at).unwrap().len();
-    let netns = topo.pod.path();
+    let count = |hook| attached(&cg, [hook]).unwrap().len();
     // In the pod's cgroup, so every hook of ours lands on that cgroup too.
-    let agent = Agent::run(
-        &base_args(&topo, netns.to_str().unwrap(), RedirectMode::Ebpf),
-        Some(&topo.cgroup),
-    );
+    let agent = Agent::run(&topo.agent_args(RedirectMode::Ebpf), Some(&topo.cgroup));
     for (_, at) in &foreign {
         assert_eq!(count(*at), 2, "ours beside the foreign one");
     }
     {
         let _in_pod = topo.enter_pod_cgroup();
-        let mut c = pod_poll_connect(&topo, echo.addr);
+        let mut c = topo.pod_connect(echo.addr);
         c.write_all(b"both attached").unwrap();
         let mut buf = [0u8; 13];
         c.read_exact(&mut buf).unwrap();
@@ -657,7 +693,7 @@ fn another_program_on_the_same_hooks_keeps_working() {
     }
     let s = inspect::snapshot(topo.cgroup.path()).unwrap().unwrap();
     assert_eq!(
-        s.counter(counter::GETSOCKOPT_ANSWERED),
+        s.counter(Counter::GetsockoptAnswered),
         1,
         "our getsockopt answered beside the foreign one"
     );
@@ -676,13 +712,9 @@ fn heavy_one_gib_each_way_through_the_short_circuit(
     require_heavy!();
     let topo = Topology::new();
     let echo = Server::start(&topo.srv, SRV_IP, 9000, Behaviour::Echo { write_size });
-    let netns = topo.pod.path();
-    let _agent = Agent::run(
-        &base_args(&topo, netns.to_str().unwrap(), RedirectMode::Ebpf),
-        None,
-    );
+    let _agent = Agent::run(&topo.agent_args(RedirectMode::Ebpf), None);
     let _in_pod = topo.enter_pod_cgroup();
-    let mut conn = pod_poll_connect(&topo, echo.addr);
+    let mut conn = topo.pod_connect(echo.addr);
     let sent = tests::transfer::echo_round_trip(&mut conn, 1 << 30, write_size);
     assert_eq!(echo.seen.lock().unwrap().received_sha256, vec![sent]);
     let s = inspect::snapshot(topo.cgroup.path()).unwrap().unwrap();
@@ -690,13 +722,13 @@ fn heavy_one_gib_each_way_through_the_short_circuit(
     // limit: then that direction went on over TCP (backpressure), at most
     // once per direction. A reader nobody counts reads for (the app here,
     // without the recvmsg fexit) always does after the limit.
-    assert!(s.counter(counter::MSG_REDIRECTED) > 0, "{:?}", s.counters);
-    assert!(s.counter(counter::MSG_SPILLED) <= 2, "{:?}", s.counters);
+    assert!(s.counter(Counter::MsgRedirected) > 0, "{:?}", s.counters);
+    assert!(s.counter(Counter::MsgSpilled) <= 2, "{:?}", s.counters);
     eprintln!(
         "{write_size}-byte writes: {} messages redirected, {} passed, {} direction(s) switched to TCP",
-        s.counter(counter::MSG_REDIRECTED),
-        s.counter(counter::MSG_PASSED),
-        s.counter(counter::MSG_SPILLED)
+        s.counter(Counter::MsgRedirected),
+        s.counter(Counter::MsgPassed),
+        s.counter(Counter::MsgSpilled)
     );
 }
 
@@ -714,11 +746,7 @@ fn heavy_ten_thousand_held_then_a_thousand_a_second_for_a_minute() {
     topo.pod
         .sh("sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range='1024 65535'");
     let echo = AsyncEcho::start(&topo.srv, SRV_IP, 9000);
-    let netns = topo.pod.path();
-    let agent = Agent::run(
-        &base_args(&topo, netns.to_str().unwrap(), RedirectMode::Ebpf),
-        None,
-    );
+    let agent = Agent::run(&topo.agent_args(RedirectMode::Ebpf), None);
     let baseline = inspect::snapshot(topo.cgroup.path()).unwrap().unwrap().maps;
     let _in_pod = topo.enter_pod_cgroup();
     let rt = runtime_in(&topo.pod, 2);
@@ -818,11 +846,7 @@ fn heavy_five_thousand_slowloris_clients_do_not_starve_new_ones() {
     tests::raise_fd_limit();
     let topo = Topology::new();
     let echo = AsyncEcho::start(&topo.srv, SRV_IP, 9000);
-    let netns = topo.pod.path();
-    let agent = Agent::run(
-        &base_args(&topo, netns.to_str().unwrap(), RedirectMode::Ebpf),
-        None,
-    );
+    let agent = Agent::run(&topo.agent_args(RedirectMode::Ebpf), None);
     let _in_pod = topo.enter_pod_cgroup();
     let rt = runtime_in(&topo.pod, 2);
     let addr = echo.addr;
@@ -860,7 +884,7 @@ fn heavy_five_thousand_slowloris_clients_do_not_starve_new_ones() {
     std::thread::sleep(Duration::from_secs(3));
     // A new client is served at once.
     let start = Instant::now();
-    let mut c = pod_poll_connect(&topo, addr);
+    let mut c = topo.pod_connect(addr);
     c.write_all(b"hello").unwrap();
     let mut buf = [0u8; 5];
     c.read_exact(&mut buf).unwrap();

@@ -6,6 +6,7 @@ mod cmd;
 mod demo;
 mod fresh;
 mod host;
+mod layering;
 mod setup;
 mod test;
 mod vm;

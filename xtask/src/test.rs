@@ -21,6 +21,7 @@ pub const AGENT_BIN_ENV: &str = "MESH_REDIRECT_BIN";
 pub fn run(filter: Option<&str>, kernel_only: bool) -> Result<()> {
     let tc = setup::ensure(&[setup::Need::Tests, setup::Need::Demo])?;
     if !kernel_only {
+        crate::layering::check(&build::root().join("agent/src"))?;
         let fmt = ["fmt", "--all", "--check"];
         cmd::run(Command::new("cargo").current_dir(build::root()).args(fmt))?;
         let clippy = [

@@ -22,122 +22,20 @@
 
 use std::{
     collections::BTreeMap,
-    fmt::{self, Write as _},
+    fmt::Write as _,
     io::{self, Write as _},
     process::{Command, ExitStatus, Stdio},
 };
 
 use tracing::{debug, info};
 
-use super::istio::{self, Config, RestoreInput, Rule, is_builtin};
-
-/// Which iptables binaries to run. Both backends can hold rules at once in
-/// a namespace; they do not see each other's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Backend {
-    /// `iptables-legacy`, `iptables-legacy-save`, `iptables-legacy-restore`.
-    Legacy,
-    /// `iptables-nft` and friends.
-    Nft,
-    /// The unsuffixed `iptables` binaries, whatever they point to.
-    Plain,
-}
-
-/// An IP family: iptables or ip6tables.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    Ipv4,
-    Ipv6,
-}
-
-impl fmt::Display for Family {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Ipv4 => "IPv4",
-            Self::Ipv6 => "IPv6",
-        })
-    }
-}
-
-const FAMILIES: [Family; 2] = [Family::Ipv4, Family::Ipv6];
+use super::{
+    backend::{Backend, FAMILIES, Family},
+    istio::{self, Config, RestoreInput, Rule, is_builtin},
+};
 
 /// The tables whose `ISTIO_*` chains are ours.
 const TABLES: [&str; 3] = ["nat", "mangle", "raw"];
-
-/// How long legacy iptables waits for the xtables lock (istio's `--wait=30`).
-const LEGACY_WAIT: &str = "--wait=30";
-
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Legacy => "legacy",
-            Self::Nft => "nft",
-            Self::Plain => "plain",
-        })
-    }
-}
-
-impl Backend {
-    fn binary(self, family: Family, tool: &str) -> String {
-        let base = match family {
-            Family::Ipv4 => "iptables",
-            Family::Ipv6 => "ip6tables",
-        };
-        let suffix = match self {
-            Self::Legacy => "-legacy",
-            Self::Nft => "-nft",
-            Self::Plain => "",
-        };
-        format!("{base}{suffix}{tool}")
-    }
-
-    /// `iptables-legacy`, `ip6tables-nft`, ...
-    #[must_use]
-    pub fn iptables(self, family: Family) -> String {
-        self.binary(family, "")
-    }
-
-    /// `iptables-legacy-save`, ...
-    #[must_use]
-    pub fn save(self, family: Family) -> String {
-        self.binary(family, "-save")
-    }
-
-    /// `iptables-legacy-restore`, ...
-    #[must_use]
-    pub fn restore(self, family: Family) -> String {
-        self.binary(family, "-restore")
-    }
-
-    /// Extra arguments of commands that write (legacy takes a lock).
-    fn wait(self) -> &'static [&'static str] {
-        match self {
-            Self::Legacy => &[LEGACY_WAIT],
-            Self::Nft | Self::Plain => &[],
-        }
-    }
-
-    /// Picks the backend as istio does (`DetectIptablesVersion`): legacy if
-    /// `iptables-legacy-save` shows tables already (3 lines or more), else
-    /// nft if `iptables-nft-save` runs, else the plain binaries if
-    /// `iptables-save` runs. Read-only (istio also adds and deletes a probe
-    /// rule in the filter table; we do not write anything to choose).
-    pub fn detect(runner: &dyn Fn(&str) -> Command) -> Result<Self, ApplyError> {
-        let mut failures = Vec::new();
-        match run(runner, &Self::Legacy.save(Family::Ipv4), &[], None) {
-            Ok(out) if out.matches('\n').count() >= 3 => return Ok(Self::Legacy),
-            Ok(_) => {}
-            Err(e) => failures.push(e.to_string()),
-        }
-        for backend in [Self::Nft, Self::Plain] {
-            match run(runner, &backend.save(Family::Ipv4), &[], None) {
-                Ok(_) => return Ok(backend),
-                Err(e) => failures.push(e.to_string()),
-            }
-        }
-        Err(ApplyError::NoBackend(failures.join("; ")))
-    }
-}
 
 /// What [`install`] did in one family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,6 +123,27 @@ fn run(
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Picks the backend as istio does (`DetectIptablesVersion`): legacy if
+/// `iptables-legacy-save` shows tables already (3 lines or more), else
+/// nft if `iptables-nft-save` runs, else the plain binaries if
+/// `iptables-save` runs. Read-only (istio also adds and deletes a probe
+/// rule in the filter table; we do not write anything to choose).
+pub fn detect_backend(runner: &dyn Fn(&str) -> Command) -> Result<Backend, ApplyError> {
+    let mut failures = Vec::new();
+    match run(runner, &Backend::Legacy.save(Family::Ipv4), &[], None) {
+        Ok(out) if out.matches('\n').count() >= 3 => return Ok(Backend::Legacy),
+        Ok(_) => {}
+        Err(e) => failures.push(e.to_string()),
+    }
+    for backend in [Backend::Nft, Backend::Plain] {
+        match run(runner, &backend.save(Family::Ipv4), &[], None) {
+            Ok(_) => return Ok(backend),
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    Err(ApplyError::NoBackend(failures.join("; ")))
 }
 
 /// `iptables-save` (all tables) of one family.

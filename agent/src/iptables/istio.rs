@@ -45,11 +45,11 @@ mod tests;
 
 use std::{fmt, net::IpAddr, path::PathBuf, process::Command, str::FromStr};
 
-use anyhow::{Context as _, bail};
-use tracing::{debug, info, warn};
+use agent_common::ports;
 
-use super::apply::{self, Backend};
-use crate::netns::Netns;
+use super::backend::Backend;
+use crate::rules::parse_cidr;
+pub use crate::rules::{IpNet, Selection};
 
 /// The `mesh-redirect iptables` command line: istio-iptables' flags, each
 /// reading the environment variable istio reads for it.
@@ -66,7 +66,7 @@ pub struct IstioIptablesArgs {
         short = 'p',
         long = "envoy-port",
         value_name = "PORT",
-        default_value = "15001"
+        default_value_t = ports::OUTBOUND.to_string()
     )]
     pub envoy_port: String,
 
@@ -76,7 +76,7 @@ pub struct IstioIptablesArgs {
         long = "inbound-capture-port",
         env = "INBOUND_CAPTURE_PORT",
         value_name = "PORT",
-        default_value = "15006"
+        default_value_t = ports::INBOUND.to_string()
     )]
     pub inbound_capture_port: String,
 
@@ -86,7 +86,7 @@ pub struct IstioIptablesArgs {
         long = "inbound-tunnel-port",
         env = "INBOUND_TUNNEL_PORT",
         value_name = "PORT",
-        default_value = "15008"
+        default_value_t = ports::HBONE.to_string()
     )]
     pub inbound_tunnel_port: String,
 
@@ -470,59 +470,6 @@ impl FromStr for PortSpec {
     }
 }
 
-/// `*` (everything) or a list.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Selection<T> {
-    All,
-    /// Only these; empty means none.
-    Only(Vec<T>),
-}
-
-impl<T> Default for Selection<T> {
-    fn default() -> Self {
-        Self::Only(Vec::new())
-    }
-}
-
-/// An address and prefix length, written back exactly as istio writes a
-/// parsed `netip.Prefix` (host bits kept, IPv6 in canonical form).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix_len: u8,
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix_len)
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, len) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not a CIDR (ADDRESS/PREFIX)"))?;
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{addr:?} in {s:?} is not an IP address"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix_len = match len.parse::<u8>() {
-            Ok(n)
-                if n <= max
-                    && !(len.len() > 1 && len.starts_with('0'))
-                    && !len.starts_with('+') =>
-            {
-                n
-            }
-            _ => return Err(format!("prefix length {len:?} in {s:?} is not 0-{max}")),
-        };
-        Ok(Self { addr, prefix_len })
-    }
-}
-
 /// Whose outbound traffic is captured by group (`ISTIO_OUTBOUND_OWNER_GROUPS`
 /// and `..._EXCLUDE`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -573,9 +520,9 @@ pub struct Config {
     /// `-o`.
     pub outbound_ports_exclude: Vec<PortSpec>,
     /// `-i`.
-    pub outbound_ip_ranges_include: Selection<Cidr>,
+    pub outbound_ip_ranges_include: Selection<IpNet>,
     /// `-x`.
-    pub outbound_ip_ranges_exclude: Vec<Cidr>,
+    pub outbound_ip_ranges_exclude: Vec<IpNet>,
     /// `-k`.
     pub kube_virt_interfaces: Vec<String>,
     /// `-c`.
@@ -583,7 +530,7 @@ pub struct Config {
     /// `ISTIO_OUTBOUND_OWNER_GROUPS` / `..._EXCLUDE`.
     pub owner_groups: OwnerGroups,
     /// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`: an IPv4 loopback CIDR, /8 to /32.
-    pub host_ipv4_loopback_cidr: Cidr,
+    pub host_ipv4_loopback_cidr: IpNet,
     /// `--redirect-dns`.
     pub redirect_dns: bool,
     /// `--capture-all-dns`.
@@ -607,9 +554,9 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            proxy_port: 15001,
-            inbound_capture_port: 15006,
-            inbound_tunnel_port: 15008,
+            proxy_port: ports::OUTBOUND,
+            inbound_capture_port: ports::INBOUND,
+            inbound_tunnel_port: ports::HBONE,
             proxy_uids: vec![DEFAULT_PROXY_UID],
             proxy_gids: vec![DEFAULT_PROXY_UID],
             inbound_interception_mode: InterceptionMode::Redirect,
@@ -624,10 +571,7 @@ impl Default for Config {
             kube_virt_interfaces: Vec::new(),
             exclude_interfaces: Vec::new(),
             owner_groups: OwnerGroups::default(),
-            host_ipv4_loopback_cidr: Cidr {
-                addr: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-                prefix_len: 32,
-            },
+            host_ipv4_loopback_cidr: IpNet::from(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
             redirect_dns: false,
             capture_all_dns: false,
             dns_servers_v4: Vec::new(),
@@ -743,13 +687,13 @@ fn number(flag: &'static str, s: &str) -> Result<u32, ConfigError> {
         .map_err(|_| invalid(flag, s, "expected a decimal number (0-4294967295)"))
 }
 
-fn cidrs(flag: &'static str, s: &str) -> Result<Vec<Cidr>, ConfigError> {
+fn cidrs(flag: &'static str, s: &str) -> Result<Vec<IpNet>, ConfigError> {
     split(s)
         .map(|c| {
             if c == "*" {
                 return Err(invalid(flag, s, "\"*\" cannot be part of a list"));
             }
-            c.parse().map_err(|e| invalid(flag, s, e))
+            parse_cidr(c).map_err(|e| invalid(flag, s, e))
         })
         .collect()
 }
@@ -816,16 +760,16 @@ fn owner_groups(a: &IstioIptablesArgs) -> Result<OwnerGroups, ConfigError> {
     })
 }
 
-fn loopback_cidr(text: &str) -> Result<Cidr, ConfigError> {
-    let loopback: Cidr = text.parse().map_err(|e| invalid(FLAG_LOOPBACK, text, e))?;
-    if !(loopback.addr.is_ipv4() && loopback.addr.is_loopback()) {
+fn loopback_cidr(text: &str) -> Result<IpNet, ConfigError> {
+    let loopback = parse_cidr(text).map_err(|e| invalid(FLAG_LOOPBACK, text, e))?;
+    if !(loopback.addr().is_ipv4() && loopback.addr().is_loopback()) {
         return Err(invalid(
             FLAG_LOOPBACK,
             text,
             "expected an IPv4 loopback address",
         ));
     }
-    if !(8..=32).contains(&loopback.prefix_len) {
+    if !(8..=32).contains(&loopback.prefix_len()) {
         return Err(invalid(
             FLAG_LOOPBACK,
             text,
@@ -1014,63 +958,3 @@ pub fn restore_input(cfg: &Config) -> RestoreInput {
 }
 
 pub(crate) use generate::{Rule, is_builtin, rules};
-
-/// `mesh-redirect iptables`: what istio-iptables does. Validates
-/// everything, then prints (`--dry-run`), removes (`--cleanup-only`) or
-/// installs the rules (idempotently; `--reconcile` replaces different
-/// ones), then the TPROXY routes.
-pub fn main(args: &IstioIptablesArgs) -> anyhow::Result<()> {
-    if args.run_validation == Some(true) {
-        bail!(
-            "--run-validation (istio's post-install validation) is not supported by mesh-redirect"
-        );
-    }
-    if args.cni_mode == Some(true) {
-        debug!("--cni-mode has no effect: commands always run inside the target namespace");
-    }
-    let netns = if args.network_namespace.is_empty() {
-        None
-    } else {
-        Some(Netns::open(args.network_namespace.as_ref()).context("--network-namespace")?)
-    };
-    let runner = |program: &str| match &netns {
-        Some(ns) => ns.command(program),
-        None => Command::new(program),
-    };
-    let cfg = Config::from_pod(args, &runner)?;
-    if cfg.redirect_dns && !cfg.dns_capture_enabled() {
-        warn!(
-            "REDIRECT_DNS is set, but CAPTURE_ALL_DNS is false, and no DNS servers provided. DNS capture disabled."
-        );
-    }
-    debug!(?cfg, "istio-iptables configuration");
-    let input = restore_input(&cfg);
-    if args.dry_run == Some(true) {
-        if args.cleanup_only != Some(true) {
-            print!("{input}");
-        }
-        return Ok(());
-    }
-    if args.skip_rule_apply == Some(true) {
-        info!("--skip-rule-apply: nothing applied");
-        return Ok(());
-    }
-    let backend = match args.iptables_backend {
-        Some(b) => b,
-        None => Backend::detect(&runner)?,
-    };
-    info!(backend = %backend, "iptables backend");
-    if args.cleanup_only == Some(true) {
-        apply::uninstall(&runner, &cfg, backend)?;
-        info!("removed the istio-iptables rules");
-        return Ok(());
-    }
-    if args.force_apply == Some(true) {
-        apply::restore(&runner, backend, &input)?;
-    } else {
-        let installed = apply::install(&runner, &cfg, backend, args.reconcile == Some(true))?;
-        info!(ipv4 = ?installed.ipv4, ipv6 = ?installed.ipv6, "istio-iptables rules");
-    }
-    apply::configure_routes(&runner, &cfg)?;
-    Ok(())
-}

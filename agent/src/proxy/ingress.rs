@@ -5,19 +5,23 @@
 //! and switches to TCP when we fall too far behind (see the eBPF `sk_msg`).
 //!
 //! The map descriptor is opened before the proxy's workers copy their
-//! descriptor tables, so its number means the same map in every table; the
-//! [`IngressReads`] owner closes the starting thread's copy, after the
+//! descriptor tables, so its number means the same map in every table;
+//! each worker thread opens its own handle on it (a duplicate, in its own
+//! table) the first time it reports. The owner returned by
+//! [`IngressReads::new`] closes the starting thread's copy, after the
 //! workers are gone.
 
 use std::{
-    io,
+    cell::RefCell,
     net::SocketAddr,
     os::fd::{AsRawFd as _, BorrowedFd, OwnedFd, RawFd},
 };
 
-use agent_common::{SockKey, net};
+use agent_common::SockKey;
 use tokio::net::TcpStream;
 use tracing::debug;
+
+use crate::ebpf::maps::IngressReadMap;
 
 /// Report at least every this many bytes read: a sender may see us at most
 /// this much further behind than we are.
@@ -28,6 +32,11 @@ pub const REPORT_EVERY: u64 = 256 * 1024;
 pub struct IngressReads {
     map: RawFd,
     netns_cookie: u64,
+}
+
+thread_local! {
+    /// This worker's own handle on the map.
+    static MAP: RefCell<Option<IngressReadMap>> = const { RefCell::new(None) };
 }
 
 impl IngressReads {
@@ -55,18 +64,18 @@ impl IngressReads {
         }
     }
 
-    fn update(&self, key: &SockKey, total: u64) -> io::Result<()> {
-        // SAFETY: the map fd stays open for the proxy's lifetime (see `new`),
-        // with the same number in every worker's table.
-        let map = unsafe { BorrowedFd::borrow_raw(self.map) };
-        // SAFETY: SockKey is repr(C) plain data with explicit padding.
-        let key_bytes = unsafe {
-            std::slice::from_raw_parts(
-                std::ptr::from_ref(key).cast::<u8>(),
-                std::mem::size_of::<SockKey>(),
-            )
-        };
-        crate::bpf_sys::map_update_existing(map, key_bytes, &total.to_ne_bytes())
+    /// Sets the socket's bytes read through this thread's handle on the map.
+    fn update(&self, key: SockKey, total: u64) -> std::io::Result<()> {
+        MAP.with_borrow_mut(|map| {
+            if map.is_none() {
+                // SAFETY: the descriptor stays open for the proxy's lifetime
+                // (see `new`), with the same number in every worker's table;
+                // the duplicate is this thread's own.
+                let fd = unsafe { BorrowedFd::borrow_raw(self.map) }.try_clone_to_owned()?;
+                *map = Some(IngressReadMap::from_fd(fd).map_err(std::io::Error::other)?);
+            }
+            map.as_mut().expect("opened above").set_read(key, total)
+        })
     }
 }
 
@@ -92,7 +101,7 @@ impl ReadTracker<'_> {
             self.live = false;
             return;
         };
-        match self.reads.update(&key, total) {
+        match self.reads.update(key, total) {
             Ok(()) => self.reported = total,
             Err(e) => {
                 // ENOENT: not short-circuited (or closed already).
@@ -111,12 +120,6 @@ impl ReadTracker<'_> {
         else {
             return None;
         };
-        Some(SockKey::new(
-            self.reads.netns_cookie,
-            net::ip4_raw(local.ip().octets()),
-            local.port(),
-            net::ip4_raw(peer.ip().octets()),
-            peer.port(),
-        ))
+        Some(SockKey::from_addrs(self.reads.netns_cookie, local, peer))
     }
 }

@@ -83,6 +83,14 @@ impl Activity {
 /// configured size) when a read fills it.
 const MIN_BUFFER: usize = 16 * 1024;
 
+/// Where a relay counts the bytes it moves, as it moves them (so a long
+/// transfer shows in the metrics while it runs).
+#[derive(Clone, Copy)]
+pub struct Counted<'a> {
+    pub to_upstream: &'a AtomicU64,
+    pub to_client: &'a AtomicU64,
+}
+
 /// Relays until both directions reached EOF, one side failed, or nothing
 /// moved for `idle`. On a failure the *other* socket is set to reset when
 /// closed, so the failure reaches its peer as a reset, not as a clean end
@@ -93,6 +101,7 @@ pub async fn relay(
     buffer_size: usize,
     idle: Duration,
     ingress: Option<&IngressReads>,
+    counted: Counted<'_>,
 ) -> Outcome {
     let last = Activity::new();
     let (to_upstream, to_client, end) = {
@@ -105,7 +114,10 @@ pub async fn relay(
             Side::Upstream,
             buffer_size,
             &last,
-            ingress.map(IngressReads::tracker),
+            Account {
+                reads: ingress.map(IngressReads::tracker),
+                moved: counted.to_upstream,
+            },
         );
         let down = copy(
             upstream_rx,
@@ -114,7 +126,10 @@ pub async fn relay(
             Side::Client,
             buffer_size,
             &last,
-            ingress.map(IngressReads::tracker),
+            Account {
+                reads: ingress.map(IngressReads::tracker),
+                moved: counted.to_client,
+            },
         );
         tokio::pin!(up, down);
         let (mut to_upstream, mut to_client) = (None, None);
@@ -152,6 +167,13 @@ pub async fn relay(
     }
 }
 
+/// Where one direction's bytes are counted: the reads of a short-circuited
+/// socket (backpressure), and the bytes moved (metrics).
+struct Account<'a> {
+    reads: Option<ReadTracker<'a>>,
+    moved: &'a AtomicU64,
+}
+
 /// Copies `from` → `to` until EOF, then shuts down `to`'s write side.
 /// A buffer exists only while data is there to move: it is allocated when
 /// `from` becomes readable and freed before waiting again, so an idle or
@@ -167,7 +189,7 @@ async fn copy(
     to_side: Side,
     max_buffer: usize,
     last: &Activity,
-    mut reads: Option<ReadTracker<'_>>,
+    mut account: Account<'_>,
 ) -> Result<u64, (u64, RelayError)> {
     let mut total: u64 = 0;
     let mut size = MIN_BUFFER.min(max_buffer);
@@ -193,13 +215,14 @@ async fn copy(
                 Err(e) => return Err(fail(from_side, e, total)),
             };
             last.touch();
-            if let Some(r) = reads.as_mut() {
+            if let Some(r) = account.reads.as_mut() {
                 r.read(from.as_ref(), total + n as u64);
             }
             if let Err(e) = write_all(to.as_ref(), &buf[..n], last).await {
                 return Err(fail(to_side, e, total));
             }
             total += n as u64;
+            account.moved.fetch_add(n as u64, Ordering::Relaxed);
             if n < buf.len() {
                 // Drained for now: free the buffer and wait.
                 break;
@@ -238,6 +261,14 @@ mod tests {
 
     use super::*;
 
+    /// Counters that live for the test (leaked: a few bytes per test).
+    fn counted() -> Counted<'static> {
+        Counted {
+            to_upstream: Box::leak(Box::new(AtomicU64::new(0))),
+            to_client: Box::leak(Box::new(AtomicU64::new(0))),
+        }
+    }
+
     /// A connected pair: (the end we keep, the end the relay gets).
     async fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -257,6 +288,7 @@ mod tests {
                 8,
                 Duration::from_mins(1),
                 None,
+                counted(),
             )
             .await
         });
@@ -279,6 +311,36 @@ mod tests {
         assert_eq!((outcome.to_upstream, outcome.to_client), (13, 8));
     }
 
+    /// The counters move as bytes do, not when the connection ends.
+    #[tokio::test]
+    async fn bytes_are_counted_while_the_connection_is_open() {
+        let (mut app, mut proxy_client) = pair().await;
+        let (mut proxy_upstream, mut server) = pair().await;
+        let c = counted();
+        let relay = tokio::spawn(async move {
+            relay(
+                &mut proxy_client,
+                &mut proxy_upstream,
+                1024,
+                Duration::from_mins(1),
+                None,
+                c,
+            )
+            .await
+        });
+        app.write_all(&[7u8; 5000]).await.unwrap();
+        let mut got = vec![0u8; 5000];
+        server.read_exact(&mut got).await.unwrap();
+        server.write_all(b"ok").await.unwrap();
+        let mut two = [0u8; 2];
+        app.read_exact(&mut two).await.unwrap();
+        assert_eq!(c.to_upstream.load(Ordering::Relaxed), 5000);
+        assert_eq!(c.to_client.load(Ordering::Relaxed), 2);
+        assert!(!relay.is_finished(), "still open");
+        drop((app, server));
+        relay.await.unwrap();
+    }
+
     #[tokio::test]
     async fn an_upstream_reset_resets_the_client() {
         let (mut app, mut proxy_client) = pair().await;
@@ -290,6 +352,7 @@ mod tests {
                 1024,
                 Duration::from_mins(1),
                 None,
+                counted(),
             )
             .await;
             drop(proxy_client);
@@ -320,6 +383,7 @@ mod tests {
             1024,
             Duration::from_millis(200),
             None,
+            counted(),
         )
         .await;
         assert!(matches!(outcome.end, End::Idle), "{outcome:?}");
@@ -340,6 +404,7 @@ mod tests {
                 1024,
                 Duration::from_mins(1),
                 None,
+                counted(),
             )
             .await;
             drop(proxy_upstream);

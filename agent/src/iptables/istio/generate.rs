@@ -38,8 +38,13 @@ const OUTBOUND_MARK: &str = "1338";
 const DNS_LISTENER_PORT: &str = "15053";
 /// `127.0.0.6` is the source address of the proxy's inbound passthrough
 /// connections; `::6` its IPv6 counterpart.
-const INBOUND_PASSTHROUGH_V4: &str = "127.0.0.6/32";
-const INBOUND_PASSTHROUGH_V6: &str = "::6/128";
+fn inbound_passthrough_v4() -> String {
+    format!("{}/32", agent_common::INBOUND_PASSTHROUGH_SRC)
+}
+
+fn inbound_passthrough_v6() -> String {
+    format!("{}/128", agent_common::INBOUND_PASSTHROUGH_SRC_V6)
+}
 const LOOPBACK_V6: &str = "::1/128";
 
 /// Chains and targets that exist without `-N` (istio's
@@ -203,7 +208,7 @@ impl Builder {
 fn includes_loopback(cfg: &Config) -> bool {
     match &cfg.outbound_ip_ranges_include {
         Selection::All => false,
-        Selection::Only(cidrs) => cidrs.iter().any(|c| c.addr.is_loopback()),
+        Selection::Only(cidrs) => cidrs.iter().any(|c| c.addr().is_loopback()),
     }
 }
 
@@ -310,8 +315,8 @@ pub(crate) fn rules(cfg: &Config) -> Rules {
     }
 
     b.append_versioned(
-        INBOUND_PASSTHROUGH_V4,
-        INBOUND_PASSTHROUGH_V6,
+        &inbound_passthrough_v4(),
+        &inbound_passthrough_v6(),
         ISTIO_OUTPUT,
         NAT,
         params!["-o", "lo", "-s", VERSIONED, "-j", "RETURN"],
@@ -478,7 +483,7 @@ pub(crate) fn rules(cfg: &Config) -> Rules {
     );
     for cidr in &cfg.outbound_ip_ranges_exclude {
         let p = params!["-d", cidr, "-j", "RETURN"];
-        if cidr.addr.is_ipv4() {
+        if cidr.addr().is_ipv4() {
             b.append_v4(ISTIO_OUTPUT, NAT, p);
         } else {
             b.append_v6(ISTIO_OUTPUT, NAT, p);
@@ -641,8 +646,8 @@ fn outbound_include(b: &mut Builder, cfg: &Config, family: Family) {
         }
         Selection::Only(cidrs) => {
             let of_family = cidrs.iter().filter(|c| match family {
-                Family::V4 => c.addr.is_ipv4(),
-                Family::V6 => c.addr.is_ipv6(),
+                Family::V4 => c.addr().is_ipv4(),
+                Family::V6 => c.addr().is_ipv6(),
             });
             for cidr in of_family {
                 for iface in &cfg.kube_virt_interfaces {
@@ -922,7 +927,7 @@ fn tproxy_marks(b: &mut Builder, cfg: &Config, loopback: &str) {
             "-p",
             "tcp",
             "-s",
-            INBOUND_PASSTHROUGH_V4,
+            inbound_passthrough_v4(),
             "-i",
             "lo",
             "-j",
@@ -938,7 +943,7 @@ fn tproxy_marks(b: &mut Builder, cfg: &Config, loopback: &str) {
             "-p",
             "tcp",
             "-s",
-            INBOUND_PASSTHROUGH_V6,
+            inbound_passthrough_v6(),
             "-i",
             "lo",
             "-j",

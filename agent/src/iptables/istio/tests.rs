@@ -10,7 +10,7 @@
 use clap::Parser;
 
 use super::{
-    Cidr, Config, ConfigError, InterceptionMode, IstioIptablesArgs, OwnerGroups, PortSpec,
+    Config, ConfigError, InterceptionMode, IpNet, IstioIptablesArgs, OwnerGroups, PortSpec,
     Selection, restore_input,
 };
 
@@ -66,8 +66,10 @@ fn ports(list: &[u16]) -> Vec<PortSpec> {
     list.iter().copied().map(PortSpec::Port).collect()
 }
 
-fn cidrs(list: &[&str]) -> Vec<Cidr> {
-    list.iter().map(|c| c.parse().unwrap()).collect()
+fn cidrs(list: &[&str]) -> Vec<IpNet> {
+    list.iter()
+        .map(|c| crate::rules::parse_cidr(c).unwrap())
+        .collect()
 }
 
 fn strings(list: &[&str]) -> Vec<String> {

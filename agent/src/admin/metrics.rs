@@ -1,0 +1,383 @@
+//! The agent's metrics: registered once, each component as a collector
+//! with typed label sets, read at each scrape from the component's own
+//! state (the agent's handle on the datapath's maps, the proxy's counters,
+//! which move as bytes do).
+
+use std::sync::{Arc, atomic::Ordering::Relaxed};
+
+use agent_common::Counter;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric as _, LabelValueEncoder,
+    },
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+
+use super::Readiness;
+use crate::{
+    capture::Mode,
+    ebpf::DatapathMaps,
+    proxy::{self, Direction},
+};
+
+/// Registers every component's metrics.
+pub fn register(
+    registry: &mut Registry,
+    agent: Agent,
+    datapath: Option<DatapathMaps>,
+    proxy: Option<Arc<proxy::Stats>>,
+) {
+    registry.register_collector(Box::new(agent));
+    if let Some(maps) = datapath {
+        registry.register_collector(Box::new(Datapath(maps)));
+    }
+    if let Some(stats) = proxy {
+        registry.register_collector(Box::new(Proxy(stats)));
+    }
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.name(), encoder)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: Direction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlowLabels {
+    direction: Direction,
+    flow: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InfoLabels {
+    mode: &'static str,
+    fail_policy: &'static str,
+    version: &'static str,
+}
+
+/// A counter family, one series per label set.
+fn counters<L: EncodeLabelSet>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(L, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in series {
+        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+/// A gauge family, one series per label set.
+fn gauges<L: EncodeLabelSet>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(L, i64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in series {
+        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> Result<(), std::fmt::Error> {
+    ConstGauge::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The agent itself: mode, fail policy, readiness.
+#[derive(Debug)]
+pub struct Agent {
+    pub mode: Mode,
+    pub fail_open: bool,
+    pub ready: Arc<Readiness>,
+}
+
+impl Collector for Agent {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let info = InfoLabels {
+            mode: self.mode.name(),
+            fail_policy: if self.fail_open { "open" } else { "closed" },
+            version: env!("CARGO_PKG_VERSION"),
+        };
+        gauges(
+            &mut e,
+            "mesh_redirect_info",
+            "The agent: redirect mode, fail policy, version",
+            &[(info, 1)],
+        )?;
+        gauge(
+            &mut e,
+            "mesh_redirect_ready",
+            "1 when /ready answers 200",
+            i64::from(self.ready.not_ready().is_empty()),
+        )?;
+        gauge(
+            &mut e,
+            "mesh_redirect_fail_open",
+            "1 when connections go direct while no proxy listens",
+            i64::from(self.fail_open),
+        )
+    }
+}
+
+/// The datapath's counters and map usage, from the agent's own handle on
+/// its maps.
+#[derive(Debug)]
+struct Datapath(DatapathMaps);
+
+impl Collector for Datapath {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (Ok(c), Ok(usage)) = (self.0.counters(), self.0.usage()) else {
+            // The maps are the agent's own: unreadable only if the kernel
+            // is in trouble; the other components still report.
+            return Ok(());
+        };
+        let dir = |direction| DirectionLabels { direction };
+        counters(
+            &mut e,
+            "mesh_redirect_redirects",
+            "Connections captured by the datapath, by direction",
+            &[
+                (dir(Direction::Outbound), c.get(Counter::ConnectRedirected)),
+                (dir(Direction::Inbound), c.get(Counter::InboundSteered)),
+            ],
+        )?;
+        counters(
+            &mut e,
+            "mesh_redirect_sk_msg",
+            "sk_msg verdicts: redirected to the peer socket, or passed over TCP",
+            &[
+                (
+                    VerdictLabels {
+                        verdict: "redirected",
+                    },
+                    c.get(Counter::MsgRedirected),
+                ),
+                (
+                    VerdictLabels { verdict: "passed" },
+                    c.get(Counter::MsgPassed),
+                ),
+            ],
+        )?;
+        counters(
+            &mut e,
+            "mesh_redirect_getsockopt",
+            "getsockopt(SO_ORIGINAL_DST) answered from the datapath, or not ours",
+            &[
+                (
+                    ResultLabels { result: "answered" },
+                    c.get(Counter::GetsockoptAnswered),
+                ),
+                (
+                    ResultLabels { result: "missed" },
+                    c.get(Counter::GetsockoptMissed),
+                ),
+            ],
+        )?;
+        counters(
+            &mut e,
+            "mesh_redirect_fail_open_passed",
+            "Connections that went direct because no proxy listened (fail open)",
+            &[
+                (dir(Direction::Outbound), c.get(Counter::ConnectFailOpen)),
+                (dir(Direction::Inbound), c.get(Counter::InboundFailOpen)),
+            ],
+        )?;
+        let events: Vec<_> = c
+            .iter()
+            .map(|(counter, v)| {
+                (
+                    EventLabels {
+                        event: counter.name(),
+                    },
+                    v,
+                )
+            })
+            .collect();
+        counters(
+            &mut e,
+            "mesh_redirect_datapath_events",
+            "Every datapath counter, by name",
+            &events,
+        )?;
+        let entries: Vec<_> = usage
+            .iter()
+            .map(|m| (MapLabels { map: m.name }, to_i64(m.entries as u64)))
+            .collect();
+        gauges(
+            &mut e,
+            "mesh_redirect_map_entries",
+            "Entries held by each bounded map",
+            &entries,
+        )?;
+        let capacity: Vec<_> = usage
+            .iter()
+            .map(|m| (MapLabels { map: m.name }, i64::from(m.capacity)))
+            .collect();
+        gauges(
+            &mut e,
+            "mesh_redirect_map_capacity",
+            "Capacity of each bounded map",
+            &capacity,
+        )
+    }
+}
+
+/// The built-in proxy's counters.
+#[derive(Debug)]
+struct Proxy(Arc<proxy::Stats>);
+
+/// The proxy's error counters, by kind (the metric's `kind` label).
+pub(super) fn proxy_errors(p: &proxy::Stats) -> [(&'static str, u64); 7] {
+    [
+        ("upstream_refused", p.upstream_refused.load(Relaxed)),
+        ("upstream_timeout", p.upstream_timeout.load(Relaxed)),
+        ("upstream_reset", p.upstream_reset.load(Relaxed)),
+        ("client_reset", p.client_reset.load(Relaxed)),
+        ("orig_dst_missing", p.orig_dst_missing.load(Relaxed)),
+        ("idle_timeout", p.idle_closed.load(Relaxed)),
+        ("max_connections", p.rejected_max_connections.load(Relaxed)),
+    ]
+}
+
+impl Collector for Proxy {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let p = &self.0;
+        let per_dir = |f: &dyn Fn(&proxy::DirectionStats) -> u64| -> Vec<(DirectionLabels, u64)> {
+            Direction::ALL
+                .iter()
+                .map(|&direction| (DirectionLabels { direction }, f(p.direction(direction))))
+                .collect()
+        };
+        let open: Vec<_> = per_dir(&|d| d.connections_open.load(Relaxed))
+            .into_iter()
+            .map(|(l, v)| (l, to_i64(v)))
+            .collect();
+        gauges(
+            &mut e,
+            "mesh_redirect_proxy_connections_open",
+            "Proxied connections open, by direction",
+            &open,
+        )?;
+        counters(
+            &mut e,
+            "mesh_redirect_proxy_connections",
+            "Proxied connections accepted, by direction",
+            &per_dir(&|d| d.connections_total.load(Relaxed)),
+        )?;
+        let mut bytes = Vec::new();
+        for direction in Direction::ALL {
+            let s = p.direction(direction);
+            bytes.push((
+                FlowLabels {
+                    direction,
+                    flow: "to_upstream",
+                },
+                s.bytes_to_upstream.load(Relaxed),
+            ));
+            bytes.push((
+                FlowLabels {
+                    direction,
+                    flow: "to_client",
+                },
+                s.bytes_to_client.load(Relaxed),
+            ));
+        }
+        counters(
+            &mut e,
+            "mesh_redirect_proxy_bytes",
+            "Bytes relayed, by direction and flow (counted as they move)",
+            &bytes,
+        )?;
+        let errors: Vec<_> = proxy_errors(p)
+            .into_iter()
+            .map(|(kind, v)| (KindLabels { kind }, v))
+            .collect();
+        counters(
+            &mut e,
+            "mesh_redirect_proxy_errors",
+            "Connections that ended in an error, by kind",
+            &errors,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::AdminState;
+
+    #[test]
+    fn metrics_carry_the_agent_and_proxy_numbers() {
+        let counts = Arc::new(proxy::Stats::default());
+        counts
+            .direction(Direction::Inbound)
+            .bytes_to_client
+            .store(42, Relaxed);
+        counts.upstream_refused.store(3, Relaxed);
+        let state = AdminState::new(
+            Mode::Ebpf,
+            false,
+            Arc::new(Readiness::default()),
+            Some(Arc::clone(&counts)),
+            None,
+        );
+        let text = state.metrics_text();
+        for line in [
+            "mesh_redirect_proxy_bytes_total{direction=\"inbound\",flow=\"to_client\"} 42",
+            "mesh_redirect_proxy_errors_total{kind=\"upstream_refused\"} 3",
+            "mesh_redirect_ready 0",
+            "mesh_redirect_info{mode=\"ebpf\",fail_policy=\"closed\",version=",
+        ] {
+            assert!(text.contains(line), "missing `{line}` in:\n{text}");
+        }
+        // Registered once: a later scrape shows later numbers.
+        counts
+            .direction(Direction::Inbound)
+            .bytes_to_client
+            .store(50, Relaxed);
+        assert!(state.metrics_text().contains(
+            "mesh_redirect_proxy_bytes_total{direction=\"inbound\",flow=\"to_client\"} 50"
+        ));
+        assert!(!text.contains("sk_msg"), "no datapath, no datapath metrics");
+    }
+}

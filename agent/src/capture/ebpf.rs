@@ -1,0 +1,190 @@
+//! The eBPF capture: the datapath serving one namespace. Loading verifies
+//! every program and creates (or adopts) the maps; installing writes the
+//! namespace's configuration and rules, then attaches: connect4 and
+//! getpeername4 to the served cgroup, sockops and getsockopt to every
+//! cgroup the app's and the proxy's sockets live in, sk_msg to the
+//! SOCKHASH, sk_lookup to the namespace, and the recvmsg fexit where the
+//! kernel allows tracing.
+
+use std::{
+    net::TcpListener,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+};
+
+use agent_common::{InboundConfig, NetnsConfig, flags};
+use tracing::{debug, info, warn};
+
+use super::Settings;
+use crate::{
+    ebpf::{Datapath, DatapathMaps, EbpfError, Hook, LoadOptions, OBJECT, rules::rule_flags},
+    pins,
+    rules::CaptureRules,
+};
+
+/// The namespace's entry in `NETNS_CONFIG`.
+#[must_use]
+pub fn netns_config(s: &Settings) -> NetnsConfig {
+    let mut f = flags::REDIRECT_OUTBOUND | rule_flags(&s.rules);
+    for (on, bit) in [
+        (s.fail_open, flags::FAIL_OPEN),
+        (s.sockmap, flags::SOCKMAP),
+        (s.proxy.uid.is_some(), flags::PROXY_UID),
+        (s.proxy.gid.is_some(), flags::PROXY_GID),
+        (s.inbound, flags::REDIRECT_INBOUND),
+    ] {
+        if on {
+            f |= bit;
+        }
+    }
+    NetnsConfig {
+        outbound_port: s.outbound_port,
+        inbound_port: s.inbound_port,
+        proxy_mark: s.proxy.mark,
+        proxy_uid: s.proxy.uid.unwrap_or(0),
+        proxy_gid: s.proxy.gid.unwrap_or(0),
+        flags: f,
+    }
+}
+
+/// Where a namespace's datapath is pinned under `bpffs` (mounted there if
+/// nothing is): pins of older map layouts for this namespace are removed
+/// first.
+pub fn pin_dir(bpffs: &Path, netns_cookie: u64) -> Result<PathBuf, EbpfError> {
+    if OBJECT.is_empty() {
+        return Err(EbpfError::NoObject);
+    }
+    pins::ensure_bpffs(bpffs)?;
+    let fingerprint = pins::layout_fingerprint(OBJECT)?;
+    for stale in pins::stale_instances(bpffs, &fingerprint, netns_cookie) {
+        warn!(pins = %stale.display(), "removing pins of an older datapath layout");
+        pins::remove_instance(&stale)?;
+    }
+    Ok(pins::instance_dir(bpffs, &fingerprint, netns_cookie))
+}
+
+/// A loaded datapath for one namespace.
+pub struct EbpfCapture {
+    datapath: Datapath,
+}
+
+impl EbpfCapture {
+    /// Loads (and verifies) the object, adopting pinned maps in `pin_dir`.
+    pub fn load(settings: &Settings, pin_dir: Option<PathBuf>) -> Result<Self, EbpfError> {
+        let opts = LoadOptions {
+            debug_logs: tracing::enabled!(target: "agent_ebpf", tracing::Level::DEBUG),
+            sockmap_queue_limit: settings.sockmap_queue_limit,
+        };
+        let datapath = Datapath::load(&opts, pin_dir.as_deref())?;
+        if datapath.adopted() {
+            info!(pins = %pin_dir.unwrap_or_default().display(), "adopting the pinned datapath of an earlier agent: connections and hooks carry on");
+        }
+        Ok(Self { datapath })
+    }
+
+    /// A descriptor of the map the built-in proxy reports its reads on,
+    /// when the kernel cannot count them itself (no tracing programs) and
+    /// the short-circuit is on.
+    pub fn ingress_reads(&self, settings: &Settings) -> Result<Option<OwnedFd>, EbpfError> {
+        if !settings.sockmap || self.datapath.backpressure().is_ok() {
+            return Ok(None);
+        }
+        self.datapath.maps().ingress_read_fd().map(Some)
+    }
+
+    /// Configures and attaches.
+    pub fn install(
+        &mut self,
+        s: &Settings,
+        inbound_listener: Option<&TcpListener>,
+    ) -> Result<(), EbpfError> {
+        let cookie = s.netns_cookie;
+        let config = netns_config(s);
+        let dp = &mut self.datapath;
+        // The short-circuit's backpressure needs each reader's reads counted:
+        // by an fexit where the kernel allows tracing programs, else by the
+        // built-in proxy for its own sockets.
+        if s.sockmap {
+            match dp.backpressure() {
+                Ok(()) => dp.attach_recvmsg()?,
+                Err(why) => info!(
+                    reason = why,
+                    limit_kib = s.sockmap_queue_limit / 1024,
+                    "sockmap backpressure: the built-in proxy reports its reads; any other reader (apps, an external proxy) gets the queue limit short-circuited per connection and direction, then TCP"
+                ),
+            }
+        }
+        dp.maps_mut().set_rules(cookie, &s.rules)?;
+        dp.maps_mut().set_netns_config(cookie, config)?;
+        dp.attach_cgroup(Hook::Connect4, &s.cgroup)?;
+        dp.attach_cgroup(Hook::GetPeerName4, &s.cgroup)?;
+        for cg in &s.socket_hook_cgroups {
+            if cg != &s.cgroup {
+                info!(cgroup = %cg.display(), "the proxy's sockets live outside the served cgroup: sockops and getsockopt attach here too");
+            }
+            dp.attach_cgroup(Hook::SockOps, cg)?;
+            dp.attach_cgroup(Hook::GetSockopt, cg)?;
+        }
+        dp.attach_sk_msg()?;
+        if s.inbound {
+            if let Some(l) = inbound_listener {
+                dp.maps_mut().set_inbound_listener(l)?;
+            }
+            dp.maps_mut().set_inbound(InboundConfig {
+                netns_cookie: cookie,
+                inbound_port: config.inbound_port,
+                outbound_port: config.outbound_port,
+                flags: config.flags,
+            })?;
+            dp.attach_sk_lookup(&s.netns)?;
+        }
+        for stale in dp.prune_unclaimed_links()? {
+            info!(pin = %stale.display(), "removed a pinned link the earlier agent had and this one does not use");
+        }
+        debug!(netns_cookie = cookie, "namespace enrolled");
+        Ok(())
+    }
+
+    pub fn update_rules(
+        &mut self,
+        netns_cookie: u64,
+        rules: &CaptureRules,
+    ) -> Result<(), EbpfError> {
+        self.datapath.maps_mut().set_rules(netns_cookie, rules)
+    }
+
+    /// The namespace's rules, as the maps hold them.
+    pub fn rules(&self, netns_cookie: u64) -> Result<CaptureRules, EbpfError> {
+        let maps = self.datapath.maps();
+        let config = maps
+            .netns_configs()?
+            .into_iter()
+            .find(|(c, _)| *c == netns_cookie)
+            .map(|(_, c)| c)
+            .ok_or(EbpfError::Missing {
+                kind: "served namespace",
+                name: "NETNS_CONFIG entry",
+            })?;
+        maps.rules(netns_cookie, &config)
+    }
+
+    #[must_use]
+    pub fn maps(&self) -> &DatapathMaps {
+        self.datapath.maps()
+    }
+
+    pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, EbpfError> {
+        self.datapath.take_logger()
+    }
+
+    /// Stops capturing first (new connects go direct), then detaches and
+    /// unpins everything.
+    pub fn teardown(mut self, netns_cookie: u64) {
+        if let Err(e) = self.datapath.maps_mut().remove_netns_config(netns_cookie) {
+            warn!(error = %e, "unenrolling the namespace");
+        }
+        if let Err(e) = self.datapath.teardown() {
+            warn!(error = %e, "removing the pinned datapath");
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Loading the eBPF object: its globals, its maps (created, or adopted from
+//! pins), and every program through the verifier. Nothing is attached.
+
+use std::path::{Path, PathBuf};
+
+use agent_common::{globals, maps as names, programs};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupSockAddr, CgroupSockopt, FExit, ProgramError, SkLookup, SkMsg, SockOps},
+};
+
+use super::{EbpfError, Hook, OBJECT, maps::DatapathMaps};
+
+/// How the loader sets the object up.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// The programs' aya-log debug lines (off: they cost per event).
+    pub debug_logs: bool,
+    /// How far a short-circuited socket's reader may fall behind, in bytes,
+    /// before its sender switches to TCP.
+    pub sockmap_queue_limit: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            debug_logs: false,
+            sockmap_queue_limit: globals::SOCKMAP_QUEUE_LIMIT_DEFAULT,
+        }
+    }
+}
+
+/// A loaded object: its programs, its maps, and where they are pinned.
+pub(super) struct Loaded {
+    pub ebpf: Ebpf,
+    pub maps: DatapathMaps,
+    /// The pin directory, and whether it held a datapath already (whose
+    /// maps, with their entries, are ours now).
+    pub pins: Option<(PathBuf, bool)>,
+    /// Why the recvmsg fexit could not load, if it could not (tracing
+    /// programs refused): the backpressure then counts reads another way.
+    pub recvmsg_unavailable: Option<String>,
+}
+
+pub(super) fn program_err(name: &'static str) -> impl FnOnce(ProgramError) -> EbpfError {
+    move |source| EbpfError::Program { name, source }
+}
+
+pub(super) fn program_mut<'a, P>(ebpf: &'a mut Ebpf, hook: Hook) -> Result<&'a mut P, EbpfError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let name = hook.program();
+    ebpf.program_mut(name)
+        .ok_or(EbpfError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(program_err(name))
+}
+
+/// Loads the maps and verifies every program. With `pin_dir`, the maps are
+/// pinned there, or, if a datapath of the same layout is pinned there
+/// already, adopted with their contents.
+pub(super) fn load(opts: &LoadOptions, pin_dir: Option<&Path>) -> Result<Loaded, EbpfError> {
+    if OBJECT.is_empty() {
+        return Err(EbpfError::NoObject);
+    }
+    let level: u8 = if opts.debug_logs {
+        aya_log::Level::Debug as u8
+    } else {
+        aya_log::Level::Warn as u8
+    };
+    let mut loader = EbpfLoader::new();
+    loader.override_global(aya_log::LEVEL, &level, false);
+    loader.override_global(
+        globals::SOCKMAP_QUEUE_LIMIT,
+        &opts.sockmap_queue_limit,
+        true,
+    );
+    let pins = match pin_dir {
+        Some(dir) => {
+            let adopted = dir.join(names::NETNS_CONFIG).exists();
+            crate::pins::create_dir(dir)?;
+            Some((dir.to_owned(), adopted))
+        }
+        None => None,
+    };
+    let pin_paths: Vec<(String, PathBuf)> = match &pins {
+        Some((dir, _)) => crate::pins::pinned_map_names(OBJECT)?
+            .into_iter()
+            .map(|n| {
+                let path = dir.join(&n);
+                (n, path)
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    for (name, path) in &pin_paths {
+        loader.map_pin_path(name.as_str(), path.as_path());
+    }
+    let mut ebpf = loader.load(OBJECT)?;
+    for hook in Hook::ALL.into_iter().filter(|&h| h != Hook::Recvmsg) {
+        load_program(&mut ebpf, hook)
+            .map_err(|(name, source)| EbpfError::Program { name, source })?;
+    }
+    let recvmsg_unavailable = load_program(&mut ebpf, Hook::Recvmsg)
+        .map_err(|(_, e)| {
+            format!(
+                "fexit on {}: {}",
+                programs::RECVMSG_TARGET,
+                verifier_verdict(&e.to_string())
+            )
+        })
+        .err();
+    let maps = DatapathMaps::from_loaded(&mut ebpf)?;
+    Ok(Loaded {
+        ebpf,
+        maps,
+        pins,
+        recvmsg_unavailable,
+    })
+}
+
+/// Loads (verifies) one program; the error keeps the program's name.
+fn load_program(e: &mut Ebpf, hook: Hook) -> Result<(), (&'static str, ProgramError)> {
+    let name = hook.program();
+    let err = |e| (name, e);
+    // Every entry point is in our object; a stub binary has none.
+    let prog = e.program_mut(name).ok_or((name, ProgramError::NotLoaded))?;
+    match hook {
+        Hook::Connect4 | Hook::GetPeerName4 => {
+            <&mut CgroupSockAddr>::try_from(prog).map_err(err)?.load()
+        }
+        Hook::SockOps => <&mut SockOps>::try_from(prog).map_err(err)?.load(),
+        Hook::SkMsg => <&mut SkMsg>::try_from(prog).map_err(err)?.load(),
+        Hook::GetSockopt => <&mut CgroupSockopt>::try_from(prog).map_err(err)?.load(),
+        Hook::SkLookup => <&mut SkLookup>::try_from(prog).map_err(err)?.load(),
+        Hook::Recvmsg => {
+            let btf = aya::Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
+            <&mut FExit>::try_from(prog)
+                .map_err(err)?
+                .load(programs::RECVMSG_TARGET, &btf)
+        }
+    }
+    .map_err(err)
+}
+
+/// A program loaded, or the gist of why not.
+pub type Verdict = Result<(), String>;
+
+/// The verifier's verdict on each of our programs on this kernel (the
+/// object loaded on its own, nothing pinned or attached, all closed
+/// again): what `doctor` shows, and what `--mode auto` decides on.
+pub fn verdicts() -> Result<Vec<(Hook, Verdict)>, EbpfError> {
+    if OBJECT.is_empty() {
+        return Err(EbpfError::NoObject);
+    }
+    let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+    Ok(Hook::ALL
+        .into_iter()
+        .map(|hook| {
+            let verdict = load_program(&mut ebpf, hook).map_err(|(name, e)| {
+                verifier_verdict(&EbpfError::Program { name, source: e }.to_string())
+            });
+            (hook, verdict)
+        })
+        .collect())
+}
+
+/// The gist of a load error: its first line, and the verifier's reason (the
+/// last line of its log that is not a statistic).
+#[must_use]
+pub fn verifier_verdict(error: &str) -> String {
+    let first = error.lines().next().unwrap_or_default();
+    let first = first
+        .split(" Verifier output:")
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches('.');
+    // The verifier's reason, if it gave one: the last telling line of its
+    // log (empty when the kernel refused the load before verifying).
+    let reason = error
+        .split_once("Verifier output:")
+        .map_or("", |(_, log)| log)
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| {
+            !l.is_empty()
+                && !l.starts_with("verification time")
+                && !l.starts_with("stack depth")
+                && !l.starts_with("processed ")
+        });
+    match reason {
+        Some(r) if !first.contains(r) => format!("{first}: {r}"),
+        _ => first.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::verifier_verdict;
+
+    #[test]
+    fn verifier_verdict_names_the_program_and_the_reason() {
+        let err = "eBPF program mesh_getsockopt: the BPF_PROG_LOAD syscall returned Permission denied (os error 13). Verifier output: 0: R1=ctx() R10=fp0\n60: (07) r9 += 24\nR9 pointer arithmetic on sock prohibited\nverification time 707 usec\nstack depth 80+0\n";
+        assert_eq!(
+            verifier_verdict(err),
+            "eBPF program mesh_getsockopt: the BPF_PROG_LOAD syscall returned Permission denied (os error 13): R9 pointer arithmetic on sock prohibited"
+        );
+        assert_eq!(verifier_verdict("no object embedded"), "no object embedded");
+        // Refused before the verifier ran: no reason to add.
+        assert_eq!(
+            verifier_verdict(
+                "the BPF_PROG_LOAD syscall returned Operation not permitted (os error 1). Verifier output:"
+            ),
+            "the BPF_PROG_LOAD syscall returned Operation not permitted (os error 1)"
+        );
+    }
+}

@@ -1,0 +1,114 @@
+//! One proxied connection: its original destination, the upstream connect
+//! (marked, so no redirect mode captures it again; inbound from the
+//! passthrough source), then the relay, counted as it goes.
+
+use std::{
+    io,
+    net::{SocketAddr, SocketAddrV4},
+    sync::atomic::Ordering,
+};
+
+use socket2::SockRef;
+use tokio::net::{TcpSocket, TcpStream};
+use tracing::{debug, warn};
+
+use super::{Direction, INBOUND_PASSTHROUGH_SOURCE, ProxyConfig, Stats, relay};
+use crate::socket;
+
+pub(super) async fn handle(
+    mut client: TcpStream,
+    direction: Direction,
+    config: &ProxyConfig,
+    stats: &Stats,
+) {
+    let dstats = stats.direction(direction);
+    let _ = client.set_nodelay(true);
+    let dst = match socket::original_dst(&client) {
+        Ok(dst) => dst,
+        Err(e) => {
+            stats.orig_dst_missing.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "no original destination (SO_ORIGINAL_DST); resetting");
+            socket::reset_on_close(&client);
+            return;
+        }
+    };
+    tracing::Span::current().record("dst", tracing::field::display(dst));
+    if dst.port() == config.outbound.port()
+        || config.inbound.is_some_and(|i| i.port() == dst.port())
+    {
+        warn!("original destination is one of the proxy's own ports; resetting to avoid a loop");
+        socket::reset_on_close(&client);
+        return;
+    }
+    let source = match direction {
+        Direction::Outbound => None,
+        Direction::Inbound => Some(SocketAddrV4::new(INBOUND_PASSTHROUGH_SOURCE, 0)),
+    };
+    let connect = connect_marked(source, dst, config.mark);
+    let mut upstream = match tokio::time::timeout(config.connect_timeout, connect).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            if socket::is_reset(&e) {
+                stats.upstream_refused.fetch_add(1, Ordering::Relaxed);
+            }
+            debug!(error = %e, "upstream connect failed; resetting client");
+            socket::reset_on_close(&client);
+            return;
+        }
+        Err(_) => {
+            stats.upstream_timeout.fetch_add(1, Ordering::Relaxed);
+            debug!(timeout = ?config.connect_timeout, "upstream connect timed out; resetting client");
+            socket::reset_on_close(&client);
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    debug!("relaying");
+    let outcome = relay::relay(
+        &mut client,
+        &mut upstream,
+        config.buffer_size,
+        config.idle_timeout,
+        config.ingress.as_deref(),
+        relay::Counted {
+            to_upstream: &dstats.bytes_to_upstream,
+            to_client: &dstats.bytes_to_client,
+        },
+    )
+    .await;
+    match &outcome.end {
+        relay::End::Closed => debug!(
+            to_upstream = outcome.to_upstream,
+            to_client = outcome.to_client,
+            "closed"
+        ),
+        relay::End::Idle => {
+            stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+            debug!(timeout = ?config.idle_timeout, "closed: idle");
+        }
+        relay::End::Failed(e) => {
+            match e.side {
+                relay::Side::Upstream => stats.upstream_reset.fetch_add(1, Ordering::Relaxed),
+                relay::Side::Client => stats.client_reset.fetch_add(1, Ordering::Relaxed),
+            };
+            debug!(side = ?e.side, error = %e.source, to_upstream = outcome.to_upstream, to_client = outcome.to_client, "reset propagated");
+        }
+    }
+}
+
+/// Connects to `dst` (from `source`, if given) with a socket carrying `mark`,
+/// set before `connect()` so the connect4 program (and iptables) see it.
+async fn connect_marked(
+    source: Option<SocketAddrV4>,
+    dst: SocketAddrV4,
+    mark: u32,
+) -> io::Result<TcpStream> {
+    let sock = TcpSocket::new_v4()?;
+    if mark != 0 {
+        SockRef::from(&sock).set_mark(mark)?;
+    }
+    if let Some(src) = source {
+        sock.bind(SocketAddr::V4(src))?;
+    }
+    sock.connect(SocketAddr::V4(dst)).await
+}

@@ -1,0 +1,369 @@
+//! The proxy's workers: a thread each, with its own tokio runtime and its
+//! own descriptor table, entered into the served namespace.
+
+use std::{
+    io,
+    os::fd::RawFd,
+    sync::{Arc, atomic::AtomicUsize},
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, watch},
+};
+use tracing::{info, warn};
+
+use super::{
+    Direction, Listeners, ProxyConfig, ProxyError, Stats, accept,
+    drain::{Accepting, PHASE_POLL, Phase, PhaseCell},
+};
+use crate::netns::Netns;
+
+/// One worker: a thread with its own tokio runtime and its own descriptor
+/// table (`unshare(CLONE_FILES)`), as Envoy's workers own their
+/// connections: `RLIMIT_NOFILE` bounds each table, not the process, so the
+/// proxy holds `workers × limit / 2` connections. A connection lives and
+/// dies on the worker that accepted it; every worker accepts on the same
+/// listening sockets.
+///
+/// The rule that keeps this sound: a descriptor number means the same file
+/// in every table for everything that existed when the worker started (its
+/// table is a copy), and nothing made later crosses between threads. So a
+/// worker's runtime is built before it unshares (a waker from another
+/// thread writes its eventfd by number), a worker may wake only runtimes
+/// older than itself (tokio's signal broadcast wakes the main one), and
+/// the control from [`ProxyHandle`] is an atomic it polls.
+pub(super) struct Worker {
+    netns: Netns,
+    listeners: Listeners,
+    config: Arc<ProxyConfig>,
+    stats: Arc<Stats>,
+    limit: Arc<Semaphore>,
+    phase: Arc<PhaseCell>,
+    /// Held while this worker may still accept.
+    accepting: Accepting,
+}
+
+/// Descriptors a worker keeps beside two per connection: its runtime's,
+/// the listeners, the copies of the table it started from, one accepted
+/// socket not yet counted.
+const WORKER_FD_MARGIN: u64 = 64;
+
+impl Worker {
+    /// Sets the thread up, reports how many connections its table holds
+    /// (`ready`), waits for the go (`false`: another worker failed), serves.
+    fn run(
+        self,
+        ready: &std::sync::mpsc::Sender<Result<usize, ProxyError>>,
+        go: &std::sync::mpsc::Receiver<bool>,
+    ) {
+        let Self {
+            netns,
+            listeners,
+            config,
+            stats,
+            limit,
+            phase,
+            accepting,
+        } = self;
+        // The runtime is built before the table is unshared (see
+        // `Worker`): its epoll, eventfd and signal-pipe descriptors stay
+        // open in the shared table too until the process exits, a few per
+        // worker. Copies of everything else the process had open stay in
+        // our table, but for other listening sockets: the agent's own
+        // handles on the listeners must close when it says so, not when
+        // this worker exits.
+        let setup = (|| {
+            netns.enter()?;
+            drop(netns);
+            let inherited = open_fds().map_err(ProxyError::Runtime)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(ProxyError::Runtime)?;
+            let now = open_fds().map_err(ProxyError::Runtime)?;
+            isolate_thread().map_err(ProxyError::Runtime)?;
+            let ours: Vec<RawFd> = listeners.raw_fds().collect();
+            for fd in now {
+                if inherited.contains(&fd) && !ours.contains(&fd) && is_listening(fd) {
+                    // SAFETY: a copy in this thread's own table of a
+                    // listening socket this thread neither owns nor uses.
+                    unsafe { libc::close(fd) };
+                }
+            }
+            Ok(rt)
+        })();
+        let rt = match setup {
+            Ok(rt) => rt,
+            Err(e) => {
+                // Still the shared table: the starting thread closes these.
+                std::mem::forget(listeners);
+                return drop(ready.send(Err(e)));
+            }
+        };
+        let fit = match connections_that_fit() {
+            Ok(fit) => fit,
+            Err(e) => return drop(ready.send(Err(ProxyError::Runtime(e)))),
+        };
+        let _ = ready.send(Ok(fit));
+        if !go.recv().unwrap_or(false) {
+            return;
+        }
+        rt.block_on(async move {
+            // The phase, turned into this thread's own channels.
+            let (accepting_tx, mut stop_accepting) = watch::channel(false);
+            let (close_tx, mut close_all) = watch::channel(false);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(PHASE_POLL);
+                loop {
+                    tick.tick().await;
+                    let now = phase.get();
+                    accepting_tx.send_if_modified(|s| {
+                        let changed = !*s && now >= Phase::StopAccepting;
+                        *s |= changed;
+                        changed
+                    });
+                    if now >= Phase::CloseAll {
+                        let _ = close_tx.send(true);
+                        break;
+                    }
+                }
+            });
+            let register = |l: std::net::TcpListener| TcpListener::from_std(l);
+            let (outbound, inbound) = match (
+                register(listeners.outbound),
+                listeners.inbound.map(register).transpose(),
+            ) {
+                (Ok(o), Ok(i)) => (o, i),
+                (Err(e), _) | (_, Err(e)) => {
+                    return warn!(error = %e, "proxy worker: cannot register its listeners");
+                }
+            };
+            let local = Arc::new(Semaphore::new(fit));
+            let serve = |l, d| {
+                accept::serve(
+                    l,
+                    d,
+                    accept::Shared {
+                        config: Arc::clone(&config),
+                        stats: Arc::clone(&stats),
+                        limit: Arc::clone(&limit),
+                        local: Arc::clone(&local),
+                    },
+                    stop_accepting.clone(),
+                    close_all.clone(),
+                )
+            };
+            let out = serve(outbound, Direction::Outbound);
+            match inbound {
+                Some(l) => drop(tokio::join!(out, serve(l, Direction::Inbound))),
+                None => out.await,
+            }
+            // Accepting stopped (every connection accepted is counted open
+            // by now): live connections carry on until they end or we are
+            // told to close them all.
+            drop(accepting);
+            let _ = stop_accepting.wait_for(|s| *s).await;
+            let _ = close_all.wait_for(|c| *c).await;
+        });
+        // Connections still open are dropped (closed) here; the rest of the
+        // table goes with the thread.
+        rt.shutdown_timeout(Duration::from_millis(100));
+    }
+}
+
+/// Starts `config.worker_threads` workers on `listeners` inside `netns`;
+/// each reports how many connections its descriptor table holds, and the
+/// proxy as a whole then allows at most that many (and at most
+/// `max_connections`). Either every worker serves, or none does.
+pub(super) fn start(
+    netns: &Netns,
+    config: &Arc<ProxyConfig>,
+    listeners: Listeners,
+    stats: &Arc<Stats>,
+    phase: &Arc<PhaseCell>,
+    accepting: &Arc<AtomicUsize>,
+) -> Result<Vec<JoinHandle<()>>, ProxyError> {
+    let workers = config.worker_threads.max(1);
+    // Every worker may take every connection until we know how many its
+    // descriptor table holds; then the excess is forgotten below.
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let (go_tx, go_rx): (Vec<_>, Vec<_>) = (0..workers)
+        .map(|_| std::sync::mpsc::channel::<bool>())
+        .unzip();
+    let mut threads = Vec::with_capacity(workers);
+    let mut failure = None;
+    for (i, go) in go_rx.into_iter().enumerate() {
+        let spawned = (|| {
+            let copies = listeners.try_clone().map_err(ProxyError::Runtime)?;
+            let ours: Vec<RawFd> = copies.raw_fds().collect();
+            let worker = Worker {
+                netns: netns.try_clone().map_err(ProxyError::Runtime)?,
+                listeners: copies,
+                config: Arc::clone(config),
+                stats: Arc::clone(stats),
+                limit: Arc::clone(&limit),
+                phase: Arc::clone(phase),
+                accepting: Accepting::new(accepting),
+            };
+            let (ready, ready_rx) = std::sync::mpsc::channel();
+            let thread = std::thread::Builder::new()
+                .name(format!("proxy-{i}"))
+                .spawn(move || worker.run(&ready, &go))
+                .map_err(ProxyError::Runtime)?;
+            // The worker has its own copy of the descriptor table now
+            // (or failed): ours of its listeners go.
+            let answer = ready_rx.recv();
+            for fd in ours {
+                // SAFETY: these fds were created above for this worker,
+                // are owned by nothing in this table, and are closed once.
+                unsafe { libc::close(fd) };
+            }
+            match answer {
+                Ok(Ok(fit)) => Ok((thread, fit)),
+                Ok(Err(e)) => {
+                    let _ = thread.join();
+                    Err(e)
+                }
+                Err(_) => {
+                    let _ = thread.join();
+                    Err(ProxyError::Runtime(io::Error::other(
+                        "proxy worker exited before serving",
+                    )))
+                }
+            }
+        })();
+        match spawned {
+            Ok((thread, fit)) => threads.push((thread, fit)),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    drop(listeners);
+    let go = failure.is_none();
+    for tx in &go_tx {
+        let _ = tx.send(go);
+    }
+    if let Some(e) = failure {
+        for (t, _) in threads {
+            let _ = t.join();
+        }
+        return Err(e);
+    }
+    let fits: usize = threads.iter().map(|(_, fit)| fit).sum();
+    let max = config.max_connections.min(fits);
+    limit.forget_permits(config.max_connections - max);
+    if max < config.max_connections {
+        warn!(
+            max_connections = config.max_connections,
+            allowed = max,
+            workers,
+            "proxy: RLIMIT_NOFILE holds fewer connections than --max-connections (two descriptors each, per worker); connections beyond are reset; raise the limit or --workers"
+        );
+    }
+    info!(outbound = %config.outbound, inbound = ?config.inbound, mark = config.mark, workers, max_connections = max, "proxy: listeners up");
+    Ok(threads.into_iter().map(|(t, _)| t).collect())
+}
+
+/// Gives the calling thread its own copy of the descriptor table, and
+/// blocks signals on it: they are handled on the main thread, whose table
+/// the handlers' descriptors were made in.
+fn isolate_thread() -> io::Result<()> {
+    // SAFETY: plain syscalls on this thread's own state; the set is
+    // initialised by sigfillset before use.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&raw mut all);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &raw const all, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        if libc::unshare(libc::CLONE_FILES) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The descriptors open in this thread's table (not counting the one the
+/// listing itself uses).
+fn open_fds() -> io::Result<Vec<RawFd>> {
+    let mut fds = Vec::new();
+    for entry in std::fs::read_dir("/proc/thread-self/fd")? {
+        let entry = entry?;
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        if target.starts_with("/proc/") && target.ends_with("fd") {
+            continue;
+        }
+        fds.push(fd);
+    }
+    Ok(fds)
+}
+
+/// Whether `fd` is a listening socket.
+fn is_listening(fd: RawFd) -> bool {
+    let mut on: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+    // SAFETY: getsockopt into a c_int of the given length; a descriptor that
+    // is not a socket fails with ENOTSOCK.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&raw mut on).cast(),
+            &raw mut len,
+        )
+    };
+    rc == 0 && on != 0
+}
+
+/// How many connections (two descriptors each) this thread's descriptor
+/// table still holds under `RLIMIT_NOFILE`.
+fn connections_that_fit() -> io::Result<usize> {
+    let used = std::fs::read_dir("/proc/thread-self/fd")?.count() as u64;
+    // SAFETY: getrlimit with a valid struct.
+    let limit = unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        lim.rlim_cur
+    };
+    let room = limit.saturating_sub(used + WORKER_FD_MARGIN) / 2;
+    Ok(usize::try_from(room).unwrap_or(usize::MAX))
+}
+
+/// Descriptors a descriptor table needs beside two per proxied connection.
+const FD_OVERHEAD: u64 = 512;
+
+/// Raises the open-file limit so each worker's descriptor table holds its
+/// share of `max_connections` (two descriptors each), raising the hard
+/// limit too when it is lower and we may (`CAP_SYS_RESOURCE`), else up to
+/// the hard limit. The proxy then says how many connections fit.
+pub fn raise_fd_limit(max_connections: usize, workers: usize) {
+    let share = max_connections.div_ceil(workers.max(1)) as u64;
+    let want = 2 * share + FD_OVERHEAD;
+    // SAFETY: getrlimit/setrlimit with valid structs.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) != 0 || lim.rlim_cur >= want {
+            return;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: lim.rlim_max.max(want),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) != 0 {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
+        }
+    }
+}

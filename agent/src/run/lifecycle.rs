@@ -1,0 +1,289 @@
+//! A run from start to end: take over from the agent serving the namespace
+//! (or bind afresh), prepare capture, start the proxy, install capture,
+//! serve until a signal or a handover, then drain and tear down (or leave
+//! everything to the successor).
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use tokio::io::unix::AsyncFd;
+use tracing::{info, warn};
+
+use super::{
+    args::RunArgs,
+    plan::{Plan, choose_mode},
+};
+use crate::{
+    admin::{self, AdminHandle, AdminState, Readiness},
+    capture::{Capture, Mode, ebpf::pin_dir},
+    handoff::{self, ControlServer, Requests},
+    proxy::{Listeners, ProxyHandle, ingress::IngressReads},
+    rules::{CaptureRules, RuleArgs},
+};
+
+/// Why the agent stops.
+enum Stop {
+    Signal(&'static str),
+    /// A new agent took the listeners: leave pins and rules to it.
+    HandedOver,
+}
+
+/// Runs until SIGTERM or SIGINT (or a handover), then undoes what it set up.
+pub fn run(args: &RunArgs) -> Result<()> {
+    // Signals are caught from the very start: one that arrives while we set
+    // up (or right after the ready line) still ends in a clean teardown.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let signals = {
+        let _rt = rt.enter();
+        Signals::new()?
+    };
+    let plan = Plan::new(args)?;
+    let settings = &plan.capture;
+    if let Some(p) = &plan.proxy {
+        crate::proxy::worker::raise_fd_limit(p.max_connections, p.worker_threads);
+    }
+    let mode = choose_mode(args.mode, &plan, &args.pretend_missing)?;
+    let pins = (mode == Mode::Ebpf && !args.no_pin)
+        .then(|| pin_dir(&args.bpffs, settings.netns_cookie))
+        .transpose()
+        .context("--bpffs")?;
+    plan.log_bypass();
+
+    // The listeners: taken over from the agent running for this namespace,
+    // or bound afresh before anything is attached (a port in use fails
+    // here, with nothing to undo).
+    let control_path = handoff::control_path(&args.control_dir, settings.netns_cookie);
+    let taken = handoff::take_over(
+        &control_path,
+        plan.proxy.as_ref().map(|c| c.outbound.port()),
+        plan.proxy
+            .as_ref()
+            .and_then(|c| c.inbound.map(|a| a.port())),
+    )?;
+    let took_over = taken.is_some();
+    let listeners = match (taken.flatten(), &plan.proxy) {
+        (Some(l), _) => Some(l),
+        (None, Some(c)) => Some(Listeners::bind(&settings.netns, c)?),
+        (None, None) => None,
+    };
+    let admin_listener = (!args.no_admin)
+        .then(|| admin::bind(&settings.netns, args.admin))
+        .transpose()?;
+    // Our own handle on the listening sockets: for the SOCKMAP and for a
+    // handover to whoever replaces us.
+    let kept = listeners.as_ref().map(Listeners::try_clone).transpose()?;
+    let ready = Arc::new(Readiness::default());
+    // Capture is prepared (the eBPF object loaded, nothing attached) before
+    // the proxy starts, so the proxy's workers can report their reads into
+    // its map.
+    let mut capture = Capture::prepare(mode, settings, pins.clone())?;
+    let (ingress, _ingress_owner) = match &capture {
+        Capture::Ebpf(c) => match c.ingress_reads(settings)? {
+            Some(fd) => {
+                let (counted, owner) = IngressReads::new(fd, settings.netns_cookie);
+                (Some(Arc::new(counted)), Some(owner))
+            }
+            None => (None, None),
+        },
+        Capture::Iptables(_) => (None, None),
+    };
+    let proxy = match (plan.proxy.clone(), listeners) {
+        (Some(mut config), Some(listeners)) => {
+            config.ingress = ingress;
+            Some(ProxyHandle::start(&settings.netns, config, listeners)?)
+        }
+        _ => None,
+    };
+    ready.set_listeners();
+    capture.install(settings, kept.as_ref().and_then(|l| l.inbound.as_ref()))?;
+    ready.set_capture();
+    let state = Arc::new(AdminState::new(
+        mode,
+        settings.fail_open,
+        Arc::clone(&ready),
+        proxy.as_ref().map(|p| Arc::clone(&p.stats)),
+        capture
+            .maps()
+            .map(crate::ebpf::DatapathMaps::reopen)
+            .transpose()?,
+    ));
+    let _admin = admin_listener
+        .map(|l| AdminHandle::start(l, Arc::clone(&state)))
+        .transpose()?;
+    let control = ControlServer::bind(&control_path)?;
+    info!(
+        mode = mode.name(),
+        netns = %settings.netns.path().display(),
+        cgroup = %settings.cgroup.display(),
+        outbound_port = settings.outbound_port,
+        inbound_port = settings.inbound.then_some(settings.inbound_port),
+        sockmap = mode == Mode::Ebpf && settings.sockmap,
+        proxy = if proxy.is_some() { "builtin" } else { "external" },
+        fail = if settings.fail_open { "open" } else { "closed" },
+        pinned = pins.is_some(),
+        took_over,
+        "mesh-redirect ready"
+    );
+
+    let logger = capture.logger()?;
+    let mut agent = Agent {
+        plan: &plan,
+        capture: &mut capture,
+        state: &state,
+    };
+    let stop = rt.block_on(wait(signals, logger, &control, kept.as_ref(), &mut agent));
+    ready.set_draining();
+    shut_down(args, &plan, stop, capture, proxy, kept)
+}
+
+/// What the control socket asks of a running agent.
+struct Agent<'a> {
+    plan: &'a Plan,
+    capture: &'a mut Capture,
+    state: &'a AdminState,
+}
+
+impl Requests for Agent<'_> {
+    fn stats(&self) -> String {
+        serde_json::to_string(&self.state.report()).unwrap_or_default()
+    }
+
+    fn rules(&mut self, args: &RuleArgs) -> Result<CaptureRules, String> {
+        let current = self
+            .capture
+            .rules(&self.plan.capture)
+            .map_err(|e| e.to_string())?;
+        let wanted = args.apply_to(&current).map_err(|e| e.to_string())?;
+        self.capture
+            .update_rules(&self.plan.capture, &wanted)
+            .map_err(|e| format!("{e:#}"))?;
+        info!(rules = %serde_json::to_string(&wanted).unwrap_or_default(), "capture rules changed");
+        Ok(wanted)
+    }
+}
+
+/// Stops accepting, drains, then tears down (or, after a handover, leaves
+/// everything to the successor).
+fn shut_down(
+    args: &RunArgs,
+    plan: &Plan,
+    stop: Result<Stop>,
+    capture: Capture,
+    proxy: Option<ProxyHandle>,
+    kept: Option<Listeners>,
+) -> Result<()> {
+    if let Some(p) = &proxy {
+        p.stop_accepting();
+    }
+    let handed_over = matches!(stop, Ok(Stop::HandedOver));
+    if !handed_over {
+        // Nobody takes our listening sockets: close them, so new connects
+        // are refused (fail closed) or go direct (fail open) while we drain.
+        drop(kept);
+    }
+    if let Some(p) = &proxy {
+        let deadline = Instant::now() + Duration::from_secs(args.drain_timeout_secs);
+        let left = p.drain(deadline);
+        if left > 0 {
+            warn!(
+                connections = left,
+                "drain deadline passed: closing the connections still open"
+            );
+        }
+    }
+    if handed_over {
+        info!("handed over to a new agent: leaving the datapath, rules and listeners to it");
+        capture.leave();
+    } else {
+        capture.teardown(&plan.capture);
+    }
+    if let Some(p) = proxy {
+        p.stop();
+    }
+    match stop? {
+        Stop::Signal(name) => info!(signal = name, "detached and stopped"),
+        Stop::HandedOver => info!("stopped after the handover"),
+    }
+    Ok(())
+}
+
+/// SIGTERM and SIGINT, caught.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Must be called inside a tokio runtime context.
+    fn new() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
+/// Forwards the programs' aya-log records and answers the control socket
+/// until a signal or a handover.
+async fn wait(
+    signals: Signals,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    control: &ControlServer,
+    listeners: Option<&Listeners>,
+    agent: &mut dyn Requests,
+) -> Result<Stop> {
+    let Signals { mut term, mut int } = signals;
+    let mut logs = match logger {
+        // SAFETY: the logger owns its ring buffer's fd and keeps it open, and
+        // unchanged, for as long as it lives inside the AsyncFd.
+        Some(l) => Some(
+            unsafe { AsyncFd::register_with_interest(l, tokio::io::Interest::READABLE) }
+                .map_err(|e| anyhow::anyhow!("watching the eBPF log ring buffer: {e}"))?,
+        ),
+        None => None,
+    };
+    // Readiness only: `serve_one` accepts on the original socket.
+    // SAFETY: the clone is an owned listener whose fd stays open, unchanged,
+    // for as long as the AsyncFd owns it.
+    let control_fd = unsafe { AsyncFd::register(control.listener().try_clone()?) }
+        .map_err(|e| anyhow::anyhow!("watching the control socket: {e}"))?;
+    let stop = loop {
+        tokio::select! {
+            _ = term.recv() => break Stop::Signal("SIGTERM"),
+            _ = int.recv() => break Stop::Signal("SIGINT"),
+            guard = control_fd.readable() => {
+                let mut guard = guard?;
+                guard.clear_ready();
+                // With an external proxy there are no sockets to hand over,
+                // but a successor still takes the pins over.
+                match control.serve_one(listeners, agent) {
+                    Ok(true) => break Stop::HandedOver,
+                    Ok(false) => {}
+                    Err(e) => warn!(error = %e, "control request failed"),
+                }
+            }
+            guard = async { logs.as_mut().expect("guarded by the if").readable_mut().await }, if logs.is_some() => {
+                let mut guard = guard?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        }
+    };
+    if let Some(l) = logs.as_mut() {
+        l.get_mut().flush();
+    }
+    info!(
+        reason = match stop {
+            Stop::Signal(s) => s,
+            Stop::HandedOver => "handover",
+        },
+        "shutting down"
+    );
+    Ok(stop)
+}
