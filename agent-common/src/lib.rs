@@ -16,9 +16,17 @@ use core::mem::size_of;
 pub mod maps {
     /// `HashMap<u64 netns cookie, NetnsConfig>`: which network namespaces are served.
     pub const NETNS_CONFIG: &str = "NETNS_CONFIG";
-    /// `LruHashMap<u64 socket cookie, OrigDst>`: written by connect4, consumed
-    /// by sockops when the connection is established.
+    /// `LruHashMap<u64 socket cookie, OrigDst>`: written by connect4/6,
+    /// consumed by sockops when the connection is established.
     pub const ORIG_DST_BY_COOKIE: &str = "ORIG_DST_BY_COOKIE";
+    /// `HashMap<DnsServerKey, u8>`: the resolvers whose port-53 queries go
+    /// to the DNS proxy (`run --redirect-dns`, without `--capture-all-dns`).
+    pub const DNS_SERVERS: &str = "DNS_SERVERS";
+    /// `LruHashMap<u64 socket cookie, OrigDst>`: the resolver a UDP socket
+    /// last sent a captured query to (connect or sendmsg), so its replies
+    /// from the DNS proxy look like the resolver's (recvmsg); removed when
+    /// the socket is released.
+    pub const DNS_ORIG_BY_COOKIE: &str = "DNS_ORIG_BY_COOKIE";
     /// `HashMap<SockKey, OrigDst>`: the app's side of a redirected connection
     /// (app → proxy tuple) to its original destination; read by getsockopt.
     pub const ORIG_DST_BY_TUPLE: &str = "ORIG_DST_BY_TUPLE";
@@ -44,7 +52,8 @@ pub mod maps {
     pub const IN_PORTS: &str = "IN_PORTS";
     /// `Array<InboundConfig>` of one: the namespace sk_lookup serves.
     pub const INBOUND_CONFIG: &str = "INBOUND_CONFIG";
-    /// `SockMap` of one: the proxy's inbound listener (index 0).
+    /// `SockMap` of two: the proxy's inbound listeners, IPv4 at
+    /// [`crate::INBOUND_LISTENER_V4`], IPv6 at [`crate::INBOUND_LISTENER_V6`].
     pub const INBOUND_LISTENER: &str = "INBOUND_LISTENER";
     /// `LruHashMap<SockKey, u8>`: connections sk_lookup steered to the
     /// inbound listener, by the accepted socket's own tuple; read by getsockopt.
@@ -54,15 +63,25 @@ pub mod maps {
 /// Program names (the entry-point functions in `agent-ebpf`).
 pub mod programs {
     pub const CONNECT4: &str = "mesh_connect4";
+    pub const CONNECT6: &str = "mesh_connect6";
     pub const GETPEERNAME4: &str = "mesh_getpeer4";
+    pub const GETPEERNAME6: &str = "mesh_getpeer6";
+    /// DNS: unconnected UDP queries to the resolvers.
+    pub const SENDMSG4: &str = "mesh_sendmsg4";
+    pub const SENDMSG6: &str = "mesh_sendmsg6";
+    /// DNS: replies from the DNS proxy shown as the resolver's.
+    pub const RECVMSG4: &str = "mesh_recvmsg4";
+    pub const RECVMSG6: &str = "mesh_recvmsg6";
+    /// DNS: a released UDP socket's resolver entry goes.
+    pub const SOCK_RELEASE: &str = "mesh_sock_rel";
     pub const SOCKOPS: &str = "mesh_sockops";
     pub const SK_MSG: &str = "mesh_sk_msg";
     pub const GETSOCKOPT: &str = "mesh_getsockopt";
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
     /// fexit on the kernel function that reads a sockmap socket's ingress
     /// queue: counts what each reader consumed (sk_msg backpressure).
-    pub const RECVMSG: &str = "mesh_recvmsg";
-    /// The kernel function [`RECVMSG`] traces: `recvmsg` of a TCP socket in
+    pub const INGRESS_READ: &str = "mesh_ingress_read";
+    /// The kernel function [`INGRESS_READ`] traces: `recvmsg` of a TCP socket in
     /// a sockmap (`net/ipv4/tcp_bpf.c`, `(sk, msg, len, flags, addr_len)`
     /// since 5.19).
     pub const RECVMSG_TARGET: &str = "tcp_bpf_recvmsg";
@@ -93,6 +112,10 @@ pub mod ports {
     /// Inbound ports never captured unless told otherwise: the proxy's
     /// Prometheus (15090), health (15021) and admin (15020) ports.
     pub const DEFAULT_INBOUND_EXCLUDE: [u16; 3] = [15090, 15021, ADMIN];
+    /// Where the DNS proxy listens (istio-agent's), 127.0.0.1 and `::1`.
+    pub const DNS_PROXY: u16 = 15053;
+    /// DNS.
+    pub const DNS: u16 = 53;
 }
 
 /// Capacities of the maps. Every map is bounded: the tuple and socket maps
@@ -108,6 +131,10 @@ pub mod capacity {
     /// entries merbridge allowed.
     pub const RULES: u32 = 4096;
     pub const INBOUND_STEERED: u32 = 65_536;
+    /// Resolvers per namespace, over all namespaces.
+    pub const DNS_SERVERS: u32 = 1024;
+    /// UDP sockets with a captured DNS query outstanding.
+    pub const DNS_ORIG_BY_COOKIE: u32 = 65_536;
 }
 
 /// Flag bits of [`NetnsConfig::flags`].
@@ -132,7 +159,15 @@ pub mod flags {
     /// Fail open: while no proxy listens, connections go where they were
     /// going instead of being refused.
     pub const FAIL_OPEN: u32 = 1 << 7;
+    /// DNS (UDP and TCP port 53) to the resolvers goes to the DNS proxy.
+    pub const REDIRECT_DNS: u32 = 1 << 8;
+    /// With [`REDIRECT_DNS`]: to every destination, not only the resolvers.
+    pub const CAPTURE_ALL_DNS: u32 = 1 << 9;
 }
+
+/// Slots of [`maps::INBOUND_LISTENER`].
+pub const INBOUND_LISTENER_V4: u32 = 0;
+pub const INBOUND_LISTENER_V6: u32 = 1;
 
 /// Source address of the proxy's inbound passthrough connections to the app
 /// (Envoy's convention): never captured again, and short-circuited.
@@ -140,8 +175,13 @@ pub const INBOUND_PASSTHROUGH_SRC: core::net::Ipv4Addr = core::net::Ipv4Addr::ne
 /// The IPv6 inbound passthrough source (istio's `::6`).
 pub const INBOUND_PASSTHROUGH_SRC_V6: core::net::Ipv6Addr =
     core::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
-/// [`INBOUND_PASSTHROUGH_SRC`] as the eBPF contexts carry it (network order).
-pub const INBOUND_PASSTHROUGH_SRC_RAW: u32 = net::ip4_raw(INBOUND_PASSTHROUGH_SRC.octets());
+/// [`INBOUND_PASSTHROUGH_SRC`] as the eBPF contexts carry it (network
+/// order), v4-mapped.
+pub const INBOUND_PASSTHROUGH_SRC_RAW: net::IpRaw =
+    net::mapped(net::ip4_raw(INBOUND_PASSTHROUGH_SRC.octets()));
+/// [`INBOUND_PASSTHROUGH_SRC_V6`], raw.
+pub const INBOUND_PASSTHROUGH_SRC_V6_RAW: net::IpRaw =
+    net::ip6_raw(INBOUND_PASSTHROUGH_SRC_V6.octets());
 
 /// What a port list says about a port.
 pub struct PortRule;
@@ -279,8 +319,13 @@ pub struct NetnsConfig {
     pub proxy_gid: u32,
     /// Bits from [`flags`].
     pub flags: u32,
+    /// Where the DNS proxy listens (127.0.0.1 and `::1`), host order; used
+    /// with [`flags::REDIRECT_DNS`].
+    pub dns_port: u16,
+    /// Always zero.
+    pub pad: u16,
 }
-const _: () = assert!(size_of::<NetnsConfig>() == 20);
+const _: () = assert!(size_of::<NetnsConfig>() == 24);
 
 impl NetnsConfig {
     #[must_use]
@@ -289,46 +334,69 @@ impl NetnsConfig {
     }
 }
 
-/// An original destination, as `connect()` was asked for it.
+/// An original destination, as `connect()` (or `sendmsg()`) was asked for it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OrigDst {
-    /// Network order, as in `sockaddr_in.sin_addr`.
-    pub ip4: u32,
+    /// Network order; an IPv4 destination v4-mapped (see [`net::IpRaw`]).
+    pub ip: net::IpRaw,
     /// Host order.
     pub port: u16,
+    /// `AF_INET` for an IPv4 destination (whatever the socket's family),
+    /// `AF_INET6` for a native IPv6 one: what `SO_ORIGINAL_DST` or
+    /// `IP6T_SO_ORIGINAL_DST` answers.
+    pub family: u16,
     /// Always zero.
-    pub pad: u16,
+    pub pad: u32,
     /// In [`maps::ORIG_DST_BY_TUPLE`]: the socket cookie of the proxy's end
     /// of the connection once it exists (0 before). That socket owns the
     /// entry from then on, so the proxy can still ask `SO_ORIGINAL_DST`
     /// after the app has closed, as conntrack would answer.
     pub owner: u64,
 }
-const _: () = assert!(size_of::<OrigDst>() == 16);
+const _: () = assert!(size_of::<OrigDst>() == 32);
 
 impl OrigDst {
+    /// An IPv4 destination (raw address).
     #[must_use]
-    pub const fn new(ip4: u32, port: u16) -> Self {
+    pub const fn v4(ip4_raw: u32, port: u16) -> Self {
+        Self::new(net::mapped(ip4_raw), port)
+    }
+
+    /// A destination of either family (raw; v4-mapped means IPv4).
+    #[must_use]
+    pub const fn new(ip: net::IpRaw, port: u16) -> Self {
         Self {
-            ip4,
+            ip,
             port,
+            family: if net::is_mapped(&ip) {
+                net::SA_FAMILY_INET
+            } else {
+                net::SA_FAMILY_INET6
+            },
             pad: 0,
             owner: 0,
         }
     }
+
+    #[must_use]
+    pub const fn is_v4(&self) -> bool {
+        self.family == net::SA_FAMILY_INET
+    }
 }
 
-/// A TCP socket's 4-tuple within one network namespace, from that socket's
-/// own point of view (`src` is its local end).
+/// A socket's 4-tuple within one network namespace, from that socket's own
+/// point of view (`src` is its local end). Addresses of either family, in
+/// the one raw form (IPv4 v4-mapped), so both ends of a connection find
+/// each other whatever family each socket was opened with.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockKey {
     pub netns_cookie: u64,
     /// Network order.
-    pub src_ip4: u32,
+    pub src_ip: net::IpRaw,
     /// Network order.
-    pub dst_ip4: u32,
+    pub dst_ip: net::IpRaw,
     /// Host order.
     pub src_port: u16,
     /// Host order.
@@ -336,21 +404,21 @@ pub struct SockKey {
     /// Always zero.
     pub pad: u32,
 }
-const _: () = assert!(size_of::<SockKey>() == 24);
+const _: () = assert!(size_of::<SockKey>() == 48);
 
 impl SockKey {
     #[must_use]
     pub const fn new(
         netns_cookie: u64,
-        src_ip4: u32,
+        src_ip: net::IpRaw,
         src_port: u16,
-        dst_ip4: u32,
+        dst_ip: net::IpRaw,
         dst_port: u16,
     ) -> Self {
         Self {
             netns_cookie,
-            src_ip4,
-            dst_ip4,
+            src_ip,
+            dst_ip,
             src_port,
             dst_port,
             pad: 0,
@@ -363,16 +431,16 @@ impl SockKey {
     #[must_use]
     pub const fn from_sock_ops(
         netns_cookie: u64,
-        local_ip4: u32,
+        local_ip: net::IpRaw,
         local_port: u32,
-        remote_ip4: u32,
+        remote_ip: net::IpRaw,
         remote_port: u32,
     ) -> Self {
         Self::new(
             netns_cookie,
-            local_ip4,
+            local_ip,
             net::port_from_host_u32(local_port),
-            remote_ip4,
+            remote_ip,
             net::port_from_be_upper(remote_port),
         )
     }
@@ -383,16 +451,16 @@ impl SockKey {
     #[must_use]
     pub const fn from_bpf_sock(
         netns_cookie: u64,
-        src_ip4: u32,
+        src_ip: net::IpRaw,
         src_port: u32,
-        dst_ip4: u32,
+        dst_ip: net::IpRaw,
         dst_port: u32,
     ) -> Self {
         Self::new(
             netns_cookie,
-            src_ip4,
+            src_ip,
             net::port_from_host_u32(src_port),
-            dst_ip4,
+            dst_ip,
             net::port_from_be_lower(dst_port),
         )
     }
@@ -403,16 +471,16 @@ impl SockKey {
     #[must_use]
     pub const fn from_sk_lookup(
         netns_cookie: u64,
-        local_ip4: u32,
+        local_ip: net::IpRaw,
         local_port: u32,
-        remote_ip4: u32,
+        remote_ip: net::IpRaw,
         remote_port: u32,
     ) -> Self {
         Self::new(
             netns_cookie,
-            local_ip4,
+            local_ip,
             net::port_from_host_u32(local_port),
-            remote_ip4,
+            remote_ip,
             net::port_from_be_lower(remote_port),
         )
     }
@@ -421,14 +489,14 @@ impl SockKey {
     #[must_use]
     pub const fn from_addrs(
         netns_cookie: u64,
-        local: core::net::SocketAddrV4,
-        peer: core::net::SocketAddrV4,
+        local: core::net::SocketAddr,
+        peer: core::net::SocketAddr,
     ) -> Self {
         Self::new(
             netns_cookie,
-            net::ip4_raw(local.ip().octets()),
+            net::ip_raw(local.ip()),
             local.port(),
-            net::ip4_raw(peer.ip().octets()),
+            net::ip_raw(peer.ip()),
             peer.port(),
         )
     }
@@ -438,13 +506,24 @@ impl SockKey {
     pub const fn reversed(&self) -> Self {
         Self::new(
             self.netns_cookie,
-            self.dst_ip4,
+            self.dst_ip,
             self.dst_port,
-            self.src_ip4,
+            self.src_ip,
             self.src_port,
         )
     }
 }
+
+/// A DNS resolver the served namespace's apps use, key of
+/// [`maps::DNS_SERVERS`]: queries to it on port 53 go to the DNS proxy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DnsServerKey {
+    pub netns_cookie: u64,
+    /// Network order, IPv4 v4-mapped.
+    pub ip: net::IpRaw,
+}
+const _: () = assert!(size_of::<DnsServerKey>() == 24);
 
 /// Per-socket sk_msg state, value of [`maps::SOCK_STATE`].
 #[repr(C)]
@@ -462,7 +541,7 @@ pub struct SockState {
     /// length of that queue.
     pub sent: u64,
 }
-const _: () = assert!(size_of::<SockState>() == 40);
+const _: () = assert!(size_of::<SockState>() == 64);
 
 impl SockState {
     /// Not decided yet: the first message decides.
@@ -505,9 +584,10 @@ macro_rules! counters {
 }
 
 counters! {
-    /// connect4 rewrote a connect to the outbound port.
+    /// connect4 rewrote a connect to an IPv4 destination to the outbound port.
     ConnectRedirected = 0 => "connect_redirected",
-    /// connect4 left a connect alone because of its mark, uid/gid or destination.
+    /// A connect was left alone because of its mark, uid/gid or destination
+    /// (an IPv4 one).
     ConnectBypassed = 1 => "connect_bypassed",
     /// connect4 could not store the original destination: connect left alone.
     ConnectStoreFailed = 2 => "connect_store_failed",
@@ -547,6 +627,27 @@ counters! {
     /// sk_msg switched a socket to TCP for good because its reader fell
     /// more than the sockmap queue limit behind (backpressure).
     MsgSpilled = 18 => "msg_spilled",
+    /// connect6 rewrote a connect to a native IPv6 destination.
+    ConnectRedirected6 = 19 => "connect_redirected6",
+    /// connect6 rewrote a connect of an `AF_INET6` socket to an IPv4
+    /// (v4-mapped) destination: the JDK's and other dual-stack runtimes' way.
+    ConnectRedirectedMapped = 20 => "connect_redirected_mapped",
+    /// A connect to a native IPv6 destination was left alone (mark, uid/gid,
+    /// an exclusion).
+    ConnectBypassed6 = 21 => "connect_bypassed6",
+    /// `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` answered.
+    GetsockoptAnswered6 = 22 => "getsockopt_answered6",
+    /// sk_lookup steered an IPv6 connection to the inbound listener.
+    InboundSteered6 = 23 => "inbound_steered6",
+    /// A DNS query (UDP or TCP, port 53) went to the DNS proxy.
+    DnsRedirected = 24 => "dns_redirected",
+    /// A reply from the DNS proxy was shown as the resolver's.
+    DnsReplyRestored = 25 => "dns_reply_restored",
+    /// The DNS proxy's own query (mark, uid/gid) was left alone.
+    DnsBypassed = 26 => "dns_bypassed",
+    /// A DNS query could not be recorded (map full): it went to the
+    /// resolver directly.
+    DnsStoreFailed = 27 => "dns_store_failed",
 }
 
 impl Counter {
@@ -572,6 +673,7 @@ mod pod {
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::CidrKeyData {}
     unsafe impl aya::Pod for super::InboundConfig {}
+    unsafe impl aya::Pod for super::DnsServerKey {}
 }
 
 #[cfg(test)]
@@ -580,8 +682,11 @@ mod tests {
 
     #[test]
     fn each_context_layout_gives_the_same_key() {
-        use core::net::{Ipv4Addr, SocketAddrV4};
-        let (a, b) = (net::ip4_raw([10, 0, 0, 1]), net::LOCALHOST);
+        use core::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+        let (a, b) = (
+            net::mapped(net::ip4_raw([10, 0, 0, 1])),
+            net::mapped(net::LOCALHOST),
+        );
         let want = SockKey::new(9, a, 40000, b, 15001);
         let be = |p: u16| u32::from(u16::from_ne_bytes(p.to_be_bytes()));
         assert_eq!(
@@ -590,11 +695,21 @@ mod tests {
         );
         assert_eq!(SockKey::from_bpf_sock(9, a, 40000, b, be(15001)), want);
         assert_eq!(SockKey::from_sk_lookup(9, a, 40000, b, be(15001)), want);
+        let v4 = |ip, port| SocketAddr::V4(SocketAddrV4::new(ip, port));
         assert_eq!(
             SockKey::from_addrs(
                 9,
-                SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 40000),
-                SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001)
+                v4(Ipv4Addr::new(10, 0, 0, 1), 40000),
+                v4(Ipv4Addr::LOCALHOST, 15001)
+            ),
+            want
+        );
+        // A dual-stack socket's v4-mapped addresses key the same.
+        assert_eq!(
+            SockKey::from_addrs(
+                9,
+                "[::ffff:10.0.0.1]:40000".parse().unwrap(),
+                "[::ffff:127.0.0.1]:15001".parse().unwrap()
             ),
             want
         );
@@ -602,9 +717,10 @@ mod tests {
 
     #[test]
     fn reversed_swaps_ends_and_keeps_namespace() {
-        let k = SockKey::new(7, 1, 1000, 2, 15001);
+        let (one, two) = (net::mapped(1), net::mapped(2));
+        let k = SockKey::new(7, one, 1000, two, 15001);
         let r = k.reversed();
-        assert_eq!(r, SockKey::new(7, 2, 15001, 1, 1000));
+        assert_eq!(r, SockKey::new(7, two, 15001, one, 1000));
         assert_eq!(r.reversed(), k);
     }
 

@@ -54,31 +54,41 @@
 // The aya program macros hand each entry point its context by value.
 #![allow(clippy::needless_pass_by_value)]
 
-mod connect4;
+mod connect;
 mod counters;
-mod getpeername4;
+mod ctx;
+mod dns_reply;
+mod getpeername;
 mod getsockopt;
-mod recvmsg;
+mod ingress_read;
 mod rules;
+mod sendmsg;
 mod sk_lookup;
 mod sk_msg;
+mod sock_release;
 mod sockops;
 
 use agent_common::{
-    CidrKeyData, Counter, InboundConfig, NetnsConfig, OrigDst, PortKey, SockKey, SockState,
-    capacity,
+    CidrKeyData, Counter, DnsServerKey, InboundConfig, NetnsConfig, OrigDst, PortKey, SockKey,
+    SockState, capacity,
 };
 use aya_ebpf::{
     btf_maps::SkStorage,
-    macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, fexit, map, sk_lookup, sk_msg, sock_ops},
+    macros::{
+        btf_map, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, fexit, map, sk_lookup, sk_msg,
+        sock_ops,
+    },
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, SockMap},
     programs::{
-        FExitContext, SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext,
+        FExitContext, SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext,
         SockoptContext,
     },
 };
 
-/// `cgroup/connect4`, `cgroup/getpeername4` and `cgroup/getsockopt` verdict: the syscall proceeds.
+use crate::connect::Family;
+
+/// Verdict of the cgroup programs (`sock_addr`, `sockopt`, `sock`): the syscall
+/// proceeds.
 pub const ALLOW: i32 = 1;
 /// sk_msg / sk_lookup verdict: continue (with the redirect or the socket
 /// selected, if any).
@@ -134,7 +144,14 @@ static IN_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(capacity::RULE
 static INBOUND_CONFIG: Array<InboundConfig> = Array::with_max_entries(1, 0);
 
 #[map]
-static INBOUND_LISTENER: SockMap = SockMap::with_max_entries(1, 0);
+static INBOUND_LISTENER: SockMap = SockMap::with_max_entries(2, 0);
+
+#[map]
+static DNS_SERVERS: HashMap<DnsServerKey, u8> = HashMap::with_max_entries(capacity::DNS_SERVERS, 0);
+
+#[map]
+static DNS_ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
+    LruHashMap::with_max_entries(capacity::DNS_ORIG_BY_COOKIE, 0);
 
 #[map]
 static INBOUND_STEERED: LruHashMap<SockKey, u8> =
@@ -144,7 +161,13 @@ static INBOUND_STEERED: LruHashMap<SockKey, u8> =
 
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
-    connect4::connect4(&ctx);
+    connect::connect(&ctx, Family::V4);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    connect::connect(&ctx, Family::V6);
     ALLOW
 }
 
@@ -161,8 +184,8 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
 }
 
 #[fexit(function = "tcp_bpf_recvmsg")]
-pub fn mesh_recvmsg(ctx: FExitContext) -> i32 {
-    recvmsg::recvmsg(&ctx);
+pub fn mesh_ingress_read(ctx: FExitContext) -> i32 {
+    ingress_read::ingress_read(&ctx);
     0
 }
 
@@ -174,13 +197,53 @@ pub fn mesh_getsockopt(ctx: SockoptContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn mesh_getpeer4(ctx: SockAddrContext) -> i32 {
-    getpeername4::getpeername4(&ctx);
+    getpeername::getpeername(&ctx, Family::V4);
     ALLOW
 }
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn mesh_getpeer6(ctx: SockAddrContext) -> i32 {
+    getpeername::getpeername(&ctx, Family::V6);
+    ALLOW
+}
+
+// Inbound.
 
 #[sk_lookup]
 pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     sk_lookup::sk_lookup(&ctx)
+}
+
+// DNS over unconnected UDP, and the end of every UDP socket's entry.
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sendmsg::sendmsg(&ctx, Family::V4);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn mesh_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sendmsg::sendmsg(&ctx, Family::V6);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn mesh_recvmsg4(ctx: SockAddrContext) -> i32 {
+    dns_reply::recvmsg(&ctx, Family::V4);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn mesh_recvmsg6(ctx: SockAddrContext) -> i32 {
+    dns_reply::recvmsg(&ctx, Family::V6);
+    ALLOW
+}
+
+#[cgroup_sock(sock_release)]
+pub fn mesh_sock_rel(ctx: SockContext) -> i32 {
+    sock_release::sock_release(&ctx);
+    ALLOW
 }
 
 #[cfg(target_arch = "bpf")]

@@ -3,11 +3,17 @@
 //! accepted socket keeps the original destination as its local address; we
 //! remember the connection so `getsockopt(SO_ORIGINAL_DST)` can answer it.
 //!
+//! Both families: an IPv4 connection goes to the IPv4 listener (or a
+//! dual-stack IPv6 one), an IPv6 connection to the IPv6 listener.
+//!
 //! Left alone: loopback destinations, connections from the proxy's
-//! passthrough source (127.0.0.6: the proxy forwarding to the app), and
+//! passthrough source (127.0.0.6 or `::6`: the proxy forwarding to the app), and
 //! excluded ports (istio's `ISTIO_INBOUND`: 15008 always, `-d`, not `-b`).
 
-use agent_common::{Counter, INBOUND_PASSTHROUGH_SRC_RAW, SockKey, flags, net, ports};
+use agent_common::{
+    Counter, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, INBOUND_PASSTHROUGH_SRC_RAW,
+    INBOUND_PASSTHROUGH_SRC_V6_RAW, SockKey, flags, net, ports,
+};
 use aya_ebpf::programs::SkLookupContext;
 
 use crate::{
@@ -21,7 +27,8 @@ const ENOENT: i32 = 2;
 pub fn sk_lookup(ctx: &SkLookupContext) -> u32 {
     // SAFETY: the kernel hands us a valid context for the program's duration.
     let lk = unsafe { &*ctx.lookup };
-    if lk.family != net::AF_INET || lk.protocol != net::IPPROTO_TCP {
+    let v4 = lk.family == net::AF_INET;
+    if !(v4 || lk.family == net::AF_INET6) || lk.protocol != net::IPPROTO_TCP {
         return SK_PASS;
     }
     let Some(cfg) = INBOUND_CONFIG.get(0).copied() else {
@@ -30,9 +37,21 @@ pub fn sk_lookup(ctx: &SkLookupContext) -> u32 {
     if !cfg.has(flags::REDIRECT_INBOUND) {
         return SK_PASS;
     }
+    // Every address field read, each on its own (see `ctx`).
+    let local_ip = crate::ctx::pick(
+        lk.family,
+        lk.local_ip4,
+        crate::ctx::words(&raw const lk.local_ip6),
+    );
+    let remote_ip = crate::ctx::pick(
+        lk.family,
+        lk.remote_ip4,
+        crate::ctx::words(&raw const lk.remote_ip6),
+    );
     let local_port = net::port_from_host_u32(lk.local_port);
-    if net::is_loopback(lk.local_ip4)
-        || lk.remote_ip4 == INBOUND_PASSTHROUGH_SRC_RAW
+    if net::is_loopback_raw(&local_ip)
+        || remote_ip == INBOUND_PASSTHROUGH_SRC_RAW
+        || remote_ip == INBOUND_PASSTHROUGH_SRC_V6_RAW
         || local_port == ports::HBONE
         || local_port == cfg.inbound_port
         || local_port == cfg.outbound_port
@@ -41,7 +60,17 @@ pub fn sk_lookup(ctx: &SkLookupContext) -> u32 {
         bump(Counter::InboundBypassed);
         return SK_PASS;
     }
-    match INBOUND_LISTENER.redirect_sk_lookup(ctx, 0, 0) {
+    // IPv4 goes to the IPv4 listener, or to a dual-stack IPv6 one; IPv6 to
+    // the IPv6 listener.
+    let mut assigned = if v4 {
+        INBOUND_LISTENER.redirect_sk_lookup(ctx, INBOUND_LISTENER_V4, 0)
+    } else {
+        Err(-ENOENT)
+    };
+    if assigned == Err(-ENOENT) {
+        assigned = INBOUND_LISTENER.redirect_sk_lookup(ctx, INBOUND_LISTENER_V6, 0);
+    }
+    match assigned {
         Ok(()) => {}
         Err(err) if err == -ENOENT => {
             // No proxy listening: fail open (the app gets it directly) or
@@ -61,12 +90,16 @@ pub fn sk_lookup(ctx: &SkLookupContext) -> u32 {
     // The accepted socket's tuple, from its own point of view.
     let key = SockKey::from_sk_lookup(
         cfg.netns_cookie,
-        lk.local_ip4,
+        local_ip,
         lk.local_port,
-        lk.remote_ip4,
+        remote_ip,
         u32::from(lk.remote_port),
     );
     let _ = INBOUND_STEERED.insert(key, 1u8, 0);
-    bump(Counter::InboundSteered);
+    bump(if v4 {
+        Counter::InboundSteered
+    } else {
+        Counter::InboundSteered6
+    });
     SK_PASS
 }

@@ -63,14 +63,19 @@ pub fn sk_msg(ctx: &SkMsgContext) {
     }
     // SAFETY: helper call on our own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let mut peer = SockKey::from_sock_ops(
-        netns,
+    // Every address field read, each on its own (see `ctx`).
+    let local = crate::ctx::pick(
+        md.family,
         md.local_ip4,
-        md.local_port,
+        crate::ctx::words(&raw const md.local_ip6),
+    );
+    let remote = crate::ctx::pick(
+        md.family,
         md.remote_ip4,
-        md.remote_port,
-    )
-    .reversed();
+        crate::ctx::words(&raw const md.remote_ip6),
+    );
+    let mut peer =
+        SockKey::from_sock_ops(netns, local, md.local_port, remote, md.remote_port).reversed();
     // What the reader took out; without an entry the peer is not
     // short-circuited.
     let Some(read) = INGRESS_READ.get_ptr(peer) else {

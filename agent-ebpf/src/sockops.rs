@@ -3,11 +3,19 @@
 //! proxy's end then owns it) and put both sockets into the SOCKHASH; when a
 //! socket closes, delete what it owned.
 //!
+//! Both families: an `AF_INET6` socket (native IPv6, or a dual-stack one
+//! with v4-mapped addresses) keys like an `AF_INET` one (see
+//! `agent_common::net::IpRaw`), so the two ends of a connection find each
+//! other whatever family each was opened with.
+//!
 //! Order of events on loopback: the app's socket reaches ESTABLISHED (active
 //! callback) before the proxy's accepted socket exists (passive callback), so
 //! the tuple entry is always in place when the proxy's socket shows up.
 
-use agent_common::{Counter, INBOUND_PASSTHROUGH_SRC_RAW, SockKey, SockState, flags, net};
+use agent_common::{
+    Counter, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, INBOUND_PASSTHROUGH_SRC_RAW,
+    INBOUND_PASSTHROUGH_SRC_V6_RAW, SockKey, SockState, flags, net,
+};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
@@ -27,7 +35,8 @@ use crate::{
 
 #[inline(always)]
 pub fn sockops(ctx: &SockOpsContext) {
-    if ctx.family() != net::AF_INET {
+    let family = ctx.family();
+    if family != net::AF_INET && family != net::AF_INET6 {
         return;
     }
     match ctx.op() {
@@ -45,13 +54,25 @@ pub fn sockops(ctx: &SockOpsContext) {
 fn own_key(ctx: &SockOpsContext) -> SockKey {
     // SAFETY: helper call on our own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: valid context; every field read, each on its own (see `ctx`).
+    let ops = unsafe { &*ctx.ops };
+    let family = ctx.family();
+    let (local4, remote4) = (ctx.local_ip4(), ctx.remote_ip4());
+    let local6 = crate::ctx::words(&raw const ops.local_ip6);
+    let remote6 = crate::ctx::words(&raw const ops.remote_ip6);
     SockKey::from_sock_ops(
         netns,
-        ctx.local_ip4(),
+        crate::ctx::pick(family, local4, local6),
         ctx.local_port(),
-        ctx.remote_ip4(),
+        crate::ctx::pick(family, remote4, remote6),
         ctx.remote_port(),
     )
+}
+
+/// The proxy's inbound passthrough source, 127.0.0.6 or `::6`.
+#[inline(always)]
+fn is_passthrough(ip: &net::IpRaw) -> bool {
+    *ip == INBOUND_PASSTHROUGH_SRC_RAW || *ip == INBOUND_PASSTHROUGH_SRC_V6_RAW
 }
 
 #[inline(always)]
@@ -82,8 +103,8 @@ fn on_connect(ctx: &SockOpsContext) {
 #[inline(always)]
 fn on_active_established(ctx: &SockOpsContext) {
     // The proxy's inbound passthrough connection to the app.
-    if ctx.local_ip4() == INBOUND_PASSTHROUGH_SRC_RAW {
-        let key = own_key(ctx);
+    let key = own_key(ctx);
+    if is_passthrough(&key.src_ip) {
         if sockmap_enabled(key.netns_cookie) {
             watch_close(ctx);
             insert_socket(ctx, key);
@@ -96,7 +117,6 @@ fn on_active_established(ctx: &SockOpsContext) {
         return;
     };
     let _ = ORIG_DST_BY_COOKIE.remove(cookie);
-    let key = own_key(ctx);
     if ORIG_DST_BY_TUPLE
         .insert(key, orig, u64::from(BPF_ANY))
         .is_err()
@@ -125,9 +145,12 @@ fn on_passive_established(ctx: &SockOpsContext) {
     }
     // The app's end of the proxy's inbound passthrough connection, or the
     // proxy's end of a connection connect4 redirected.
-    let passthrough = key.dst_ip4 == INBOUND_PASSTHROUGH_SRC_RAW;
+    let passthrough = is_passthrough(&key.dst_ip);
     if !passthrough {
-        if key.src_port != cfg.outbound_port || !claim_orig_dst(ctx, key) {
+        // The outbound port, or the DNS proxy's (a TCP DNS query).
+        let proxy_port = key.src_port == cfg.outbound_port
+            || (cfg.has(flags::REDIRECT_DNS) && key.src_port == cfg.dns_port);
+        if !proxy_port || !claim_orig_dst(ctx, key) {
             return;
         }
         // The entry is ours now: it goes when this socket closes.
@@ -238,9 +261,14 @@ fn on_listen(ctx: &SockOpsContext) {
     if !cfg.has(flags::REDIRECT_INBOUND) || key.src_port != cfg.inbound_port {
         return;
     }
+    let slot = if ctx.family() == net::AF_INET {
+        INBOUND_LISTENER_V4
+    } else {
+        INBOUND_LISTENER_V6
+    };
     let ops: *mut bpf_sock_ops = ctx.ops;
     // SAFETY: `ops` is this callback's context, a listening full socket.
-    match unsafe { INBOUND_LISTENER.update(0, ops, u64::from(BPF_ANY)) } {
+    match unsafe { INBOUND_LISTENER.update(slot, ops, u64::from(BPF_ANY)) } {
         Ok(()) => bump(Counter::InboundListenerRegistered),
         Err(_) => bump(Counter::SockhashInsertFailed),
     }

@@ -15,7 +15,7 @@
 pub mod ebpf;
 pub mod iptables;
 
-use std::{net::TcpListener, path::PathBuf};
+use std::{net::TcpListener, os::fd::OwnedFd, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -59,8 +59,24 @@ pub struct ProxyIdentity {
     pub gid: Option<u32>,
 }
 
+/// DNS capture (istio's `--redirect-dns`): UDP and TCP port 53 to the
+/// resolvers (or to anywhere) go to the DNS proxy the user runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// The DNS proxy's port, on 127.0.0.1 and `::1` (istio-agent's 15053).
+    pub port: u16,
+    /// Every port-53 destination, not only `servers` (`--capture-all-dns`).
+    pub capture_all: bool,
+    /// The pod's resolvers.
+    pub servers: Vec<std::net::IpAddr>,
+}
+
 /// What to capture in one network namespace, in either mode.
 #[derive(Debug)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "a switch each, as on the command line"
+)]
 pub struct Settings {
     pub netns: Netns,
     pub netns_cookie: u64,
@@ -84,6 +100,15 @@ pub struct Settings {
     /// While no proxy listens, let connections go where they were going.
     pub fail_open: bool,
     pub rules: CaptureRules,
+    /// DNS capture, if on.
+    pub dns: Option<DnsSettings>,
+    /// IPv6 is in use in the namespace: iptables mode installs ip6tables
+    /// rules too (the eBPF mode captures both families always).
+    pub ipv6: bool,
+    /// A file that says the IPv6 passthrough source on `lo` is ours (put
+    /// there by this agent or the one it took over from), next to the
+    /// control socket.
+    pub passthrough_marker: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +119,8 @@ pub enum CaptureError {
     FailOpenNeedsEbpf,
     #[error(transparent)]
     Ebpf(#[from] crate::ebpf::EbpfError),
+    #[error("the IPv6 passthrough source: {0}")]
+    Passthrough(String),
     #[error("{context}: {source}")]
     Iptables {
         context: &'static str,
@@ -101,10 +128,15 @@ pub enum CaptureError {
     },
 }
 
-/// Capture in place (or ready to be put in place), in one mode.
-pub enum Capture {
+/// The backend of a [`Capture`].
+enum Backend {
     Ebpf(ebpf::EbpfCapture),
     Iptables(iptables::IptablesCapture),
+}
+
+/// Capture in place (or ready to be put in place), in one mode.
+pub struct Capture {
+    backend: Backend,
 }
 
 impl Capture {
@@ -116,36 +148,50 @@ impl Capture {
         settings: &Settings,
         pin_dir: Option<PathBuf>,
     ) -> Result<Self, CaptureError> {
-        Ok(match mode {
-            Mode::Ebpf => Self::Ebpf(ebpf::EbpfCapture::load(settings, pin_dir)?),
+        let backend = match mode {
+            Mode::Ebpf => Backend::Ebpf(ebpf::EbpfCapture::load(settings, pin_dir)?),
             Mode::Iptables => {
                 if settings.fail_open {
                     return Err(CaptureError::FailOpenNeedsEbpf);
                 }
-                Self::Iptables(iptables::IptablesCapture::prepare(settings)?)
+                Backend::Iptables(iptables::IptablesCapture::prepare(settings)?)
             }
-        })
+        };
+        Ok(Self { backend })
     }
 
     #[must_use]
     pub const fn mode(&self) -> Mode {
-        match self {
-            Self::Ebpf(_) => Mode::Ebpf,
-            Self::Iptables(_) => Mode::Iptables,
+        match self.backend {
+            Backend::Ebpf(_) => Mode::Ebpf,
+            Backend::Iptables(_) => Mode::Iptables,
         }
     }
 
-    /// Puts capture in place. `inbound_listener`: the built-in proxy's, for
-    /// sk_lookup to steer to at once (an external proxy's registers itself
-    /// when it listens).
+    /// eBPF mode: a descriptor of the map the built-in proxy reports its
+    /// reads on, when the kernel cannot count them itself.
+    pub fn ingress_reads(&self, settings: &Settings) -> Result<Option<OwnedFd>, CaptureError> {
+        match &self.backend {
+            Backend::Ebpf(c) => Ok(c.ingress_reads(settings)?),
+            Backend::Iptables(_) => Ok(None),
+        }
+    }
+
+    /// Puts capture in place. `inbound_listeners`: the built-in proxy's,
+    /// for sk_lookup to steer to at once (an external proxy's register
+    /// themselves when they listen). With inbound capture over IPv6, the
+    /// proxy's passthrough source `::6` goes on `lo`, as istio-init does.
     pub fn install(
         &mut self,
         settings: &Settings,
-        inbound_listener: Option<&TcpListener>,
+        inbound_listeners: &[TcpListener],
     ) -> Result<(), CaptureError> {
-        match self {
-            Self::Ebpf(c) => Ok(c.install(settings, inbound_listener)?),
-            Self::Iptables(c) => c.install(settings),
+        if settings.inbound {
+            passthrough::add_v6(&settings.netns, &settings.passthrough_marker)?;
+        }
+        match &mut self.backend {
+            Backend::Ebpf(c) => Ok(c.install(settings, inbound_listeners)?),
+            Backend::Iptables(c) => c.install(settings),
         }
     }
 
@@ -155,26 +201,26 @@ impl Capture {
         settings: &Settings,
         rules: &CaptureRules,
     ) -> Result<(), CaptureError> {
-        match self {
-            Self::Ebpf(c) => Ok(c.update_rules(settings.netns_cookie, rules)?),
-            Self::Iptables(c) => c.update_rules(settings, rules),
+        match &mut self.backend {
+            Backend::Ebpf(c) => Ok(c.update_rules(settings.netns_cookie, rules)?),
+            Backend::Iptables(c) => c.update_rules(settings, rules),
         }
     }
 
     /// The rules in force (eBPF: as the maps hold them, whoever wrote them).
     pub fn rules(&self, settings: &Settings) -> Result<CaptureRules, CaptureError> {
-        match self {
-            Self::Ebpf(c) => Ok(c.rules(settings.netns_cookie)?),
-            Self::Iptables(c) => Ok(c.rules().clone()),
+        match &self.backend {
+            Backend::Ebpf(c) => Ok(c.rules(settings.netns_cookie)?),
+            Backend::Iptables(c) => Ok(c.rules().clone()),
         }
     }
 
     /// The datapath's maps (eBPF mode).
     #[must_use]
     pub fn maps(&self) -> Option<&DatapathMaps> {
-        match self {
-            Self::Ebpf(c) => Some(c.maps()),
-            Self::Iptables(_) => None,
+        match &self.backend {
+            Backend::Ebpf(c) => Some(c.maps()),
+            Backend::Iptables(_) => None,
         }
     }
 
@@ -182,26 +228,88 @@ impl Capture {
     pub fn logger(
         &mut self,
     ) -> Result<Option<aya_log::EbpfLogger<&'static dyn log::Log>>, CaptureError> {
-        match self {
-            Self::Ebpf(c) => Ok(Some(c.logger()?)),
-            Self::Iptables(_) => Ok(None),
+        match &mut self.backend {
+            Backend::Ebpf(c) => Ok(Some(c.logger()?)),
+            Backend::Iptables(_) => Ok(None),
         }
     }
 
     /// Removes every trace: stops capturing new connections first, then
-    /// detaches and unpins everything, or removes exactly the rules.
+    /// detaches and unpins everything, or removes exactly the rules, and
+    /// what `install` put on `lo`.
     pub fn teardown(self, settings: &Settings) {
-        match self {
-            Self::Ebpf(c) => c.teardown(settings.netns_cookie),
-            Self::Iptables(c) => c.teardown(settings),
+        match self.backend {
+            Backend::Ebpf(c) => c.teardown(settings.netns_cookie),
+            Backend::Iptables(c) => c.teardown(settings),
         }
+        passthrough::remove_v6(&settings.netns, &settings.passthrough_marker);
     }
 
     /// Leaves everything in place for the agent that took over.
     pub fn leave(self) {
-        match self {
-            Self::Ebpf(c) => drop(c),
-            Self::Iptables(c) => drop(c),
+        drop(self);
+    }
+}
+
+/// The IPv6 inbound passthrough source (`::6`), which the proxy binds its
+/// connections to the app to, must be a local address: istio-init puts it
+/// on `lo`, and so do we, where the namespace has IPv6. A marker file says
+/// it is ours, so it is removed exactly when we put it there, also by the
+/// last of a chain of agents that took over from each other.
+pub mod passthrough {
+    use std::path::Path;
+
+    use tracing::{info, warn};
+
+    use super::CaptureError;
+    use crate::netns::Netns;
+
+    fn addr() -> String {
+        format!("{}/128", agent_common::INBOUND_PASSTHROUGH_SRC_V6)
+    }
+
+    fn ip(netns: &Netns, args: &[&str]) -> std::io::Result<std::process::Output> {
+        netns.command("ip").args(args).output()
+    }
+
+    /// Adds `::6/128` to `lo` (and writes `marker`) unless it is there or
+    /// the namespace has no IPv6 (`lo` without `::1`).
+    pub fn add_v6(netns: &Netns, marker: &Path) -> Result<(), CaptureError> {
+        let err = |e: String| CaptureError::Passthrough(e);
+        let shown = ip(netns, &["-6", "-o", "addr", "show", "dev", "lo"])
+            .map_err(|e| err(format!("running ip: {e}")))?;
+        let text = String::from_utf8_lossy(&shown.stdout);
+        if !text.contains(" ::1/128") || text.contains(&format!(" {} ", addr())) {
+            return Ok(());
+        }
+        if let Some(dir) = marker.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
+        }
+        std::fs::write(marker, addr()).map_err(|e| err(format!("{}: {e}", marker.display())))?;
+        let added = ip(netns, &["-6", "addr", "add", &addr(), "dev", "lo"])
+            .map_err(|e| err(format!("running ip: {e}")))?;
+        if !added.status.success() {
+            return Err(err(format!(
+                "ip -6 addr add {} dev lo: {}",
+                addr(),
+                String::from_utf8_lossy(&added.stderr).trim()
+            )));
+        }
+        info!(address = %addr(), "added the IPv6 passthrough source to lo");
+        Ok(())
+    }
+
+    /// Removes `::6/128` from `lo` if `marker` says it is ours.
+    pub fn remove_v6(netns: &Netns, marker: &Path) {
+        if std::fs::remove_file(marker).is_err() {
+            return;
+        }
+        match ip(netns, &["-6", "addr", "del", &addr(), "dev", "lo"]) {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                warn!(error = %String::from_utf8_lossy(&o.stderr).trim(), "removing ::6 from lo");
+            }
+            Err(e) => warn!(error = %e, "removing ::6 from lo"),
         }
     }
 }

@@ -135,6 +135,10 @@ impl Report {
 pub struct Options {
     /// The cgroup the agent would serve (checked to be a cgroup2 directory).
     pub cgroup: Option<PathBuf>,
+    /// DNS capture is asked for: its hooks (`sendmsg`, `recvmsg`, `sock_release`)
+    /// are needed by the eBPF mode too. Without it they are shown, but no
+    /// mode needs them.
+    pub dns: bool,
 }
 
 const EBPF: &[Mode] = &[Mode::Ebpf];
@@ -159,7 +163,7 @@ pub fn run(opts: &Options) -> Report {
         EBPF,
     ));
     probes.extend(helper_probes());
-    probes.extend(object_probes());
+    probes.extend(object_probes(opts.dns));
 
     let mounts = mounts::read_mounts().unwrap_or_default();
     let cg2 = mounts::cgroup2(&mounts).map(|m| m.mount_point.clone());
@@ -355,10 +359,10 @@ pub fn helper_probe(ptype: ProgramType, helper: BpfHelper) -> (bool, String) {
 /// Loads our own eBPF object, each program through the verifier (nothing
 /// attached, all closed again): the probes above say the hooks exist, these
 /// say this kernel's verifier accepts our programs (6.1's is stricter than
-/// later ones about pointer arithmetic, for one). The recvmsg fexit is
+/// later ones about pointer arithmetic, for one). The ingress-read fexit is
 /// needed by no mode: where tracing is refused, reads are counted another
 /// way.
-fn object_probes() -> Vec<Probe> {
+fn object_probes(dns: bool) -> Vec<Probe> {
     let verdicts = match load::verdicts() {
         Ok(v) => v,
         Err(e) => {
@@ -374,18 +378,23 @@ fn object_probes() -> Vec<Probe> {
     verdicts
         .into_iter()
         .map(|(hook, verdict)| {
-            let optional = hook == Hook::Recvmsg;
-            let name = if optional {
-                "fexit on tcp_bpf_recvmsg (short-circuit backpressure)".to_owned()
-            } else {
-                format!("our {} passes the verifier", hook.program())
+            let optional =
+                hook == Hook::IngressRead || (Hook::DNS.contains(&hook) && !dns);
+            let name = match hook {
+                Hook::IngressRead => {
+                    "fexit on tcp_bpf_recvmsg (short-circuit backpressure)".to_owned()
+                }
+                h if Hook::DNS.contains(&h) => {
+                    format!("our {} passes the verifier (DNS capture)", h.program())
+                }
+                h => format!("our {} passes the verifier", h.program()),
             };
             let detail = match &verdict {
                 Ok(()) => "loaded (not attached)".to_owned(),
-                Err(why) if optional => format!(
+                Err(why) if hook != Hook::IngressRead => why.clone(),
+                Err(why) => format!(
                     "{why}; instead the built-in proxy reports its reads, and other readers get the queue limit short-circuited per connection and direction"
                 ),
-                Err(why) => why.clone(),
             };
             Probe::new(
                 &format!("object.{}", hook.program()),

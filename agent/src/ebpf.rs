@@ -90,23 +90,46 @@ pub enum Target {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Hook {
     Connect4,
+    Connect6,
     SockOps,
     SkMsg,
-    Recvmsg,
+    IngressRead,
     GetSockopt,
     GetPeerName4,
+    GetPeerName6,
     SkLookup,
+    SendMsg4,
+    SendMsg6,
+    RecvMsg4,
+    RecvMsg6,
+    SockRelease,
 }
 
 impl Hook {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 14] = [
         Self::Connect4,
+        Self::Connect6,
         Self::SockOps,
         Self::SkMsg,
-        Self::Recvmsg,
+        Self::IngressRead,
         Self::GetSockopt,
         Self::GetPeerName4,
+        Self::GetPeerName6,
         Self::SkLookup,
+        Self::SendMsg4,
+        Self::SendMsg6,
+        Self::RecvMsg4,
+        Self::RecvMsg6,
+        Self::SockRelease,
+    ];
+
+    /// The hooks of DNS capture, attached only with `--redirect-dns`.
+    pub const DNS: [Self; 5] = [
+        Self::SendMsg4,
+        Self::SendMsg6,
+        Self::RecvMsg4,
+        Self::RecvMsg6,
+        Self::SockRelease,
     ];
 
     /// The entry point's name (the kernel shows its first 15 characters).
@@ -114,38 +137,51 @@ impl Hook {
     pub const fn program(self) -> &'static str {
         match self {
             Self::Connect4 => programs::CONNECT4,
+            Self::Connect6 => programs::CONNECT6,
             Self::SockOps => programs::SOCKOPS,
             Self::SkMsg => programs::SK_MSG,
-            Self::Recvmsg => programs::RECVMSG,
+            Self::IngressRead => programs::INGRESS_READ,
             Self::GetSockopt => programs::GETSOCKOPT,
             Self::GetPeerName4 => programs::GETPEERNAME4,
+            Self::GetPeerName6 => programs::GETPEERNAME6,
             Self::SkLookup => programs::SK_LOOKUP,
+            Self::SendMsg4 => programs::SENDMSG4,
+            Self::SendMsg6 => programs::SENDMSG6,
+            Self::RecvMsg4 => programs::RECVMSG4,
+            Self::RecvMsg6 => programs::RECVMSG6,
+            Self::SockRelease => programs::SOCK_RELEASE,
         }
     }
 
     /// The kernel's attach type.
     #[must_use]
     pub const fn attach_type(self) -> bpf_attach_type {
+        use bpf_attach_type as at;
         match self {
-            Self::Connect4 => bpf_attach_type::BPF_CGROUP_INET4_CONNECT,
-            Self::SockOps => bpf_attach_type::BPF_CGROUP_SOCK_OPS,
-            Self::SkMsg => bpf_attach_type::BPF_SK_MSG_VERDICT,
-            Self::Recvmsg => bpf_attach_type::BPF_TRACE_FEXIT,
-            Self::GetSockopt => bpf_attach_type::BPF_CGROUP_GETSOCKOPT,
-            Self::GetPeerName4 => bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME,
-            Self::SkLookup => bpf_attach_type::BPF_SK_LOOKUP,
+            Self::Connect4 => at::BPF_CGROUP_INET4_CONNECT,
+            Self::Connect6 => at::BPF_CGROUP_INET6_CONNECT,
+            Self::SockOps => at::BPF_CGROUP_SOCK_OPS,
+            Self::SkMsg => at::BPF_SK_MSG_VERDICT,
+            Self::IngressRead => at::BPF_TRACE_FEXIT,
+            Self::GetSockopt => at::BPF_CGROUP_GETSOCKOPT,
+            Self::GetPeerName4 => at::BPF_CGROUP_INET4_GETPEERNAME,
+            Self::GetPeerName6 => at::BPF_CGROUP_INET6_GETPEERNAME,
+            Self::SkLookup => at::BPF_SK_LOOKUP,
+            Self::SendMsg4 => at::BPF_CGROUP_UDP4_SENDMSG,
+            Self::SendMsg6 => at::BPF_CGROUP_UDP6_SENDMSG,
+            Self::RecvMsg4 => at::BPF_CGROUP_UDP4_RECVMSG,
+            Self::RecvMsg6 => at::BPF_CGROUP_UDP6_RECVMSG,
+            Self::SockRelease => at::BPF_CGROUP_INET_SOCK_RELEASE,
         }
     }
 
     #[must_use]
     pub const fn target(self) -> Target {
         match self {
-            Self::Connect4 | Self::SockOps | Self::GetSockopt | Self::GetPeerName4 => {
-                Target::Cgroup
-            }
             Self::SkMsg => Target::SocketMap,
-            Self::Recvmsg => Target::Kernel,
+            Self::IngressRead => Target::Kernel,
             Self::SkLookup => Target::Netns,
+            _ => Target::Cgroup,
         }
     }
 
@@ -154,6 +190,13 @@ impl Hook {
         Self::ALL
             .into_iter()
             .filter(|h| h.target() == Target::Cgroup)
+    }
+
+    /// The cgroup hooks that go on the sockets' cgroups (the app's and the
+    /// proxy's: both ends of a connection), not only the served one.
+    #[must_use]
+    pub const fn on_socket_cgroups(self) -> bool {
+        matches!(self, Self::SockOps | Self::GetSockopt)
     }
 
     /// The hook whose program has this (kernel, so possibly truncated) name.
@@ -176,6 +219,6 @@ mod tests {
             assert_eq!(Hook::by_kernel_name(&kernel), Some(hook), "{hook:?}");
         }
         assert_eq!(Hook::by_kernel_name("mesh_other"), None);
-        assert_eq!(Hook::cgroup_hooks().count(), 4);
+        assert_eq!(Hook::cgroup_hooks().count(), 11);
     }
 }

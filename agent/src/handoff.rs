@@ -39,7 +39,7 @@ pub const DEFAULT_CONTROL_DIR: &str = "/run/mesh-redirect";
 const REQUEST: &str = "TAKEOVER";
 const STATS: &str = "STATS";
 const RULES: &str = "RULES";
-const REPLY_OK: &[u8] = b"OK\n";
+const REPLY_OK: &str = "OK\n";
 /// The longest request line read (a `RULES` request carries up to four
 /// lists of 4096 entries).
 const MAX_REQUEST: usize = 1 << 20;
@@ -115,7 +115,24 @@ pub fn take_over(
         .map_err(io_err)?;
     let (answer, fds) = recv_with_fds(&stream).map_err(io_err)?;
     let mut listeners: Vec<TcpListener> = fds.into_iter().map(TcpListener::from).collect();
-    if answer != REPLY_OK {
+    // `OK <outbound> <inbound>`: how many of the sockets are which (an
+    // agent of before IPv6 sent a bare `OK`, with one of each).
+    let text = String::from_utf8_lossy(&answer).trim().to_owned();
+    let counts = match text.strip_prefix(REPLY_OK.trim_end()) {
+        Some("") => Some((
+            usize::from(outbound.is_some()),
+            usize::from(inbound.is_some()),
+        )),
+        Some(rest) => {
+            let mut n = rest.split_whitespace().map(str::parse::<usize>);
+            match (n.next(), n.next(), n.next()) {
+                (Some(Ok(o)), Some(Ok(i)), None) => Some((o, i)),
+                _ => None,
+            }
+        }
+        None => None,
+    };
+    let Some((n_out, n_in)) = counts else {
         let answer = String::from_utf8_lossy(&answer).trim().to_owned();
         return Err(match answer.strip_prefix("ERR ports ") {
             Some(theirs) => HandoffError::Mismatch {
@@ -132,26 +149,21 @@ pub fn take_over(
                 answer,
             },
         });
-    }
-    let expected = usize::from(outbound.is_some()) + usize::from(inbound.is_some());
-    if listeners.len() != expected {
+    };
+    let plausible = (n_out == 0) == outbound.is_none() && (n_in == 0) == inbound.is_none();
+    if listeners.len() != n_out + n_in || !plausible {
         return Err(HandoffError::Refused {
             path: path.to_owned(),
-            answer: format!("OK with {} sockets", listeners.len()),
+            answer: format!("{text} with {} sockets", listeners.len()),
         });
     }
     if outbound.is_none() {
         return Ok(Some(None));
     }
-    let inbound_listener = if inbound.is_some() {
-        listeners.pop()
-    } else {
-        None
-    };
-    let outbound_listener = listeners.pop().expect("counted above");
+    let inbound_listeners = listeners.split_off(n_out);
     Ok(Some(Some(Listeners {
-        outbound: outbound_listener,
-        inbound: inbound_listener,
+        outbound: listeners,
+        inbound: inbound_listeners,
     })))
 }
 
@@ -256,10 +268,14 @@ impl ControlServer {
         let mut req = Vec::new();
         let mut reader = io::BufReader::new(&stream).take(MAX_REQUEST as u64);
         io::BufRead::read_until(&mut reader, b'\n', &mut req).map_err(io_err)?;
-        let port = |l: &TcpListener| l.local_addr().map(|a| a.port()).ok();
+        let port = |v: &[TcpListener]| {
+            v.first()
+                .and_then(|l| l.local_addr().ok())
+                .map(|a| a.port())
+        };
         let ours = request(
             listeners.and_then(|l| port(&l.outbound)),
-            listeners.and_then(|l| l.inbound.as_ref()).and_then(port),
+            listeners.and_then(|l| port(&l.inbound)),
         );
         let req = String::from_utf8_lossy(&req);
         if req.trim() == STATS {
@@ -287,12 +303,12 @@ impl ControlServer {
             let _ = stream.write_all(format!("ERR ports {theirs}\n").as_bytes());
             return Ok(false);
         }
-        let mut fds = Vec::new();
-        if let Some(l) = listeners {
-            fds.push(l.outbound.as_raw_fd());
-            fds.extend(l.inbound.as_ref().map(std::os::fd::AsRawFd::as_raw_fd));
-        }
-        send_with_fds(&stream, REPLY_OK, &fds).map_err(io_err)?;
+        let fds: Vec<RawFd> = listeners
+            .map(|l| l.all().map(|(s, _)| s.as_raw_fd()).collect())
+            .unwrap_or_default();
+        let (n_out, n_in) = listeners.map_or((0, 0), |l| (l.outbound.len(), l.inbound.len()));
+        let reply = format!("{} {n_out} {n_in}\n", REPLY_OK.trim_end());
+        send_with_fds(&stream, reply.as_bytes(), &fds).map_err(io_err)?;
         self.handed_over
             .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(true)
@@ -418,8 +434,8 @@ mod tests {
         let outbound = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = outbound.local_addr().unwrap().port();
         let listeners = Listeners {
-            outbound,
-            inbound: None,
+            outbound: vec![outbound],
+            inbound: Vec::new(),
         };
         let serving = std::thread::scope(|s| {
             let handle = s.spawn(|| {
@@ -450,11 +466,11 @@ mod tests {
                 .unwrap()
                 .flatten()
                 .expect("listeners");
-            assert_eq!(got.outbound.local_addr().unwrap().port(), port);
+            assert_eq!(got.outbound[0].local_addr().unwrap().port(), port);
             // The same socket: a connection queued on it is accepted by the receiver.
             let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-            got.outbound.set_nonblocking(false).unwrap();
-            assert!(got.outbound.accept().is_ok());
+            got.outbound[0].set_nonblocking(false).unwrap();
+            assert!(got.outbound[0].accept().is_ok());
             handle.join().unwrap()
         });
         assert!(serving);
@@ -472,8 +488,8 @@ mod tests {
         let path = control_path(&dir, 8);
         let server = ControlServer::bind(&path).unwrap();
         let listeners = Listeners {
-            outbound: TcpListener::bind("127.0.0.1:0").unwrap(),
-            inbound: None,
+            outbound: vec![TcpListener::bind("127.0.0.1:0").unwrap()],
+            inbound: Vec::new(),
         };
         std::thread::scope(|s| {
             let handle = s.spawn(|| {

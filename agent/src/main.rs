@@ -195,7 +195,7 @@ fn run_doctor(json: bool, cgroup: Option<PathBuf>) -> ExitCode {
         eprintln!("error: --cgroup: {err}");
         return ExitCode::from(2);
     }
-    let report = doctor::run(&doctor::Options { cgroup });
+    let report = doctor::run(&doctor::Options { cgroup, dns: false });
     print(&report, json, doctor::Report::render);
     if report.any_usable() {
         ExitCode::SUCCESS

@@ -23,7 +23,7 @@ pub mod worker;
 
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd, RawFd},
     sync::{
         Arc,
@@ -38,11 +38,11 @@ use crate::netns::{Netns, NetnsError};
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
-    /// Where captured outbound connections arrive (127.0.0.1:<outbound-port>).
-    pub outbound: SocketAddrV4,
-    /// Where captured inbound connections arrive (0.0.0.0:<inbound-port>),
-    /// if the proxy serves inbound.
-    pub inbound: Option<SocketAddrV4>,
+    /// Where captured outbound connections arrive: 127.0.0.1 and `[::1]`.
+    pub outbound_port: u16,
+    /// Where captured inbound connections arrive (0.0.0.0 and `[::]`), if
+    /// the proxy serves inbound.
+    pub inbound_port: Option<u16>,
     /// `SO_MARK` on upstream sockets, so no redirect mode captures them (0 = none).
     pub mark: u32,
     pub connect_timeout: Duration,
@@ -63,7 +63,8 @@ pub struct ProxyConfig {
 pub enum Direction {
     /// App in the pod → somewhere else.
     Outbound,
-    /// Somewhere else → app in the pod, forwarded from 127.0.0.6.
+    /// Somewhere else → app in the pod, forwarded from 127.0.0.6 (`::6`
+    /// over IPv6).
     Inbound,
 }
 
@@ -86,67 +87,140 @@ impl Direction {
     }
 }
 
-/// Envoy's inbound passthrough source: connections from it to the app are
-/// never captured again (both modes).
-pub const INBOUND_PASSTHROUGH_SOURCE: Ipv4Addr = agent_common::INBOUND_PASSTHROUGH_SRC;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error("proxy: cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddrV4,
-        source: io::Error,
-    },
+    Bind { addr: SocketAddr, source: io::Error },
     #[error("proxy: starting its runtime: {0}")]
     Runtime(io::Error),
 }
 
 /// The proxy's listening sockets, bound inside the served namespace before
 /// anything is attached (so a port in use fails with nothing to undo), or
-/// received from the agent this one replaces.
+/// received from the agent this one replaces: one per family (IPv6 where
+/// the namespace has it).
 #[derive(Debug)]
 pub struct Listeners {
-    pub outbound: std::net::TcpListener,
-    pub inbound: Option<std::net::TcpListener>,
+    /// 127.0.0.1 and `[::1]`.
+    pub outbound: Vec<std::net::TcpListener>,
+    /// 0.0.0.0 and `[::]` (IPv6 only): empty without inbound capture.
+    pub inbound: Vec<std::net::TcpListener>,
+}
+
+/// The addresses of one direction's listeners, IPv4 first.
+fn addrs(direction: Direction, port: u16) -> [SocketAddr; 2] {
+    match direction {
+        Direction::Outbound => [
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port),
+        ],
+        Direction::Inbound => [
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
+            SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
+        ],
+    }
 }
 
 impl Listeners {
     /// Binds the listeners of `config` inside `netns`.
     pub fn bind(netns: &Netns, config: &ProxyConfig) -> Result<Self, ProxyError> {
+        let mut empty = Self {
+            outbound: Vec::new(),
+            inbound: Vec::new(),
+        };
+        empty.bind_missing(netns, config)?;
+        Ok(empty)
+    }
+
+    /// Binds, inside `netns`, the listeners of `config` this set lacks
+    /// (all of them, or the IPv6 ones an older agent handed over without).
+    /// An IPv6 listener is skipped where the namespace has no IPv6.
+    pub fn bind_missing(&mut self, netns: &Netns, config: &ProxyConfig) -> Result<(), ProxyError> {
+        let wanted = [
+            (Direction::Outbound, Some(config.outbound_port)),
+            (Direction::Inbound, config.inbound_port),
+        ];
         netns.run(|| {
-            let outbound = bind_std(config.outbound)?;
-            let inbound = config.inbound.map(bind_std).transpose()?;
-            Ok(Self { outbound, inbound })
+            for (direction, port) in wanted {
+                let Some(port) = port else { continue };
+                let have = match direction {
+                    Direction::Outbound => &mut self.outbound,
+                    Direction::Inbound => &mut self.inbound,
+                };
+                for addr in addrs(direction, port) {
+                    let bound = have
+                        .iter()
+                        .any(|l| l.local_addr().is_ok_and(|a| a.is_ipv6() == addr.is_ipv6()));
+                    if bound {
+                        continue;
+                    }
+                    match bind_std(addr) {
+                        Ok(l) => have.push(l),
+                        Err(ProxyError::Bind { source, .. })
+                            if addr.is_ipv6() && no_ipv6(&source) =>
+                        {
+                            tracing::info!(%addr, "proxy: no IPv6 in the namespace, no IPv6 listener");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                have.sort_by_key(|l| l.local_addr().map_or(true, |a| a.is_ipv6()));
+            }
+            Ok(())
         })?
+    }
+
+    /// Every listener with its direction.
+    pub fn all(&self) -> impl Iterator<Item = (&std::net::TcpListener, Direction)> {
+        self.outbound
+            .iter()
+            .map(|l| (l, Direction::Outbound))
+            .chain(self.inbound.iter().map(|l| (l, Direction::Inbound)))
     }
 
     /// Their descriptors.
     pub(super) fn raw_fds(&self) -> impl Iterator<Item = RawFd> + '_ {
-        std::iter::once(self.outbound.as_raw_fd())
-            .chain(self.inbound.as_ref().map(AsRawFd::as_raw_fd))
+        self.all().map(|(l, _)| l.as_raw_fd())
     }
 
     /// Duplicates the listening sockets (same sockets, new fds).
     pub fn try_clone(&self) -> io::Result<Self> {
-        Ok(Self {
-            outbound: self.outbound.try_clone()?,
-            inbound: self
-                .inbound
-                .as_ref()
+        let dup = |v: &[std::net::TcpListener]| {
+            v.iter()
                 .map(std::net::TcpListener::try_clone)
-                .transpose()?,
+                .collect::<io::Result<Vec<_>>>()
+        };
+        Ok(Self {
+            outbound: dup(&self.outbound)?,
+            inbound: dup(&self.inbound)?,
         })
     }
 }
 
-fn bind_std(addr: SocketAddrV4) -> Result<std::net::TcpListener, ProxyError> {
+/// Whether binding an IPv6 address failed because the namespace has no IPv6.
+fn no_ipv6(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
+    )
+}
+
+fn bind_std(addr: SocketAddr) -> Result<std::net::TcpListener, ProxyError> {
     let bind = || -> io::Result<std::net::TcpListener> {
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )?;
         sock.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            // The IPv4 listener takes IPv4, as an AF_INET one would.
+            sock.set_only_v6(true)?;
+        }
         sock.set_nonblocking(true)?;
-        sock.bind(&SocketAddr::V4(addr).into())?;
+        sock.bind(&addr.into())?;
         sock.listen(4096)?;
         Ok(sock.into())
     };

@@ -111,6 +111,12 @@ impl ListItem for IpNet {
     }
 }
 
+impl ListItem for IpAddr {
+    fn parse_item(s: &str) -> Result<Self, String> {
+        s.parse().map_err(|_| format!("{s:?} is not an IP address"))
+    }
+}
+
 impl ListItem for u16 {
     fn parse_item(s: &str) -> Result<Self, String> {
         match s.parse::<u32>() {

@@ -5,25 +5,32 @@
 //! map, byte for byte as netfilter would. Either way the proxy (ours or an
 //! unmodified third-party one) asks the same question.
 
-use std::{
-    io,
-    net::{SocketAddr, SocketAddrV4},
-    os::fd::AsFd,
-    time::Duration,
-};
+use std::{io, net::SocketAddr, os::fd::AsFd, time::Duration};
 
 use socket2::SockRef;
 
-/// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` on an accepted connection.
-pub fn original_dst(stream: &impl AsFd) -> io::Result<SocketAddrV4> {
-    let addr = SockRef::from(stream).original_dst_v4()?;
-    match addr.as_socket() {
-        Some(SocketAddr::V4(v4)) => Ok(v4),
-        other => Err(io::Error::new(
+/// The original destination of an accepted connection: for an IPv4
+/// connection (an `AF_INET` socket, or a dual-stack one with a v4-mapped
+/// peer) `getsockopt(SOL_IP, SO_ORIGINAL_DST)`, for an IPv6 one
+/// `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)`, as Envoy asks.
+pub fn original_dst(stream: &impl AsFd) -> io::Result<SocketAddr> {
+    let sock = SockRef::from(stream);
+    let v4 = match sock.peer_addr()?.as_socket() {
+        Some(SocketAddr::V4(_)) => true,
+        Some(SocketAddr::V6(p)) => p.ip().to_ipv4_mapped().is_some(),
+        None => false,
+    };
+    let addr = if v4 {
+        sock.original_dst_v4()?
+    } else {
+        sock.original_dst_v6()?
+    };
+    addr.as_socket().ok_or_else(|| {
+        io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("SO_ORIGINAL_DST returned a non-IPv4 address: {other:?}"),
-        )),
-    }
+            format!("the original destination is not an IP address: {addr:?}"),
+        )
+    })
 }
 
 /// Makes the next close of `stream` send a RST instead of a FIN.

@@ -9,7 +9,7 @@
 //! that is not captured reaches its real destination.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     time::{Duration, Instant},
 };
 
@@ -55,7 +55,7 @@ impl FakeProxy {
 #[derive(Debug, PartialEq, Eq)]
 enum Landed {
     /// On the proxy's listener, with this original destination.
-    Proxy(SocketAddrV4),
+    Proxy(SocketAddr),
     /// Not on the proxy: at the real destination (or refused there).
     Direct,
 }
@@ -119,7 +119,7 @@ fn include_and_exclude_lists_decide_what_is_captured(
     for &(ip, port, captured) in outbound_cases {
         let dst = SocketAddrV4::new(ip, port);
         let expected = if captured {
-            Landed::Proxy(dst)
+            Landed::Proxy(dst.into())
         } else {
             Landed::Direct
         };
@@ -131,7 +131,7 @@ fn include_and_exclude_lists_decide_what_is_captured(
     }
     for &(port, captured) in inbound_cases {
         let expected = if captured {
-            Landed::Proxy(SocketAddrV4::new(POD_IP, port))
+            Landed::Proxy(SocketAddrV4::new(POD_IP, port).into())
         } else {
             Landed::Direct
         };
@@ -158,7 +158,7 @@ fn the_proxys_connects_to_a_local_app_are_captured_inbound(
     let proxy = FakeProxy::new(&topo);
     let local_app = SocketAddrV4::new(POD_IP, 8080);
     connect_as(&topo, Ids::Uid1337, local_app);
-    assert_eq!(landed(&proxy.inbound), Landed::Proxy(local_app));
+    assert_eq!(landed(&proxy.inbound), Landed::Proxy(local_app.into()));
     let elsewhere = SocketAddrV4::new(SRV_IP, 9000);
     connect_as(&topo, Ids::Uid1337, elsewhere);
     assert_eq!(landed(&proxy.outbound), Landed::Direct);
@@ -218,7 +218,11 @@ fn a_bypass_identity_exempts_only_itself(
     connect_as(&topo, exempt, dst);
     assert_eq!(landed(&proxy.outbound), Landed::Direct, "{exempt:?}");
     connect_as(&topo, captured, dst);
-    assert_eq!(landed(&proxy.outbound), Landed::Proxy(dst), "{captured:?}");
+    assert_eq!(
+        landed(&proxy.outbound),
+        Landed::Proxy(dst.into()),
+        "{captured:?}"
+    );
 }
 
 /// An app that sends its request and closes before the proxy gets round
@@ -248,7 +252,10 @@ fn the_original_destination_outlives_an_app_that_already_closed(
     std::thread::sleep(Duration::from_millis(300));
     proxy.outbound.set_nonblocking(false).unwrap();
     let (mut s, _) = proxy.outbound.accept().unwrap();
-    assert_eq!(socket::original_dst(&s).expect("SO_ORIGINAL_DST"), dst);
+    assert_eq!(
+        socket::original_dst(&s).expect("SO_ORIGINAL_DST"),
+        dst.into()
+    );
     let mut got = Vec::new();
     std::io::Read::read_to_end(&mut s, &mut got).unwrap();
     assert_eq!(got, b"request");
@@ -272,10 +279,10 @@ fn rules_change_at_runtime_without_a_restart() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert_eq!(outbound(&topo, &proxy, dst), Landed::Proxy(dst));
+    assert_eq!(outbound(&topo, &proxy, dst), Landed::Proxy(dst.into()));
     assert_eq!(
         inbound(&topo, &proxy, 8080),
-        Landed::Proxy(SocketAddrV4::new(POD_IP, 8080))
+        Landed::Proxy(SocketAddrV4::new(POD_IP, 8080).into())
     );
 
     let shown = rules(&["-x", "10.77.0.0/24", "-d", "8080,15021"]);
@@ -301,14 +308,14 @@ fn rules_change_at_runtime_without_a_restart() {
     );
     assert_eq!(
         outbound(&topo, &proxy, dst),
-        Landed::Proxy(dst),
+        Landed::Proxy(dst.into()),
         "-q 9000 captures again"
     );
     assert_eq!(
         outbound(&topo, &proxy, SocketAddrV4::new(SRV_IP, 9001)),
         Landed::Direct
     );
-    assert_eq!(outbound(&topo, &proxy, OTHER), Landed::Proxy(OTHER));
+    assert_eq!(outbound(&topo, &proxy, OTHER), Landed::Proxy(OTHER.into()));
     // The agent process never restarted.
     assert!(agent.log_text().contains("mesh-redirect ready"));
     assert_eq!(agent.log_text().matches("mesh-redirect ready").count(), 1);
@@ -369,7 +376,7 @@ fn rule_lists_hold_their_documented_capacity() {
     let proxy = FakeProxy::new(&topo);
     let dst = SocketAddrV4::new(SRV_IP, 9000);
     assert_eq!(outbound(&topo, &proxy, dst), Landed::Direct);
-    assert_eq!(outbound(&topo, &proxy, OTHER), Landed::Proxy(OTHER));
+    assert_eq!(outbound(&topo, &proxy, OTHER), Landed::Proxy(OTHER.into()));
 
     let cg = topo.cgroup.path().to_str().unwrap().to_owned();
     let over = list(cap + 1);
@@ -436,7 +443,7 @@ fn a_config_file_sets_runs_flags_and_a_bad_one_is_named() {
             Landed::Direct,
             "excluded by the file"
         );
-        assert_eq!(outbound(&topo, &proxy, OTHER), Landed::Proxy(OTHER));
+        assert_eq!(outbound(&topo, &proxy, OTHER), Landed::Proxy(OTHER.into()));
     }
     drop(agent);
 

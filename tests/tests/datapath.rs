@@ -299,7 +299,7 @@ fn an_unmodified_listener_gets_the_original_destination(
             Err(e) => panic!("the redirected connection never arrived: {e}"),
         }
     };
-    assert_eq!(socket::original_dst(&accepted).unwrap(), dst);
+    assert_eq!(socket::original_dst(&accepted).unwrap(), dst.into());
     // Raw bytes, as netfilter's getorigdst() writes them.
     let raw = raw_original_dst(&accepted).expect("raw SO_ORIGINAL_DST");
     assert_eq!(

@@ -146,7 +146,7 @@ fn redirect_lands_on_the_proxy_with_the_original_destination(#[case] backend: Ba
         target.into(),
         "the app sees its destination"
     );
-    assert_eq!(socket::original_dst(&accepted).unwrap(), target);
+    assert_eq!(socket::original_dst(&accepted).unwrap(), target.into());
 
     // Marked sockets (our proxy's upstream connections) go where they were
     // going: nothing listens on the server, so the connect is refused.
@@ -508,7 +508,7 @@ fn cli_install_twice_reconcile_and_cleanup(#[case] backend: Backend, #[case] nam
     let target = SocketAddrV4::new(SRV_IP, 443);
     let _app = connect(&ns, target, None).expect("captured");
     let (accepted, _) = proxy.accept().unwrap();
-    assert_eq!(socket::original_dst(&accepted).unwrap(), target);
+    assert_eq!(socket::original_dst(&accepted).unwrap(), target.into());
 
     let out = cli(&topo.pod, &install);
     assert!(out.status.success(), "same again: {}", stderr(&out));

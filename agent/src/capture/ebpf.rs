@@ -3,7 +3,7 @@
 //! namespace's configuration and rules, then attaches: connect4 and
 //! getpeername4 to the served cgroup, sockops and getsockopt to every
 //! cgroup the app's and the proxy's sockets live in, sk_msg to the
-//! SOCKHASH, sk_lookup to the namespace, and the recvmsg fexit where the
+//! SOCKHASH, sk_lookup to the namespace, and the ingress-read fexit where the
 //! kernel allows tracing.
 
 use std::{
@@ -32,6 +32,11 @@ pub fn netns_config(s: &Settings) -> NetnsConfig {
         (s.proxy.uid.is_some(), flags::PROXY_UID),
         (s.proxy.gid.is_some(), flags::PROXY_GID),
         (s.inbound, flags::REDIRECT_INBOUND),
+        (s.dns.is_some(), flags::REDIRECT_DNS),
+        (
+            s.dns.as_ref().is_some_and(|d| d.capture_all),
+            flags::CAPTURE_ALL_DNS,
+        ),
     ] {
         if on {
             f |= bit;
@@ -44,6 +49,8 @@ pub fn netns_config(s: &Settings) -> NetnsConfig {
         proxy_uid: s.proxy.uid.unwrap_or(0),
         proxy_gid: s.proxy.gid.unwrap_or(0),
         flags: f,
+        dns_port: s.dns.as_ref().map_or(0, |d| d.port),
+        pad: 0,
     }
 }
 
@@ -96,7 +103,7 @@ impl EbpfCapture {
     pub fn install(
         &mut self,
         s: &Settings,
-        inbound_listener: Option<&TcpListener>,
+        inbound_listeners: &[TcpListener],
     ) -> Result<(), EbpfError> {
         let cookie = s.netns_cookie;
         let config = netns_config(s);
@@ -106,7 +113,7 @@ impl EbpfCapture {
         // built-in proxy for its own sockets.
         if s.sockmap {
             match dp.backpressure() {
-                Ok(()) => dp.attach_recvmsg()?,
+                Ok(()) => dp.attach_ingress_read()?,
                 Err(why) => info!(
                     reason = why,
                     limit_kib = s.sockmap_queue_limit / 1024,
@@ -115,19 +122,30 @@ impl EbpfCapture {
             }
         }
         dp.maps_mut().set_rules(cookie, &s.rules)?;
+        let servers = s
+            .dns
+            .as_ref()
+            .map(|d| d.servers.as_slice())
+            .unwrap_or_default();
+        dp.maps_mut().set_dns_servers(cookie, servers)?;
         dp.maps_mut().set_netns_config(cookie, config)?;
-        dp.attach_cgroup(Hook::Connect4, &s.cgroup)?;
-        dp.attach_cgroup(Hook::GetPeerName4, &s.cgroup)?;
+        for hook in Hook::cgroup_hooks() {
+            if hook.on_socket_cgroups() || (Hook::DNS.contains(&hook) && s.dns.is_none()) {
+                continue;
+            }
+            dp.attach_cgroup(hook, &s.cgroup)?;
+        }
         for cg in &s.socket_hook_cgroups {
             if cg != &s.cgroup {
                 info!(cgroup = %cg.display(), "the proxy's sockets live outside the served cgroup: sockops and getsockopt attach here too");
             }
-            dp.attach_cgroup(Hook::SockOps, cg)?;
-            dp.attach_cgroup(Hook::GetSockopt, cg)?;
+            for hook in Hook::cgroup_hooks().filter(|h| h.on_socket_cgroups()) {
+                dp.attach_cgroup(hook, cg)?;
+            }
         }
         dp.attach_sk_msg()?;
         if s.inbound {
-            if let Some(l) = inbound_listener {
+            for l in inbound_listeners {
                 dp.maps_mut().set_inbound_listener(l)?;
             }
             dp.maps_mut().set_inbound(InboundConfig {

@@ -9,7 +9,7 @@ use crate::{
     iptables::{
         apply::{self, ApplyError},
         backend::Backend,
-        istio::{self, IpNet, PortSpec},
+        istio::{self, PortSpec},
     },
     rules::{CaptureRules, Selection},
 };
@@ -35,17 +35,39 @@ pub fn config(s: &Settings, rules: &CaptureRules) -> istio::Config {
         outbound_ports_exclude: ports(&rules.outbound_exclude_ports),
         outbound_ip_ranges_include: rules.outbound_include_cidrs.clone(),
         // Loopback destinations are never captured, as in eBPF mode.
-        // istio leaves an app's 127.0.0.0/8 connects alone through its
+        // istio leaves an app's loopback connects alone through its
         // `-o lo -m owner ! --uid-owner` rule, which needs a proxy uid; the
         // built-in proxy is known by its mark instead, so say it plainly.
-        outbound_ip_ranges_exclude: std::iter::once(IpNet::V4(
-            ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(127, 0, 0, 0), 8).expect("a /8"),
-        ))
-        .chain(rules.outbound_exclude_cidrs.iter().copied())
-        .collect(),
+        outbound_ip_ranges_exclude: LOOPBACK
+            .iter()
+            .map(|n| n.parse().expect("a CIDR"))
+            .chain(rules.outbound_exclude_cidrs.iter().copied())
+            .collect(),
         exempt_mark: (s.proxy.mark != 0).then_some(s.proxy.mark),
+        enable_ipv6: s.ipv6,
+        redirect_dns: s.dns.is_some(),
+        capture_all_dns: s.dns.as_ref().is_some_and(|d| d.capture_all),
+        dns_servers_v4: dns_servers(s, true),
+        dns_servers_v6: dns_servers(s, false),
+        dns_listener_port: s
+            .dns
+            .as_ref()
+            .map_or(agent_common::ports::DNS_PROXY, |d| d.port),
         ..istio::Config::default()
     }
+}
+
+/// Loopback, never captured, in both families.
+const LOOPBACK: [&str; 2] = ["127.0.0.0/8", "::1/128"];
+
+/// The resolvers of one family, as istio takes them.
+fn dns_servers(s: &Settings, v4: bool) -> Vec<String> {
+    s.dns
+        .iter()
+        .flat_map(|d| &d.servers)
+        .filter(|ip| ip.is_ipv4() == v4)
+        .map(ToString::to_string)
+        .collect()
 }
 
 /// The backend chosen, and what is (or will be) installed.

@@ -1,5 +1,5 @@
 //! A loaded [`Datapath`] and what it attached: links on cgroups and the
-//! served netns, the sk_msg program on the SOCKHASH, the recvmsg fexit, and
+//! served netns, the sk_msg program on the SOCKHASH, the ingress-read fexit, and
 //! their pins.
 //!
 //! Unpinned, dropping the datapath detaches everything and frees the maps.
@@ -22,7 +22,7 @@ use std::{
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, FExit, SkLookup, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, FExit, SkLookup, SkMsg, SockOps,
         links::{FdLink, PinnedLink},
         loaded_programs,
         sk_msg::SkMsgLink,
@@ -73,7 +73,7 @@ pub struct Datapath {
     /// Dropped (detached) at teardown; left in place otherwise (a pinned
     /// map keeps it for the next agent).
     sk_msg: Option<SkMsgLink>,
-    recvmsg_unavailable: Option<String>,
+    ingress_read_unavailable: Option<String>,
 }
 
 fn link_err(hook: Hook, target: &Path) -> impl Fn(io::Error) -> EbpfError + '_ {
@@ -90,7 +90,7 @@ fn other(e: impl std::fmt::Display) -> io::Error {
 
 impl Datapath {
     /// Loads the maps (pinned in `pin_dir`, or adopted from there) and
-    /// verifies every program. The recvmsg fexit may fail to load (tracing
+    /// verifies every program. The ingress-read fexit may fail to load (tracing
     /// refused): see [`Self::backpressure`].
     pub fn load(opts: &LoadOptions, pin_dir: Option<&Path>) -> Result<Self, EbpfError> {
         let loaded = load::load(opts, pin_dir)?;
@@ -101,7 +101,7 @@ impl Datapath {
             links: Vec::new(),
             claimed: Vec::new(),
             sk_msg: None,
-            recvmsg_unavailable: loaded.recvmsg_unavailable,
+            ingress_read_unavailable: loaded.ingress_read_unavailable,
         })
     }
 
@@ -114,9 +114,9 @@ impl Datapath {
         &mut self.maps
     }
 
-    /// `Err(why)` when the recvmsg fexit cannot run on this kernel.
+    /// `Err(why)` when the ingress-read fexit cannot run on this kernel.
     pub fn backpressure(&self) -> Result<(), &str> {
-        self.recvmsg_unavailable.as_deref().map_or(Ok(()), Err)
+        self.ingress_read_unavailable.as_deref().map_or(Ok(()), Err)
     }
 
     /// Whether an earlier agent's maps (and links) were adopted.
@@ -213,8 +213,20 @@ impl Datapath {
             })
         };
         Ok(Ok(match hook {
-            Hook::Connect4 | Hook::GetPeerName4 => {
+            Hook::Connect4
+            | Hook::Connect6
+            | Hook::GetPeerName4
+            | Hook::GetPeerName6
+            | Hook::SendMsg4
+            | Hook::SendMsg6
+            | Hook::RecvMsg4
+            | Hook::RecvMsg6 => {
                 let p = program_mut::<CgroupSockAddr>(e, hook)?;
+                let id = p.attach(target, CGROUP_LINK).map_err(program_err(name))?;
+                fd_link(p.take_link(id).map_err(program_err(name))?.try_into())?
+            }
+            Hook::SockRelease => {
+                let p = program_mut::<CgroupSock>(e, hook)?;
                 let id = p.attach(target, CGROUP_LINK).map_err(program_err(name))?;
                 fd_link(p.take_link(id).map_err(program_err(name))?.try_into())?
             }
@@ -234,7 +246,9 @@ impl Datapath {
                     .map_err(link_err(hook, Path::new("cgroup")))?;
                 return Ok(Err(fd));
             }
-            Hook::SkMsg | Hook::Recvmsg => unreachable!("{hook:?} has no cgroup or netns link"),
+            Hook::SkMsg | Hook::IngressRead => {
+                unreachable!("{hook:?} has no cgroup or netns link")
+            }
         }))
     }
 
@@ -281,18 +295,18 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches the recvmsg fexit (global: it counts reads on every socket
+    /// Attaches the ingress-read fexit (global: it counts reads on every socket
     /// that has our state). Pinned: an earlier agent's fexit is replaced,
     /// its pin removed first (a tracing link cannot be updated in place;
     /// for the moment between, reads go uncounted, which only makes a
     /// sender switch to TCP early, never lets a queue grow).
-    pub fn attach_recvmsg(&mut self) -> Result<(), EbpfError> {
-        let hook = Hook::Recvmsg;
+    pub fn attach_ingress_read(&mut self) -> Result<(), EbpfError> {
+        let hook = Hook::IngressRead;
         let name = hook.program();
         let target = PathBuf::from(agent_common::programs::RECVMSG_TARGET);
         let target_name = target.clone();
         let err = link_err(hook, &target_name);
-        if let Some(why) = &self.recvmsg_unavailable {
+        if let Some(why) = &self.ingress_read_unavailable {
             return Err(err(io::Error::other(why.clone())));
         }
         let pin_name = format!("link-{name}");

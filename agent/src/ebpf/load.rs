@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use agent_common::{globals, maps as names, programs};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupSockAddr, CgroupSockopt, FExit, ProgramError, SkLookup, SkMsg, SockOps},
+    programs::{
+        CgroupSock, CgroupSockAddr, CgroupSockopt, FExit, ProgramError, SkLookup, SkMsg, SockOps,
+    },
 };
 
 use super::{EbpfError, Hook, OBJECT, maps::DatapathMaps};
@@ -37,9 +39,9 @@ pub(super) struct Loaded {
     /// The pin directory, and whether it held a datapath already (whose
     /// maps, with their entries, are ours now).
     pub pins: Option<(PathBuf, bool)>,
-    /// Why the recvmsg fexit could not load, if it could not (tracing
+    /// Why the ingress-read fexit could not load, if it could not (tracing
     /// programs refused): the backpressure then counts reads another way.
-    pub recvmsg_unavailable: Option<String>,
+    pub ingress_read_unavailable: Option<String>,
 }
 
 pub(super) fn program_err(name: &'static str) -> impl FnOnce(ProgramError) -> EbpfError {
@@ -101,11 +103,11 @@ pub(super) fn load(opts: &LoadOptions, pin_dir: Option<&Path>) -> Result<Loaded,
         loader.map_pin_path(name.as_str(), path.as_path());
     }
     let mut ebpf = loader.load(OBJECT)?;
-    for hook in Hook::ALL.into_iter().filter(|&h| h != Hook::Recvmsg) {
+    for hook in Hook::ALL.into_iter().filter(|&h| h != Hook::IngressRead) {
         load_program(&mut ebpf, hook)
             .map_err(|(name, source)| EbpfError::Program { name, source })?;
     }
-    let recvmsg_unavailable = load_program(&mut ebpf, Hook::Recvmsg)
+    let ingress_read_unavailable = load_program(&mut ebpf, Hook::IngressRead)
         .map_err(|(_, e)| {
             format!(
                 "fexit on {}: {}",
@@ -119,7 +121,7 @@ pub(super) fn load(opts: &LoadOptions, pin_dir: Option<&Path>) -> Result<Loaded,
         ebpf,
         maps,
         pins,
-        recvmsg_unavailable,
+        ingress_read_unavailable,
     })
 }
 
@@ -130,14 +132,20 @@ fn load_program(e: &mut Ebpf, hook: Hook) -> Result<(), (&'static str, ProgramEr
     // Every entry point is in our object; a stub binary has none.
     let prog = e.program_mut(name).ok_or((name, ProgramError::NotLoaded))?;
     match hook {
-        Hook::Connect4 | Hook::GetPeerName4 => {
-            <&mut CgroupSockAddr>::try_from(prog).map_err(err)?.load()
-        }
+        Hook::Connect4
+        | Hook::Connect6
+        | Hook::GetPeerName4
+        | Hook::GetPeerName6
+        | Hook::SendMsg4
+        | Hook::SendMsg6
+        | Hook::RecvMsg4
+        | Hook::RecvMsg6 => <&mut CgroupSockAddr>::try_from(prog).map_err(err)?.load(),
+        Hook::SockRelease => <&mut CgroupSock>::try_from(prog).map_err(err)?.load(),
         Hook::SockOps => <&mut SockOps>::try_from(prog).map_err(err)?.load(),
         Hook::SkMsg => <&mut SkMsg>::try_from(prog).map_err(err)?.load(),
         Hook::GetSockopt => <&mut CgroupSockopt>::try_from(prog).map_err(err)?.load(),
         Hook::SkLookup => <&mut SkLookup>::try_from(prog).map_err(err)?.load(),
-        Hook::Recvmsg => {
+        Hook::IngressRead => {
             let btf = aya::Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
             <&mut FExit>::try_from(prog)
                 .map_err(err)?

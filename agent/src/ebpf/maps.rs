@@ -15,7 +15,8 @@ use std::{
 };
 
 use agent_common::{
-    Counter, InboundConfig, NetnsConfig, OrigDst, PortKey, SockKey, capacity, maps as names,
+    Counter, DnsServerKey, InboundConfig, NetnsConfig, OrigDst, PortKey, SockKey, capacity,
+    maps as names, net,
 };
 use aya::{
     Ebpf,
@@ -46,10 +47,12 @@ pub enum MapId {
     InboundConfig,
     InboundListener,
     InboundSteered,
+    DnsServers,
+    DnsOrigByCookie,
 }
 
 impl MapId {
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 15] = [
         Self::NetnsConfig,
         Self::OrigDstByCookie,
         Self::OrigDstByTuple,
@@ -63,6 +66,8 @@ impl MapId {
         Self::InboundConfig,
         Self::InboundListener,
         Self::InboundSteered,
+        Self::DnsServers,
+        Self::DnsOrigByCookie,
     ];
 
     /// The map's name in the object (and its pin's file name).
@@ -82,6 +87,8 @@ impl MapId {
             Self::InboundConfig => names::INBOUND_CONFIG,
             Self::InboundListener => names::INBOUND_LISTENER,
             Self::InboundSteered => names::INBOUND_STEERED,
+            Self::DnsServers => names::DNS_SERVERS,
+            Self::DnsOrigByCookie => names::DNS_ORIG_BY_COOKIE,
         }
     }
 
@@ -96,6 +103,8 @@ impl MapId {
             Self::Sockets => Some(capacity::SOCKETS),
             Self::IngressRead => Some(capacity::INGRESS_READ),
             Self::InboundSteered => Some(capacity::INBOUND_STEERED),
+            Self::DnsServers => Some(capacity::DNS_SERVERS),
+            Self::DnsOrigByCookie => Some(capacity::DNS_ORIG_BY_COOKIE),
             Self::OutCidrExclude | Self::OutCidrInclude | Self::OutPorts | Self::InPorts => {
                 Some(capacity::RULES)
             }
@@ -322,14 +331,50 @@ impl DatapathMaps {
         a.set(0, config, 0).map_err(map_err(MapId::InboundConfig))
     }
 
-    /// Puts the proxy's inbound listener where sk_lookup steers to.
+    /// Puts a proxy's inbound listener where sk_lookup steers to: its
+    /// family's slot.
     pub fn set_inbound_listener(
         &mut self,
-        listener: &impl std::os::fd::AsRawFd,
+        listener: &std::net::TcpListener,
     ) -> Result<(), EbpfError> {
+        use std::os::fd::AsRawFd as _;
+        let slot = match listener.local_addr() {
+            Ok(std::net::SocketAddr::V6(_)) => agent_common::INBOUND_LISTENER_V6,
+            _ => agent_common::INBOUND_LISTENER_V4,
+        };
         let mut m: SockMap<&mut MapData> = self.view_mut(MapId::InboundListener)?;
-        m.set(0, &listener.as_raw_fd(), 0)
+        m.set(slot, &listener.as_raw_fd(), 0)
             .map_err(map_err(MapId::InboundListener))
+    }
+
+    /// The resolvers of namespace `netns` whose port-53 queries go to the
+    /// DNS proxy: exactly `servers` from now on.
+    pub fn set_dns_servers(
+        &mut self,
+        netns: u64,
+        servers: &[std::net::IpAddr],
+    ) -> Result<(), EbpfError> {
+        let id = MapId::DnsServers;
+        let mut m: HashMap<&mut MapData, DnsServerKey, u8> = self.view_mut(id)?;
+        let wanted: Vec<DnsServerKey> = servers
+            .iter()
+            .map(|ip| DnsServerKey {
+                netns_cookie: netns,
+                ip: net::ip_raw(*ip),
+            })
+            .collect();
+        for k in &wanted {
+            m.insert(k, 1, 0).map_err(map_err(id))?;
+        }
+        let stale: Vec<DnsServerKey> = m
+            .keys()
+            .flatten()
+            .filter(|k| k.netns_cookie == netns && !wanted.contains(k))
+            .collect();
+        for k in stale {
+            m.remove(&k).map_err(map_err(id))?;
+        }
+        Ok(())
     }
 
     /// The counters, summed over CPUs.
@@ -368,10 +413,11 @@ impl DatapathMaps {
         }
         match id {
             MapId::NetnsConfig => hash::<u64, NetnsConfig>(self, id),
-            MapId::OrigDstByCookie => hash::<u64, OrigDst>(self, id),
+            MapId::OrigDstByCookie | MapId::DnsOrigByCookie => hash::<u64, OrigDst>(self, id),
             MapId::OrigDstByTuple => hash::<SockKey, OrigDst>(self, id),
             MapId::IngressRead => hash::<SockKey, u64>(self, id),
             MapId::InboundSteered => hash::<SockKey, u8>(self, id),
+            MapId::DnsServers => hash::<DnsServerKey, u8>(self, id),
             MapId::OutPorts | MapId::InPorts => hash::<PortKey, u8>(self, id),
             MapId::Sockets => {
                 let s: SockHash<&MapData, SockKey> = self.view(id)?;

@@ -39,7 +39,7 @@
 mod generate;
 
 pub use generate::EXEMPT_MARK_COMMENT;
-mod pod;
+pub mod pod;
 #[cfg(test)]
 mod tests;
 
@@ -541,6 +541,9 @@ pub struct Config {
     pub dns_servers_v6: Vec<String>,
     /// IPv6 rules on.
     pub enable_ipv6: bool,
+    /// Where the DNS proxy listens (`constants.IstioAgentDNSListenerPort`,
+    /// 15053; istio-iptables has no flag for it).
+    pub dns_listener_port: u16,
     /// `--drop-invalid`.
     pub drop_invalid: bool,
     /// Not in istio: when set, the one change to the output is
@@ -577,6 +580,7 @@ impl Default for Config {
             dns_servers_v4: Vec::new(),
             dns_servers_v6: Vec::new(),
             enable_ipv6: false,
+            dns_listener_port: ports::DNS_PROXY,
             drop_invalid: false,
             exempt_mark: None,
         }
@@ -874,6 +878,7 @@ impl TryFrom<&IstioIptablesArgs> for Config {
                 true,
             )?,
             enable_ipv6: a.ipv6.unwrap_or(false),
+            dns_listener_port: ports::DNS_PROXY,
             drop_invalid: a.drop_invalid.unwrap_or(false),
             exempt_mark: a
                 .exempt_mark

@@ -2,17 +2,15 @@
 //! (marked, so no redirect mode captures it again; inbound from the
 //! passthrough source), then the relay, counted as it goes.
 
-use std::{
-    io,
-    net::{SocketAddr, SocketAddrV4},
-    sync::atomic::Ordering,
-};
+use std::{io, net::SocketAddr, sync::atomic::Ordering};
 
 use socket2::SockRef;
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
-use super::{Direction, INBOUND_PASSTHROUGH_SOURCE, ProxyConfig, Stats, relay};
+use agent_common::{INBOUND_PASSTHROUGH_SRC, INBOUND_PASSTHROUGH_SRC_V6};
+
+use super::{Direction, ProxyConfig, Stats, relay};
 use crate::socket;
 
 pub(super) async fn handle(
@@ -33,16 +31,20 @@ pub(super) async fn handle(
         }
     };
     tracing::Span::current().record("dst", tracing::field::display(dst));
-    if dst.port() == config.outbound.port()
-        || config.inbound.is_some_and(|i| i.port() == dst.port())
-    {
+    if dst.port() == config.outbound_port || config.inbound_port == Some(dst.port()) {
         warn!("original destination is one of the proxy's own ports; resetting to avoid a loop");
         socket::reset_on_close(&client);
         return;
     }
-    let source = match direction {
-        Direction::Outbound => None,
-        Direction::Inbound => Some(SocketAddrV4::new(INBOUND_PASSTHROUGH_SOURCE, 0)),
+    // Inbound, the passthrough source of the destination's family.
+    let source = match (direction, dst) {
+        (Direction::Outbound, _) => None,
+        (Direction::Inbound, SocketAddr::V4(_)) => {
+            Some(SocketAddr::new(INBOUND_PASSTHROUGH_SRC.into(), 0))
+        }
+        (Direction::Inbound, SocketAddr::V6(_)) => {
+            Some(SocketAddr::new(INBOUND_PASSTHROUGH_SRC_V6.into(), 0))
+        }
     };
     let connect = connect_marked(source, dst, config.mark);
     let mut upstream = match tokio::time::timeout(config.connect_timeout, connect).await {
@@ -96,19 +98,23 @@ pub(super) async fn handle(
     }
 }
 
-/// Connects to `dst` (from `source`, if given) with a socket carrying `mark`,
-/// set before `connect()` so the connect4 program (and iptables) see it.
+/// Connects to `dst` (from `source`, if given) with a socket of its family
+/// carrying `mark`, set before `connect()` so the connect hooks (and
+/// iptables) see it.
 async fn connect_marked(
-    source: Option<SocketAddrV4>,
-    dst: SocketAddrV4,
+    source: Option<SocketAddr>,
+    dst: SocketAddr,
     mark: u32,
 ) -> io::Result<TcpStream> {
-    let sock = TcpSocket::new_v4()?;
+    let sock = match dst {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
     if mark != 0 {
         SockRef::from(&sock).set_mark(mark)?;
     }
     if let Some(src) = source {
-        sock.bind(SocketAddr::V4(src))?;
+        sock.bind(src)?;
     }
-    sock.connect(SocketAddr::V4(dst)).await
+    sock.connect(dst).await
 }

@@ -13,7 +13,6 @@
 
 use std::{
     cell::RefCell,
-    net::SocketAddr,
     os::fd::{AsRawFd as _, BorrowedFd, OwnedFd, RawFd},
 };
 
@@ -115,11 +114,7 @@ impl ReadTracker<'_> {
 
     /// The socket's own tuple, as the datapath keys it.
     fn own_key(&self, stream: &TcpStream) -> Option<SockKey> {
-        let (SocketAddr::V4(local), SocketAddr::V4(peer)) =
-            (stream.local_addr().ok()?, stream.peer_addr().ok()?)
-        else {
-            return None;
-        };
+        let (local, peer) = (stream.local_addr().ok()?, stream.peer_addr().ok()?);
         Some(SockKey::from_addrs(self.reads.netns_cookie, local, peer))
     }
 }

@@ -131,15 +131,9 @@ impl Worker {
                     }
                 }
             });
-            let register = |l: std::net::TcpListener| TcpListener::from_std(l);
-            let (outbound, inbound) = match (
-                register(listeners.outbound),
-                listeners.inbound.map(register).transpose(),
-            ) {
-                (Ok(o), Ok(i)) => (o, i),
-                (Err(e), _) | (_, Err(e)) => {
-                    return warn!(error = %e, "proxy worker: cannot register its listeners");
-                }
+            let registered = match register(listeners) {
+                Ok(r) => r,
+                Err(e) => return warn!(error = %e, "proxy worker: cannot register its listeners"),
             };
             let local = Arc::new(Semaphore::new(fit));
             let serve = |l, d| {
@@ -156,11 +150,16 @@ impl Worker {
                     close_all.clone(),
                 )
             };
-            let out = serve(outbound, Direction::Outbound);
-            match inbound {
-                Some(l) => drop(tokio::join!(out, serve(l, Direction::Inbound))),
-                None => out.await,
-            }
+            // One accept loop per listener, on this thread.
+            tokio::task::LocalSet::new()
+                .run_until(async {
+                    let mut loops = tokio::task::JoinSet::new();
+                    for (l, d) in registered {
+                        loops.spawn_local(serve(l, d));
+                    }
+                    while loops.join_next().await.is_some() {}
+                })
+                .await;
             // Accepting stopped (every connection accepted is counted open
             // by now): live connections carry on until they end or we are
             // told to close them all.
@@ -172,6 +171,17 @@ impl Worker {
         // table goes with the thread.
         rt.shutdown_timeout(Duration::from_millis(100));
     }
+}
+
+/// The listeners, with this thread's runtime.
+fn register(listeners: Listeners) -> io::Result<Vec<(TcpListener, Direction)>> {
+    let Listeners { outbound, inbound } = listeners;
+    outbound
+        .into_iter()
+        .map(|l| (l, Direction::Outbound))
+        .chain(inbound.into_iter().map(|l| (l, Direction::Inbound)))
+        .map(|(l, d)| TcpListener::from_std(l).map(|l| (l, d)))
+        .collect()
 }
 
 /// Starts `config.worker_threads` workers on `listeners` inside `netns`;
@@ -265,7 +275,7 @@ pub(super) fn start(
             "proxy: RLIMIT_NOFILE holds fewer connections than --max-connections (two descriptors each, per worker); connections beyond are reset; raise the limit or --workers"
         );
     }
-    info!(outbound = %config.outbound, inbound = ?config.inbound, mark = config.mark, workers, max_connections = max, "proxy: listeners up");
+    info!(outbound_port = config.outbound_port, inbound_port = ?config.inbound_port, mark = config.mark, workers, max_connections = max, "proxy: listeners up");
     Ok(threads.into_iter().map(|(t, _)| t).collect())
 }
 

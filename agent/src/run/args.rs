@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     capture::ModeChoice,
     config::{ConfigError, ConfigFile},
-    rules::RuleArgs,
+    rules::{List, RuleArgs},
 };
 
 /// Who receives the captured connections.
@@ -135,6 +135,32 @@ pub struct RunArgs {
     /// No admin server.
     #[arg(long, action = switch!(), num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
     pub no_admin: bool,
+    /// Capture DNS (istio's `--redirect-dns`): UDP and TCP port 53 to the
+    /// pod's resolvers go to the DNS proxy on 127.0.0.1 / `[::1]`
+    /// `--dns-proxy-port` (the DNS proxy, run as the proxy's uid or with
+    /// its mark, is not captured).
+    #[arg(long, action = switch!(), num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
+    pub redirect_dns: bool,
+    /// With `--redirect-dns`: every port-53 destination, not only the
+    /// resolvers.
+    #[arg(long, action = switch!(), num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
+    pub capture_all_dns: bool,
+    /// The pod's resolvers (comma-separated IP addresses). Default: the
+    /// nameservers of the pod's resolv.conf (`/etc/netns/NAME/resolv.conf`
+    /// for `--netns /var/run/netns/NAME`, as `ip netns exec` uses, else
+    /// /etc/resolv.conf).
+    #[arg(long, value_name = "IPS", value_parser = List::<std::net::IpAddr>::parse)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns_servers: Option<List<std::net::IpAddr>>,
+    /// Where the DNS proxy listens.
+    #[arg(long, default_value_t = ports::DNS_PROXY, value_parser = clap::value_parser!(u16).range(1..))]
+    pub dns_proxy_port: u16,
+    /// Install ip6tables rules too (iptables mode; the eBPF mode captures
+    /// both families always). Default: when the namespace has a global
+    /// IPv6 address.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<bool>,
     /// Directory of the control sockets a new agent takes over through.
     #[arg(long, value_name = "PATH", default_value = crate::handoff::DEFAULT_CONTROL_DIR)]
     pub control_dir: PathBuf,

@@ -60,14 +60,17 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let control_path = handoff::control_path(&args.control_dir, settings.netns_cookie);
     let taken = handoff::take_over(
         &control_path,
-        plan.proxy.as_ref().map(|c| c.outbound.port()),
-        plan.proxy
-            .as_ref()
-            .and_then(|c| c.inbound.map(|a| a.port())),
+        plan.proxy.as_ref().map(|c| c.outbound_port),
+        plan.proxy.as_ref().and_then(|c| c.inbound_port),
     )?;
     let took_over = taken.is_some();
     let listeners = match (taken.flatten(), &plan.proxy) {
-        (Some(l), _) => Some(l),
+        // An older agent may have had fewer (no IPv6): bind the rest.
+        (Some(mut l), Some(c)) => {
+            l.bind_missing(&settings.netns, c)?;
+            Some(l)
+        }
+        (Some(l), None) => Some(l),
         (None, Some(c)) => Some(Listeners::bind(&settings.netns, c)?),
         (None, None) => None,
     };
@@ -82,15 +85,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // the proxy starts, so the proxy's workers can report their reads into
     // its map.
     let mut capture = Capture::prepare(mode, settings, pins.clone())?;
-    let (ingress, _ingress_owner) = match &capture {
-        Capture::Ebpf(c) => match c.ingress_reads(settings)? {
-            Some(fd) => {
-                let (counted, owner) = IngressReads::new(fd, settings.netns_cookie);
-                (Some(Arc::new(counted)), Some(owner))
-            }
-            None => (None, None),
-        },
-        Capture::Iptables(_) => (None, None),
+    let (ingress, _ingress_owner) = match capture.ingress_reads(settings)? {
+        Some(fd) => {
+            let (counted, owner) = IngressReads::new(fd, settings.netns_cookie);
+            (Some(Arc::new(counted)), Some(owner))
+        }
+        None => (None, None),
     };
     let proxy = match (plan.proxy.clone(), listeners) {
         (Some(mut config), Some(listeners)) => {
@@ -100,7 +100,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
         _ => None,
     };
     ready.set_listeners();
-    capture.install(settings, kept.as_ref().and_then(|l| l.inbound.as_ref()))?;
+    capture.install(
+        settings,
+        kept.as_ref().map_or(&[], |l| l.inbound.as_slice()),
+    )?;
     ready.set_capture();
     let state = Arc::new(AdminState::new(
         mode,

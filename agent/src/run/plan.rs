@@ -2,15 +2,20 @@
 //! attached or written, and the redirect mode chosen. Errors name the flag
 //! or path at fault.
 
-use std::{net::SocketAddrV4, time::Duration};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 use tracing::{info, warn};
 
 use super::args::{ProxyKind, RunArgs};
 use crate::{
-    capture::{Mode, ModeChoice, ProxyIdentity, Settings},
+    capture::{DnsSettings, Mode, ModeChoice, ProxyIdentity, Settings},
     cgroup, doctor,
+    iptables::istio::pod,
     netns::Netns,
     proxy::ProxyConfig,
     rules::CaptureRules,
@@ -45,13 +50,18 @@ impl Plan {
         };
         let netns_cookie = netns.cookie()?;
         let inbound = !args.no_inbound;
+        let dns = dns_settings(args, &netns)?;
+        let ipv6 = match args.ipv6 {
+            Some(on) => on,
+            None => pod::has_global_ipv6(&|p: &str| netns.command(p))
+                .context("--ipv6: telling whether the namespace has IPv6")?,
+        };
         let (proxy, socket_hook_cgroups) = match args.proxy {
             ProxyKind::Builtin => {
                 let own = cgroup::validate(&cgroup::own()?).context("the agent's own cgroup")?;
                 let config = ProxyConfig {
-                    outbound: SocketAddrV4::new([127, 0, 0, 1].into(), args.outbound_port),
-                    inbound: inbound
-                        .then(|| SocketAddrV4::new([0, 0, 0, 0].into(), args.inbound_port)),
+                    outbound_port: args.outbound_port,
+                    inbound_port: inbound.then_some(args.inbound_port),
                     mark: args.proxy_mark,
                     connect_timeout: Duration::from_millis(args.connect_timeout_ms),
                     idle_timeout: Duration::from_secs(args.idle_timeout_secs),
@@ -82,6 +92,11 @@ impl Plan {
                 sockmap_queue_limit: u64::from(args.sockmap_queue_kib) * 1024,
                 fail_open: args.fail_open && !args.fail_closed,
                 rules,
+                dns,
+                ipv6,
+                passthrough_marker: args
+                    .control_dir
+                    .join(format!("netns-{netns_cookie}.passthrough-v6")),
             },
             proxy,
         })
@@ -108,6 +123,65 @@ impl Plan {
     }
 }
 
+/// The resolv.conf of the namespace at `netns`: `ip netns`' own for a
+/// named namespace (`/etc/netns/NAME/resolv.conf`, what `ip netns exec`
+/// gives its processes) where it exists, else the host's.
+fn resolv_conf(netns: &Path) -> PathBuf {
+    let named = netns
+        .strip_prefix("/var/run/netns")
+        .or_else(|_| netns.strip_prefix("/run/netns"))
+        .ok()
+        .and_then(|name| name.to_str())
+        .map(|name| Path::new("/etc/netns").join(name).join("resolv.conf"));
+    named
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(pod::RESOLV_CONF))
+}
+
+/// DNS capture as asked: the resolvers given, or the pod's, or none with
+/// `--capture-all-dns`; without any, refused by name.
+fn dns_settings(args: &RunArgs, netns: &Netns) -> Result<Option<DnsSettings>> {
+    if !args.redirect_dns {
+        if args.capture_all_dns || args.dns_servers.is_some() {
+            bail!("--capture-all-dns and --dns-servers need --redirect-dns");
+        }
+        return Ok(None);
+    }
+    let servers: Vec<IpAddr> = if let Some(list) = &args.dns_servers {
+        list.0.clone()
+    } else {
+        let path = resolv_conf(netns.path());
+        match pod::resolv_conf_servers_at(&path) {
+            Ok((v4, v6)) => v4
+                .iter()
+                .chain(&v6)
+                .filter_map(|s| s.parse().ok())
+                .collect(),
+            Err(e) if args.capture_all_dns => {
+                warn!(error = %e, "--redirect-dns: no resolv.conf to read; capturing all DNS");
+                Vec::new()
+            }
+            Err(e) => return Err(e).context("--redirect-dns"),
+        }
+    };
+    if servers.is_empty() && !args.capture_all_dns {
+        bail!(
+            "--redirect-dns: no DNS server to capture (the pod's resolv.conf names none); give --dns-servers, or --capture-all-dns"
+        );
+    }
+    if args.dns_proxy_port == args.outbound_port || args.dns_proxy_port == args.inbound_port {
+        bail!(
+            "--dns-proxy-port {} is one of the proxy's own ports",
+            args.dns_proxy_port
+        );
+    }
+    Ok(Some(DnsSettings {
+        port: args.dns_proxy_port,
+        capture_all: args.capture_all_dns,
+        servers,
+    }))
+}
+
 /// Picks the mode: as asked, or for `auto` the best the kernel supports.
 pub fn choose_mode(choice: ModeChoice, plan: &Plan, pretend_missing: &[String]) -> Result<Mode> {
     match choice {
@@ -117,6 +191,7 @@ pub fn choose_mode(choice: ModeChoice, plan: &Plan, pretend_missing: &[String]) 
     }
     let mut report = doctor::run(&doctor::Options {
         cgroup: Some(plan.capture.cgroup.clone()),
+        dns: plan.capture.dns.is_some(),
     });
     for id in pretend_missing {
         report = report.with_failed(id, "pretended missing (--pretend-missing)");

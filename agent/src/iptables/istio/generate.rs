@@ -34,8 +34,6 @@ const RAW: &str = "raw";
 /// IP) carry this mark so the inbound rules leave them alone (istio's
 /// `constants.OutboundMark`).
 const OUTBOUND_MARK: &str = "1338";
-/// Where istio-agent's DNS proxy listens (`constants.IstioAgentDNSListenerPort`).
-const DNS_LISTENER_PORT: &str = "15053";
 /// `127.0.0.6` is the source address of the proxy's inbound passthrough
 /// connections; `::6` its IPv6 counterpart.
 fn inbound_passthrough_v4() -> String {
@@ -704,7 +702,7 @@ fn dns_redirect(b: &mut Builder, cfg: &Config) {
                     "-j",
                     "REDIRECT",
                     to,
-                    DNS_LISTENER_PORT
+                    cfg.dns_listener_port
                 ],
             );
         } else {
@@ -722,7 +720,7 @@ fn dns_redirect(b: &mut Builder, cfg: &Config) {
                         "-j",
                         "REDIRECT",
                         to,
-                        DNS_LISTENER_PORT
+                        cfg.dns_listener_port
                     ],
                 );
             }
@@ -740,7 +738,7 @@ fn dns_redirect(b: &mut Builder, cfg: &Config) {
                         "-j",
                         "REDIRECT",
                         to,
-                        DNS_LISTENER_PORT
+                        cfg.dns_listener_port
                     ],
                 );
             }
@@ -768,7 +766,7 @@ fn dns_redirect(b: &mut Builder, cfg: &Config) {
                 "-p",
                 "udp",
                 "--sport",
-                DNS_LISTENER_PORT,
+                cfg.dns_listener_port,
                 "-m",
                 "owner",
                 owner,

@@ -11,7 +11,8 @@ use std::{
 use super::ConfigError;
 
 const PASSWD: &str = "/etc/passwd";
-const RESOLV_CONF: &str = "/etc/resolv.conf";
+/// The pod's resolv.conf, as istio reads it.
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 
 /// The uid of `user` in /etc/passwd (istio's `user.Lookup`), if any.
 pub(super) fn uid_of(user: &str) -> Option<u32> {
@@ -36,6 +37,19 @@ pub(super) fn ipv6_enabled(
     runner: &dyn Fn(&str) -> Command,
     dual_stack: bool,
 ) -> Result<bool, ConfigError> {
+    decide_ipv6(&addresses(runner)?, dual_stack)
+}
+
+/// Whether the pod has a global (not loopback, not link-local) IPv6
+/// address: `run`'s test for IPv6 rules.
+pub fn has_global_ipv6(runner: &dyn Fn(&str) -> Command) -> Result<bool, ConfigError> {
+    Ok(global_addresses(&addresses(runner)?)
+        .iter()
+        .any(IpAddr::is_ipv6))
+}
+
+/// `ip -o addr show` in the pod.
+fn addresses(runner: &dyn Fn(&str) -> Command) -> Result<String, ConfigError> {
     let out = runner("ip")
         .args(["-o", "addr", "show"])
         .stdin(Stdio::null())
@@ -48,7 +62,7 @@ pub(super) fn ipv6_enabled(
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    decide_ipv6(&String::from_utf8_lossy(&out.stdout), dual_stack)
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The global addresses in `ip -o addr show` output.
@@ -88,8 +102,13 @@ fn decide_ipv6(text: &str, dual_stack: bool) -> Result<bool, ConfigError> {
 /// The nameservers of /etc/resolv.conf, split into IPv4 and IPv6 (istio's
 /// `dns.ClientConfigFromFile` and `IPsSplitV4V6`), as written.
 pub(super) fn resolv_conf_servers() -> Result<(Vec<String>, Vec<String>), ConfigError> {
-    let text = std::fs::read_to_string(RESOLV_CONF).map_err(|source| ConfigError::ResolvConf {
-        path: Path::new(RESOLV_CONF).to_owned(),
+    resolv_conf_servers_at(Path::new(RESOLV_CONF))
+}
+
+/// The nameservers of the resolv.conf at `path`, IPv4 then IPv6.
+pub fn resolv_conf_servers_at(path: &Path) -> Result<(Vec<String>, Vec<String>), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ResolvConf {
+        path: path.to_owned(),
         source,
     })?;
     Ok(servers_in(&text))

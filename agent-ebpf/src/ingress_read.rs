@@ -20,7 +20,7 @@ const RET: usize = 5;
 const MSG_PEEK: i32 = 2;
 
 #[inline(always)]
-pub fn recvmsg(ctx: &FExitContext) {
+pub fn ingress_read(ctx: &FExitContext) {
     // An `int`: its slot's upper half is whatever the function left in the
     // register (6.1 leaves -EAGAIN as 0x00000000_fffffff5), so read 32 bits.
     let read_now: i32 = ctx.arg(RET);
