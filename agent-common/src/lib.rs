@@ -163,6 +163,10 @@ pub mod flags {
     pub const REDIRECT_DNS: u32 = 1 << 8;
     /// With [`REDIRECT_DNS`]: to every destination, not only the resolvers.
     pub const CAPTURE_ALL_DNS: u32 = 1 << 9;
+    /// Native IPv6 is captured (outbound, inbound, DNS), as istio's
+    /// ip6tables rules do once IPv6 is on; off, IPv6 goes untouched, as
+    /// without those rules. IPv4 through `AF_INET6` is IPv4 either way.
+    pub const CAPTURE_IPV6: u32 = 1 << 10;
 }
 
 /// Slots of [`maps::INBOUND_LISTENER`].
@@ -602,15 +606,16 @@ counters! {
     MsgRedirected = 6 => "msg_redirected",
     /// sk_msg let a message continue over TCP (peer missing or sticky pass).
     MsgPassed = 7 => "msg_passed",
-    /// `getsockopt(SO_ORIGINAL_DST)` answered from the tuple map.
+    /// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` answered.
     GetsockoptAnswered = 8 => "getsockopt_answered",
-    /// `getsockopt(SO_ORIGINAL_DST)` on a socket we know nothing about.
+    /// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` on a socket we know nothing about.
     GetsockoptMissed = 9 => "getsockopt_missed",
     /// sockops removed a closed socket's entries.
     SocketsClosed = 10 => "sockets_closed",
-    /// sk_lookup steered a connection to the inbound listener.
+    /// sk_lookup steered an IPv4 connection to the inbound listener.
     InboundSteered = 11 => "inbound_steered",
-    /// sk_lookup left a connection alone (excluded port, loopback, passthrough).
+    /// sk_lookup left an IPv4 connection alone (excluded port, loopback,
+    /// passthrough).
     InboundBypassed = 12 => "inbound_bypassed",
     /// sk_lookup found no inbound listener: refused (fail closed, as iptables
     /// REDIRECT to a closed port would) or passed (fail open).
@@ -648,6 +653,12 @@ counters! {
     /// A DNS query could not be recorded (map full): it went to the
     /// resolver directly.
     DnsStoreFailed = 27 => "dns_store_failed",
+    /// sk_lookup left an IPv6 connection alone (excluded port, loopback,
+    /// passthrough).
+    InboundBypassed6 = 28 => "inbound_bypassed6",
+    /// `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` on a socket we know
+    /// nothing about.
+    GetsockoptMissed6 = 29 => "getsockopt_missed6",
 }
 
 impl Counter {

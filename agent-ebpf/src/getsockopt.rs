@@ -9,7 +9,8 @@
 //!   for a native IPv6 destination: a `sockaddr_in6`.
 //!
 //! The other combinations fail as netfilter's would (the kernel's own
-//! answer stands: there is no conntrack entry to find).
+//! answer stands: there is no conntrack entry to find; where no conntrack
+//! is loaded to say so, ENOENT as it would).
 
 use agent_common::{Counter, OrigDst, SockKey, net};
 use aya_ebpf::{
@@ -86,6 +87,22 @@ pub fn getsockopt(ctx: &SockoptContext) {
     if so.optlen > PAGE_SIZE || (asked.is_some() && so.retval < 0) {
         clear_optlen(ctx.sockopt);
     }
+    // Our option on a socket netfilter does not know: with conntrack loaded
+    // (always, under iptables) the kernel says ENOENT; without it, no
+    // handler at all, ENOPROTOOPT. Answer as iptables mode would.
+    if asked.is_some() && so.retval == -ENOPROTOOPT {
+        set_retval(ctx.sockopt, -ENOENT);
+    }
+}
+
+const ENOENT: i32 = 2;
+const ENOPROTOOPT: i32 = 92;
+
+/// `retval = v`, a call for the same reason as [`clear_optlen`].
+#[inline(never)]
+fn set_retval(sockopt: *mut aya_ebpf::bindings::bpf_sockopt, v: i32) {
+    // SAFETY: the program's own context; retval is writable.
+    unsafe { core::ptr::write_volatile(&raw mut (*sockopt).retval, v) };
 }
 
 /// `optlen = 0`, in a function of its own: inlined, the optimizer derives
@@ -156,7 +173,10 @@ fn answer(ctx: &SockoptContext, asked: Asked) -> bool {
         // the socket's own local address.
         OrigDst::new(own.src_ip, own.src_port)
     } else {
-        bump(Counter::GetsockoptMissed);
+        bump(match asked {
+            Asked::V4 => Counter::GetsockoptMissed,
+            Asked::V6 => Counter::GetsockoptMissed6,
+        });
         return false;
     };
     // netfilter answers SOL_IP for IPv4 connections (on either socket

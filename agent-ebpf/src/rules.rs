@@ -1,7 +1,8 @@
 //! The capture decisions, in istio-iptables' order, for both families (an
 //! IPv4 destination, also v4-mapped, follows the IPv4 rules; a native IPv6
-//! one the IPv6 rules, as ip6tables would), so both redirect modes capture
-//! the same connections.
+//! one the IPv6 rules, as ip6tables would, and only while IPv6 capture is
+//! on, as ip6tables rules are), so both redirect modes capture the same
+//! connections.
 //!
 //! Outbound TCP (istio's `ISTIO_OUTPUT` chain):
 //!
@@ -66,6 +67,9 @@ pub fn outbound(
     dst_port: u16,
     is_proxy: impl FnOnce() -> bool,
 ) -> Outbound {
+    if !net::is_mapped(dst_ip) && !cfg.has(flags::CAPTURE_IPV6) {
+        return Outbound::Ignore;
+    }
     let port_rule = OUT_PORTS.get_ptr(PortKey::new(netns, dst_port)).map(|p| {
         // SAFETY: a u8 value read once.
         unsafe { *p }
@@ -97,7 +101,10 @@ pub fn dns(
     dst_port: u16,
     is_proxy: impl FnOnce() -> bool,
 ) -> Dns {
-    if dst_port != ports::DNS || !cfg.has(flags::REDIRECT_DNS) {
+    if dst_port != ports::DNS
+        || !cfg.has(flags::REDIRECT_DNS)
+        || (!net::is_mapped(dst_ip) && !cfg.has(flags::CAPTURE_IPV6))
+    {
         return Dns::Other;
     }
     // An excluded port (`-o 53`) comes first, as in istio.

@@ -34,7 +34,7 @@ pub fn sk_lookup(ctx: &SkLookupContext) -> u32 {
     let Some(cfg) = INBOUND_CONFIG.get(0).copied() else {
         return SK_PASS;
     };
-    if !cfg.has(flags::REDIRECT_INBOUND) {
+    if !cfg.has(flags::REDIRECT_INBOUND) || !(v4 || cfg.has(flags::CAPTURE_IPV6)) {
         return SK_PASS;
     }
     // Every address field read, each on its own (see `ctx`).
@@ -57,7 +57,11 @@ pub fn sk_lookup(ctx: &SkLookupContext) -> u32 {
         || local_port == cfg.outbound_port
         || !rules::inbound_port(cfg.netns_cookie, cfg.has(flags::IN_ALL_PORTS), local_port)
     {
-        bump(Counter::InboundBypassed);
+        bump(if v4 {
+            Counter::InboundBypassed
+        } else {
+            Counter::InboundBypassed6
+        });
         return SK_PASS;
     }
     // IPv4 goes to the IPv4 listener, or to a dual-stack IPv6 one; IPv6 to

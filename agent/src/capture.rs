@@ -102,8 +102,9 @@ pub struct Settings {
     pub rules: CaptureRules,
     /// DNS capture, if on.
     pub dns: Option<DnsSettings>,
-    /// IPv6 is in use in the namespace: iptables mode installs ip6tables
-    /// rules too (the eBPF mode captures both families always).
+    /// IPv6 is in use in the namespace: native IPv6 is captured too
+    /// (iptables mode installs ip6tables rules; the eBPF programs follow
+    /// the IPv6 rules). Off, IPv6 goes untouched in both modes.
     pub ipv6: bool,
     /// A file that says the IPv6 passthrough source on `lo` is ours (put
     /// there by this agent or the one it took over from), next to the
@@ -242,7 +243,7 @@ impl Capture {
             Backend::Ebpf(c) => c.teardown(settings.netns_cookie),
             Backend::Iptables(c) => c.teardown(settings),
         }
-        passthrough::remove_v6(&settings.netns, &settings.passthrough_marker);
+        let _ = passthrough::remove_v6(&settings.netns, &settings.passthrough_marker);
     }
 
     /// Leaves everything in place for the agent that took over.
@@ -257,12 +258,19 @@ impl Capture {
 /// it is ours, so it is removed exactly when we put it there, also by the
 /// last of a chain of agents that took over from each other.
 pub mod passthrough {
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
 
     use tracing::{info, warn};
 
     use super::CaptureError;
     use crate::netns::Netns;
+
+    /// The marker for the namespace with `netns_cookie`, among the control
+    /// sockets.
+    #[must_use]
+    pub fn marker(control_dir: &Path, netns_cookie: u64) -> PathBuf {
+        control_dir.join(format!("netns-{netns_cookie}.passthrough-v6"))
+    }
 
     fn addr() -> String {
         format!("{}/128", agent_common::INBOUND_PASSTHROUGH_SRC_V6)
@@ -299,17 +307,19 @@ pub mod passthrough {
         Ok(())
     }
 
-    /// Removes `::6/128` from `lo` if `marker` says it is ours.
-    pub fn remove_v6(netns: &Netns, marker: &Path) {
+    /// Removes `::6/128` from `lo` if `marker` says it is ours; whether it
+    /// did.
+    pub fn remove_v6(netns: &Netns, marker: &Path) -> bool {
         if std::fs::remove_file(marker).is_err() {
-            return;
+            return false;
         }
         match ip(netns, &["-6", "addr", "del", &addr(), "dev", "lo"]) {
-            Ok(o) if o.status.success() => {}
+            Ok(o) if o.status.success() => return true,
             Ok(o) => {
                 warn!(error = %String::from_utf8_lossy(&o.stderr).trim(), "removing ::6 from lo");
             }
             Err(e) => warn!(error = %e, "removing ::6 from lo"),
         }
+        false
     }
 }

@@ -7,7 +7,9 @@
 //!   socket, unless `--force`;
 //! - iptables rules installed by `run --mode iptables` in the given
 //!   namespaces: only when they carry our tag (the `mesh-redirect` comment on
-//!   the exempt-mark rule); chains istio-init installed are left alone.
+//!   the exempt-mark rule); chains istio-init installed are left alone;
+//! - the IPv6 passthrough source `::6` on those namespaces' `lo`, where an
+//!   agent that is no longer running put it (its marker file says so).
 
 use std::{
     os::unix::net::UnixStream,
@@ -18,6 +20,7 @@ use anyhow::{Context as _, Result};
 use serde::Serialize;
 
 use crate::{
+    capture::passthrough,
     handoff,
     iptables::{
         apply,
@@ -38,6 +41,8 @@ pub struct Report {
     pub iptables_removed: Vec<PathBuf>,
     /// Namespaces with ISTIO chains that are not ours (left alone).
     pub iptables_not_ours: Vec<PathBuf>,
+    /// Namespaces whose `::6` on `lo` (ours) was removed.
+    pub passthrough_removed: Vec<PathBuf>,
 }
 
 impl Report {
@@ -66,7 +71,13 @@ impl Report {
                 p.display()
             );
         }
-        if self.removed.is_empty() && self.iptables_removed.is_empty() {
+        for p in &self.passthrough_removed {
+            let _ = writeln!(out, "removed our ::6 from lo in {}", p.display());
+        }
+        if self.removed.is_empty()
+            && self.iptables_removed.is_empty()
+            && self.passthrough_removed.is_empty()
+        {
             out.push_str("nothing of ours to remove\n");
         }
         out
@@ -102,6 +113,12 @@ pub fn run(
     };
     for path in namespaces {
         let netns = Netns::open(path).context("--netns")?;
+        let cookie = netns.cookie().context("--netns")?;
+        if (force || !alive(control_dir, cookie))
+            && passthrough::remove_v6(&netns, &passthrough::marker(control_dir, cookie))
+        {
+            report.passthrough_removed.push(path.clone());
+        }
         let runner = |p: &str| netns.command(p);
         for backend in [Backend::Legacy, Backend::Nft] {
             let Ok(saved) = apply::save(&runner, backend, Family::Ipv4) else {

@@ -21,6 +21,8 @@ use agent::netns::Netns;
 pub mod admin;
 pub mod agent_proc;
 pub mod client;
+pub mod clients;
+pub mod dns;
 pub mod farm;
 pub mod foreign;
 pub mod haproxy;

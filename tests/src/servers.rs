@@ -3,7 +3,7 @@
 
 use std::{
     io::{ErrorKind, Read, Write},
-    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -25,7 +25,8 @@ pub struct Seen {
 }
 
 pub struct Server {
-    pub addr: SocketAddrV4,
+    /// Where it listens (for `[::]`, both families: connect to either).
+    pub addr: SocketAddr,
     pub seen: Arc<Mutex<Seen>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -36,8 +37,10 @@ pub struct Server {
 pub enum Behaviour {
     /// Echo everything back in writes of at most this many bytes; on EOF, half-close.
     Echo { write_size: usize },
-    /// HTTP/1.1 keep-alive: answer every request with a small body.
+    /// HTTP/1.1 keep-alive: answer every request with [`HTTP_BODY`].
     Http,
+    /// HTTP/1.1 keep-alive: answer every request with [`pattern`]`(bytes)`.
+    HttpBody { bytes: usize },
     /// Send this many bytes, then reset the connection.
     ResetAfter { bytes: usize },
 }
@@ -45,14 +48,19 @@ pub enum Behaviour {
 pub const HTTP_BODY: &[u8] = b"hello from upstream\n";
 
 impl Server {
-    /// Listens on `ip:port` inside `netns` (port 0: any).
+    /// Listens on `ip:port` inside `netns` (port 0: any; `[::]`: both
+    /// families).
     #[must_use]
-    pub fn start(netns: &TestNetns, ip: Ipv4Addr, port: u16, behaviour: Behaviour) -> Self {
+    pub fn start(
+        netns: &TestNetns,
+        ip: impl Into<IpAddr>,
+        port: u16,
+        behaviour: Behaviour,
+    ) -> Self {
+        let ip = ip.into();
         let listener = netns.run(|| TcpListener::bind((ip, port)).expect("bind test server"));
         listener.set_nonblocking(true).unwrap();
-        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
-            unreachable!()
-        };
+        let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Seen::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let (thread_seen, thread_stop) = (Arc::clone(&seen), Arc::clone(&stop));
@@ -124,33 +132,48 @@ fn serve(mut conn: TcpStream, behaviour: Behaviour, seen: &Mutex<Seen>) {
             }
             let _ = conn.shutdown(Shutdown::Write);
         }
-        Behaviour::Http => {
-            let mut pending = Vec::new();
-            let mut buf = [0u8; 4096];
-            loop {
-                match conn.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => pending.extend_from_slice(&buf[..n]),
-                }
-                while let Some(end) = find(&pending, b"\r\n\r\n") {
-                    pending.drain(..end + 4);
-                    let head = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n",
-                        HTTP_BODY.len()
-                    );
-                    if conn
-                        .write_all(&[head.as_bytes(), HTTP_BODY].concat())
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            }
-        }
+        Behaviour::Http => serve_http(&mut conn, HTTP_BODY),
+        Behaviour::HttpBody { bytes } => serve_http(&mut conn, &pattern(bytes)),
         Behaviour::ResetAfter { bytes } => {
             let _ = conn.write_all(&vec![b'x'; bytes]);
             std::thread::sleep(Duration::from_millis(50));
             let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+        }
+    }
+}
+
+/// `len` bytes of every value, in an order that no shift or repeat of a
+/// block matches: a body whose corruption shows.
+#[must_use]
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| {
+            let [.., a, _] = (i.wrapping_mul(2_654_435_761) >> 5).to_be_bytes();
+            let [.., b, _] = i.to_be_bytes();
+            a ^ b
+        })
+        .collect()
+}
+
+/// HTTP/1.1 keep-alive: every request is answered with `body`.
+fn serve_http(conn: &mut TcpStream, body: &[u8]) {
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
+        body.len()
+    );
+    let response = [head.as_bytes(), body].concat();
+    let mut pending = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+        }
+        while let Some(end) = find(&pending, b"\r\n\r\n") {
+            pending.drain(..end + 4);
+            if conn.write_all(&response).is_err() {
+                return;
+            }
         }
     }
 }

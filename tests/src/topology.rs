@@ -4,7 +4,7 @@
 use std::{
     fs,
     io::Write as _,
-    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -30,6 +30,9 @@ pub struct Topology {
 
 pub const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 pub const SRV_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+/// The pod's and the server's IPv6 addresses, in a [`Topology::dual_stack`].
+pub const POD_IP6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 1);
+pub const SRV_IP6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
 
 impl Topology {
     #[must_use]
@@ -51,6 +54,26 @@ impl Topology {
             srv,
             cgroup: TestCgroup::new(),
         }
+    }
+
+    /// [`Self::new`] with IPv6 too: `fd77::1/64` in the pod, `fd77::2/64` in
+    /// the server namespace (no duplicate address detection, so both are
+    /// usable at once), the default IPv6 route via the server.
+    #[must_use]
+    pub fn dual_stack() -> Self {
+        let topo = Self::new();
+        let (a, b) = (
+            format!("{}a", topo.pod.name()),
+            format!("{}b", topo.srv.name()),
+        );
+        sh(&format!(
+            "ip -n {p} -6 addr add {POD_IP6}/64 dev {a} nodad && \
+             ip -n {s} -6 addr add {SRV_IP6}/64 dev {b} nodad && \
+             ip -n {p} -6 route add default via {SRV_IP6}",
+            p = topo.pod.name(),
+            s = topo.srv.name()
+        ));
+        topo
     }
 
     /// Moves this test process into the pod's cgroup until the guard drops.
@@ -97,10 +120,11 @@ impl Topology {
     /// namespace, by a process in the pod's cgroup (the caller holds the
     /// [`Self::enter_pod_cgroup`] guard); blocking, with a 30 s read timeout.
     #[must_use]
-    pub fn pod_connect_blocking(&self, addr: SocketAddrV4) -> TcpStream {
+    pub fn pod_connect_blocking(&self, addr: impl Into<SocketAddr>) -> TcpStream {
+        let addr = addr.into();
         let s = self
             .pod
-            .run(|| TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5)))
+            .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
             .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         s
@@ -108,7 +132,7 @@ impl Topology {
 
     /// [`Self::pod_connect_blocking`], driven like a network app: poll, then I/O.
     #[must_use]
-    pub fn pod_connect(&self, addr: SocketAddrV4) -> PollStream {
+    pub fn pod_connect(&self, addr: impl Into<SocketAddr>) -> PollStream {
         PollStream::new(self.pod_connect_blocking(addr), Duration::from_secs(30)).unwrap()
     }
 }

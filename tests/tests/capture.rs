@@ -9,7 +9,7 @@
 //! that is not captured reaches its real destination.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     time::{Duration, Instant},
 };
 
@@ -20,7 +20,7 @@ use tests::{
     agent_proc::run_to_end,
     require_root,
     servers::{Behaviour, Server},
-    topology::{POD_IP, SRV_IP},
+    topology::{POD_IP, POD_IP6, SRV_IP, SRV_IP6},
 };
 
 /// The agent for an external proxy running as uid 1337.
@@ -33,22 +33,73 @@ fn start_agent(topo: &Topology, mode: RedirectMode, extra: &[&str]) -> Agent {
 }
 
 /// The test's stand-ins for the proxy's listeners, in the pod (created
-/// while the test process is in the pod's cgroup, as a sidecar's would be).
+/// while the test process is in the pod's cgroup, as a sidecar's would be),
+/// one per family as a dual-stack proxy has them.
 struct FakeProxy {
     outbound: TcpListener,
+    outbound6: TcpListener,
     inbound: TcpListener,
+    inbound6: TcpListener,
 }
 
 impl FakeProxy {
     fn new(topo: &Topology) -> Self {
-        topo.pod.run(|| {
-            let outbound = TcpListener::bind((Ipv4Addr::LOCALHOST, 15001)).unwrap();
-            let inbound = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 15006)).unwrap();
-            outbound.set_nonblocking(true).unwrap();
-            inbound.set_nonblocking(true).unwrap();
-            Self { outbound, inbound }
+        topo.pod.run(|| Self {
+            outbound: listen((Ipv4Addr::LOCALHOST, 15001).into()),
+            outbound6: listen((Ipv6Addr::LOCALHOST, 15001).into()),
+            inbound: listen((Ipv4Addr::UNSPECIFIED, 15006).into()),
+            inbound6: listen((Ipv6Addr::UNSPECIFIED, 15006).into()),
         })
     }
+
+    /// The outbound listener a connect to `dst` lands on: a v4-mapped
+    /// destination is an IPv4 one.
+    fn outbound_for(&self, dst: SocketAddr) -> &TcpListener {
+        if is_v4(dst.ip()) {
+            &self.outbound
+        } else {
+            &self.outbound6
+        }
+    }
+
+    fn inbound_for(&self, dst: SocketAddr) -> &TcpListener {
+        if is_v4(dst.ip()) {
+            &self.inbound
+        } else {
+            &self.inbound6
+        }
+    }
+}
+
+/// A non-blocking listener on `addr`, IPv6 ones IPv6-only (as a proxy with
+/// a listener per family binds them).
+fn listen(addr: SocketAddr) -> TcpListener {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .unwrap();
+    if addr.is_ipv6() {
+        s.set_only_v6(true).unwrap();
+    }
+    s.set_reuse_address(true).unwrap();
+    s.bind(&addr.into())
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    s.listen(128).unwrap();
+    s.set_nonblocking(true).unwrap();
+    s.into()
+}
+
+/// IPv4, or an IPv4 address written v4-mapped.
+fn is_v4(ip: IpAddr) -> bool {
+    ip.to_canonical().is_ipv4()
+}
+
+/// The address netfilter (and so `SO_ORIGINAL_DST`) names for `dst`: a
+/// v4-mapped one as plain IPv4.
+fn canonical(dst: SocketAddr) -> SocketAddr {
+    SocketAddr::new(dst.ip().to_canonical(), dst.port())
 }
 
 /// Where a connection ended up.
@@ -75,51 +126,69 @@ fn landed(proxy: &TcpListener) -> Landed {
 }
 
 /// An outbound connect from the app in the pod to `dst`; where it lands.
-fn outbound(topo: &Topology, proxy: &FakeProxy, dst: SocketAddrV4) -> Landed {
+fn outbound(topo: &Topology, proxy: &FakeProxy, dst: impl Into<SocketAddr>) -> Landed {
+    let dst = dst.into();
     let _ = topo
         .pod
-        .run(|| TcpStream::connect_timeout(&dst.into(), tests::scaled(Duration::from_millis(300))));
-    landed(&proxy.outbound)
+        .run(|| TcpStream::connect_timeout(&dst, tests::scaled(Duration::from_millis(300))));
+    landed(proxy.outbound_for(dst))
 }
 
-/// An inbound connect from the server namespace to the pod's `port`.
-fn inbound(topo: &Topology, proxy: &FakeProxy, port: u16) -> Landed {
-    let dst = SocketAddrV4::new(POD_IP, port);
+/// An inbound connect from the server namespace to the pod's `ip:port`.
+fn inbound(topo: &Topology, proxy: &FakeProxy, ip: impl Into<IpAddr>, port: u16) -> Landed {
+    let dst = SocketAddr::new(ip.into(), port);
     let _ = topo
         .srv
-        .run(|| TcpStream::connect_timeout(&dst.into(), tests::scaled(Duration::from_millis(300))));
-    landed(&proxy.inbound)
+        .run(|| TcpStream::connect_timeout(&dst, tests::scaled(Duration::from_millis(300))));
+    landed(proxy.inbound_for(dst))
 }
 
 const OTHER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const OTHER_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 /// A loopback address other than 127.0.0.1: never captured, in either mode.
 const LOOPBACK_2: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const OTHER: SocketAddrV4 = SocketAddrV4::new(OTHER_IP, 80);
+/// The server's IPv4 address written v4-mapped, as a dual-stack app (the
+/// JDK's sockets, Python's `AF_INET6`) connects to it.
+const SRV_MAPPED: Ipv6Addr = SRV_IP.to_ipv6_mapped();
 
+/// One body for both families: each case lists outbound destinations and
+/// inbound ports with whether they are captured. IPv6 CIDRs and ports
+/// decide exactly as IPv4 ones do; a v4-mapped destination follows the
+/// IPv4 rules; `::1` is exempt like 127.0.0.0/8; an include list of one
+/// family's CIDRs captures nothing of the other (as istio's `-i` does);
+/// with IPv6 off, IPv6 goes untouched (no ip6tables rules).
 #[rstest]
-#[case::defaults(&[], &[(SRV_IP, 9000, true), (OTHER_IP, 80, true), (LOOPBACK_2, 9000, false)], &[(8080, true), (15021, false), (15008, false), (15090, false), (15020, false)])]
-#[case::exclude_cidr(&["-x", "10.77.0.0/24"], &[(SRV_IP, 9000, false), (OTHER_IP, 80, true)], &[])]
-#[case::include_cidr(&["-i", "192.0.2.0/24"], &[(SRV_IP, 9000, false), (OTHER_IP, 80, true)], &[])]
-#[case::include_port(&["-i", "192.0.2.0/24", "-q", "9000"], &[(SRV_IP, 9000, true), (SRV_IP, 9001, false)], &[])]
-#[case::exclude_port(&["-o", "9000"], &[(SRV_IP, 9000, false), (SRV_IP, 9001, true)], &[])]
-#[case::exclude_cidr_beats_include_port(&["-x", "10.77.0.0/24", "-q", "9000"], &[(SRV_IP, 9000, false)], &[])]
-#[case::inbound_exclude(&["-d", "8080"], &[], &[(8080, false), (8081, true)])]
-#[case::inbound_include(&["-b", "9090"], &[], &[(8080, false), (9090, true)])]
+#[case::defaults(&[], &[(SRV_IP.into(), 9000, true), (OTHER_IP.into(), 80, true), (LOOPBACK_2.into(), 9000, false)], &[(POD_IP.into(), 8080, true), (POD_IP.into(), 15021, false), (POD_IP.into(), 15008, false), (POD_IP.into(), 15090, false), (POD_IP.into(), 15020, false)])]
+#[case::defaults6(&[], &[(SRV_IP6.into(), 9000, true), (OTHER_IP6.into(), 80, true), (SRV_MAPPED.into(), 9000, true), (Ipv6Addr::LOCALHOST.into(), 9000, false)], &[(POD_IP6.into(), 8080, true), (POD_IP6.into(), 15021, false), (POD_IP6.into(), 15020, false)])]
+#[case::exclude_cidr(&["-x", "10.77.0.0/24"], &[(SRV_IP.into(), 9000, false), (SRV_MAPPED.into(), 9000, false), (OTHER_IP.into(), 80, true), (SRV_IP6.into(), 9000, true)], &[])]
+#[case::exclude_cidr6(&["-x", "fd77::/64"], &[(SRV_IP6.into(), 9000, false), (OTHER_IP6.into(), 80, true), (SRV_IP.into(), 9000, true)], &[])]
+#[case::exclude_both(&["-x", "10.77.0.0/24,fd77::/64"], &[(SRV_IP.into(), 9000, false), (SRV_IP6.into(), 9000, false), (OTHER_IP.into(), 80, true), (OTHER_IP6.into(), 80, true)], &[])]
+#[case::include_cidr(&["-i", "192.0.2.0/24"], &[(SRV_IP.into(), 9000, false), (OTHER_IP.into(), 80, true), (SRV_IP6.into(), 9000, false)], &[])]
+#[case::include_cidr6(&["-i", "2001:db8::/32"], &[(SRV_IP6.into(), 9000, false), (OTHER_IP6.into(), 80, true), (SRV_IP.into(), 9000, false)], &[])]
+#[case::include_all(&["-i", "*"], &[(SRV_IP.into(), 9000, true), (SRV_IP6.into(), 9000, true)], &[])]
+#[case::include_port(&["-i", "192.0.2.0/24", "-q", "9000"], &[(SRV_IP.into(), 9000, true), (SRV_IP.into(), 9001, false)], &[])]
+#[case::include_port6(&["-i", "2001:db8::/32", "-q", "9000"], &[(SRV_IP6.into(), 9000, true), (SRV_IP6.into(), 9001, false)], &[])]
+#[case::exclude_port(&["-o", "9000"], &[(SRV_IP.into(), 9000, false), (SRV_IP.into(), 9001, true), (SRV_IP6.into(), 9000, false), (SRV_IP6.into(), 9001, true)], &[])]
+#[case::exclude_cidr_beats_include_port(&["-x", "10.77.0.0/24,fd77::/64", "-q", "9000"], &[(SRV_IP.into(), 9000, false), (SRV_IP6.into(), 9000, false)], &[])]
+#[case::ipv6_off(&["--ipv6=false"], &[(SRV_IP6.into(), 9000, false), (SRV_MAPPED.into(), 9000, true), (SRV_IP.into(), 9000, true)], &[(POD_IP6.into(), 8080, false), (POD_IP.into(), 8080, true)])]
+#[case::inbound_exclude(&["-d", "8080"], &[], &[(POD_IP.into(), 8080, false), (POD_IP.into(), 8081, true), (POD_IP6.into(), 8080, false), (POD_IP6.into(), 8081, true)])]
+#[case::inbound_include(&["-b", "9090"], &[], &[(POD_IP.into(), 8080, false), (POD_IP.into(), 9090, true), (POD_IP6.into(), 8080, false), (POD_IP6.into(), 9090, true)])]
 fn include_and_exclude_lists_decide_what_is_captured(
     #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
     #[case] flags: &[&str],
-    #[case] outbound_cases: &[(Ipv4Addr, u16, bool)],
-    #[case] inbound_cases: &[(u16, bool)],
+    #[case] outbound_cases: &[(IpAddr, u16, bool)],
+    #[case] inbound_cases: &[(IpAddr, u16, bool)],
 ) {
     require_root!();
-    let topo = Topology::new();
+    let topo = Topology::dual_stack();
     let _agent = start_agent(&topo, mode, flags);
     let _in_pod = topo.enter_pod_cgroup();
     let proxy = FakeProxy::new(&topo);
     for &(ip, port, captured) in outbound_cases {
-        let dst = SocketAddrV4::new(ip, port);
+        let dst = SocketAddr::new(ip, port);
         let expected = if captured {
-            Landed::Proxy(dst.into())
+            Landed::Proxy(canonical(dst))
         } else {
             Landed::Direct
         };
@@ -129,16 +198,16 @@ fn include_and_exclude_lists_decide_what_is_captured(
             "outbound to {dst} with {flags:?}"
         );
     }
-    for &(port, captured) in inbound_cases {
+    for &(ip, port, captured) in inbound_cases {
         let expected = if captured {
-            Landed::Proxy(SocketAddrV4::new(POD_IP, port).into())
+            Landed::Proxy(SocketAddr::new(ip, port))
         } else {
             Landed::Direct
         };
         assert_eq!(
-            inbound(&topo, &proxy, port),
+            inbound(&topo, &proxy, ip, port),
             expected,
-            "inbound to port {port} with {flags:?}"
+            "inbound to {ip} port {port} with {flags:?}"
         );
     }
 }
@@ -281,7 +350,7 @@ fn rules_change_at_runtime_without_a_restart() {
     };
     assert_eq!(outbound(&topo, &proxy, dst), Landed::Proxy(dst.into()));
     assert_eq!(
-        inbound(&topo, &proxy, 8080),
+        inbound(&topo, &proxy, POD_IP, 8080),
         Landed::Proxy(SocketAddrV4::new(POD_IP, 8080).into())
     );
 
@@ -296,7 +365,7 @@ fn rules_change_at_runtime_without_a_restart() {
         "-x applies to new connections"
     );
     assert_eq!(
-        inbound(&topo, &proxy, 8080),
+        inbound(&topo, &proxy, POD_IP, 8080),
         Landed::Direct,
         "-d applies to new connections"
     );
@@ -323,7 +392,7 @@ fn rules_change_at_runtime_without_a_restart() {
 
 #[rstest]
 fn bad_rule_lists_are_named_and_nothing_is_attached(
-    #[values(&["-x", "10.0.0.0/33"][..], &["-i", "ten.0.0.0/8"][..], &["-b", "0"][..], &["-o", "70000"][..], &["-d", "*"][..])]
+    #[values(&["-x", "10.0.0.0/33"][..], &["-i", "ten.0.0.0/8"][..], &["-x", "fd77::/129"][..], &["-i", "10.0.0.0/8,fd77:::1/64"][..], &["-b", "0"][..], &["-o", "70000"][..], &["-d", "*"][..])]
     flags: &[&str],
 ) {
     require_root!();
@@ -343,9 +412,10 @@ fn bad_rule_lists_are_named_and_nothing_is_attached(
     let out = run_to_end(&args);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
+    let bad = flags[1].rsplit(',').next().unwrap();
     assert!(
-        err.contains(flags[0]),
-        "error does not name {}: {err}",
+        err.contains(flags[0]) && err.contains(bad),
+        "error does not name {} {bad}: {err}",
         flags[0]
     );
     assert!(
@@ -527,19 +597,27 @@ fn the_bypass_identities_are_logged_once_at_startup() {
 }
 
 /// Inbound through the built-in proxy: a client elsewhere reaches the app,
-/// the app sees the passthrough source, 64 MiB each way byte-exact.
+/// the app sees the passthrough source (istio's 127.0.0.6, and `::6` for
+/// IPv6; a dual-stack app sees an IPv4 client's as `::ffff:127.0.0.6`),
+/// 64 MiB each way byte-exact.
 #[rstest]
+#[case::ipv4(POD_IP.into(), Ipv4Addr::UNSPECIFIED.into(), Ipv4Addr::new(127, 0, 0, 6).into())]
+#[case::ipv6_to_a_dual_stack_app(POD_IP6.into(), Ipv6Addr::UNSPECIFIED.into(), "::6".parse().unwrap())]
+#[case::ipv4_to_a_dual_stack_app(POD_IP.into(), Ipv6Addr::UNSPECIFIED.into(), Ipv4Addr::new(127, 0, 0, 6).to_ipv6_mapped().into())]
 fn inbound_reaches_the_app_from_the_passthrough_source(
     #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
+    #[case] dst: IpAddr,
+    #[case] app_bind: IpAddr,
+    #[case] passthrough: IpAddr,
 ) {
     require_root!();
-    let topo = Topology::new();
+    let topo = Topology::dual_stack();
     let _agent = topo.run_agent(mode, Placement::Outside, &[]);
     let app = {
         let _in_pod = topo.enter_pod_cgroup();
         Server::start(
             &topo.pod,
-            Ipv4Addr::UNSPECIFIED,
+            app_bind,
             8080,
             Behaviour::Echo {
                 write_size: 16 * 1024,
@@ -548,12 +626,7 @@ fn inbound_reaches_the_app_from_the_passthrough_source(
     };
     let conn = topo
         .srv
-        .run(|| {
-            TcpStream::connect_timeout(
-                &SocketAddrV4::new(POD_IP, 8080).into(),
-                Duration::from_secs(5),
-            )
-        })
+        .run(|| TcpStream::connect_timeout(&SocketAddr::new(dst, 8080), Duration::from_secs(5)))
         .unwrap();
     let mut conn = tests::PollStream::new(conn, Duration::from_secs(30)).unwrap();
     let sent = tests::transfer::echo_round_trip(&mut conn, tests::bulk_bytes(64 << 20), 16 * 1024);
@@ -561,7 +634,7 @@ fn inbound_reaches_the_app_from_the_passthrough_source(
     assert_eq!(seen.peers.len(), 1);
     assert_eq!(
         seen.peers[0].ip(),
-        Ipv4Addr::new(127, 0, 0, 6),
+        passthrough,
         "the app sees the passthrough source"
     );
     assert_eq!(seen.received_sha256, vec![sent], "bytes at the app differ");

@@ -69,10 +69,41 @@ fn mode_auto_picks_ebpf_here_and_iptables_when_a_hook_is_missing() {
     let echo = Server::start(&topo.srv, SRV_IP, 9000, Behaviour::Echo { write_size: 64 });
     let conn = topo
         .pod
-        .run(|| TcpStream::connect_timeout(&echo.addr.into(), Duration::from_secs(5)))
+        .run(|| TcpStream::connect_timeout(&echo.addr, Duration::from_secs(5)))
         .unwrap();
     let mut conn = PollStream::new(conn, Duration::from_secs(10)).unwrap();
     tests::transfer::echo_round_trip(&mut conn, 1 << 20, 4096);
+    assert!(agent.stop_with(libc::SIGTERM).success());
+}
+
+/// `--mode auto` asks only for the hooks the configuration uses: without
+/// DNS capture a missing sendmsg hook does not matter; with it, the agent
+/// falls back to iptables, naming the hook.
+#[rstest]
+#[case::without_dns(&[], "ebpf")]
+#[case::with_dns(&["--redirect-dns", "--dns-servers", "10.77.0.2"], "iptables")]
+fn mode_auto_needs_the_dns_hooks_only_for_dns_capture(
+    #[case] extra: &[&str],
+    #[case] chosen: &str,
+) {
+    require_root!();
+    let topo = Topology::new();
+    let (netns, cg) = (
+        topo.pod.path_str().to_owned(),
+        topo.cgroup.path().to_str().unwrap().to_owned(),
+    );
+    let mut args = run_args("auto", &netns, &cg);
+    args.extend(["--pretend-missing", "object.mesh_sendmsg4"]);
+    args.extend(extra);
+    let agent = Agent::run(&args, None);
+    let log = agent.log_text();
+    assert!(log.contains(&format!("mode=\"{chosen}\"")), "{log}");
+    if chosen == "iptables" {
+        assert!(
+            log.contains("mesh_sendmsg4"),
+            "the reason names the hook: {log}"
+        );
+    }
     assert!(agent.stop_with(libc::SIGTERM).success());
 }
 
@@ -214,7 +245,7 @@ fn an_external_third_party_proxy_works_and_fails_fast_when_stopped(
     // Outbound: app → HAProxy → server, byte-exact.
     let conn = topo
         .pod
-        .run(|| TcpStream::connect_timeout(&echo.addr.into(), Duration::from_secs(5)))
+        .run(|| TcpStream::connect_timeout(&echo.addr, Duration::from_secs(5)))
         .unwrap();
     let mut conn = PollStream::new(conn, Duration::from_secs(30)).unwrap();
     let sent = tests::transfer::echo_round_trip(&mut conn, 16 << 20, 16 * 1024);
@@ -255,7 +286,7 @@ fn an_external_third_party_proxy_works_and_fails_fast_when_stopped(
     let start = Instant::now();
     let out = topo
         .pod
-        .run(|| TcpStream::connect_timeout(&echo.addr.into(), Duration::from_secs(5)));
+        .run(|| TcpStream::connect_timeout(&echo.addr, Duration::from_secs(5)));
     assert_eq!(
         out.unwrap_err().kind(),
         std::io::ErrorKind::ConnectionRefused,

@@ -122,13 +122,16 @@ fn admin_serves_ready_health_and_metrics_equal_to_what_the_client_did(
         assert_eq!(
             admin::metric(
                 &text,
-                "mesh_redirect_redirects_total{direction=\"outbound\"}"
+                "mesh_redirect_redirects_total{direction=\"outbound\",family=\"ipv4\"}"
             ),
             Some(5),
             "{text}"
         );
         assert_eq!(
-            admin::metric(&text, "mesh_redirect_getsockopt_total{result=\"answered\"}"),
+            admin::metric(
+                &text,
+                "mesh_redirect_getsockopt_total{result=\"answered\",family=\"ipv4\"}"
+            ),
             Some(5)
         );
         assert!(
@@ -206,7 +209,7 @@ fn sigterm_drains_open_connections_then_stops() {
     // New connects are refused (fail closed) while draining.
     let refused = topo
         .pod
-        .run(|| TcpStream::connect_timeout(&echo.addr.into(), Duration::from_secs(2)));
+        .run(|| TcpStream::connect_timeout(&echo.addr, Duration::from_secs(2)));
     assert_eq!(
         refused.unwrap_err().kind(),
         std::io::ErrorKind::ConnectionRefused
@@ -422,7 +425,7 @@ fn a_new_agent_takes_over_without_refusing_a_connection(
             pod.run(|| {
                 while !stop.load(Ordering::Relaxed) {
                     let attempt = || -> std::io::Result<()> {
-                        let s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))?;
+                        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
                         let mut s = PollStream::new(s, Duration::from_secs(5))?;
                         s.write_all(b"ping")?;
                         let mut b = [0u8; 4];
@@ -505,7 +508,7 @@ fn the_fail_policy_decides_while_no_proxy_listens(#[case] flag: &[&str], #[case]
     let _in_pod = topo.enter_pod_cgroup();
     let out = topo
         .pod
-        .run(|| TcpStream::connect_timeout(&echo.addr.into(), Duration::from_secs(2)));
+        .run(|| TcpStream::connect_timeout(&echo.addr, Duration::from_secs(2)));
     let inb = topo.srv.run(|| {
         TcpStream::connect_timeout(
             &SocketAddrV4::new(POD_IP, 8080).into(),
@@ -544,7 +547,7 @@ fn cleanup_after_a_sigkill_removes_pins_links_and_our_chains_only(
     #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
 ) {
     require_root!();
-    let topo = Topology::new();
+    let topo = Topology::dual_stack();
     // Someone else's istio chains, in another namespace: not ours.
     let other = tests::TestNetns::new();
     let agent_bin = tests::agent_bin();
@@ -576,7 +579,17 @@ fn cleanup_after_a_sigkill_removes_pins_links_and_our_chains_only(
     // SAFETY: kill(2) on our child.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     drop(agent);
-    let save = || topo.pod.sh("iptables-nft-save; iptables-legacy-save");
+    let save = || {
+        topo.pod.sh(
+            "iptables-nft-save; iptables-legacy-save; ip6tables-nft-save; ip6tables-legacy-save",
+        )
+    };
+    let passthrough6 = || {
+        topo.pod
+            .sh("ip -6 -o addr show dev lo")
+            .contains(" ::6/128 ")
+    };
+    assert!(passthrough6(), "a killed agent leaves ::6 on lo");
     match mode {
         RedirectMode::Ebpf => {
             assert!(
@@ -603,6 +616,8 @@ fn cleanup_after_a_sigkill_removes_pins_links_and_our_chains_only(
     assert!(ours_on(topo.cgroup.path()).is_empty(), "{text}");
     assert!(pins_of(&topo).is_empty(), "{text}");
     assert!(!save().contains("ISTIO"), "our chains left:\n{}", save());
+    assert!(!passthrough6(), "::6 left on lo: {text}");
+    assert!(text.contains("removed our ::6 from lo"), "{text}");
     assert_eq!(
         other
             .sh("iptables-nft-save -t nat; iptables-legacy-save -t nat")
@@ -831,7 +846,7 @@ fn heavy_ten_thousand_held_then_a_thousand_a_second_for_a_minute() {
     assert_eq!(
         admin::metric(
             &text,
-            "mesh_redirect_redirects_total{direction=\"outbound\"}"
+            "mesh_redirect_redirects_total{direction=\"outbound\",family=\"ipv4\"}"
         ),
         Some(held + churned)
     );

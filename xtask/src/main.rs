@@ -73,6 +73,7 @@ fn run(command: Command) -> Result<()> {
             use setup::Need;
             setup::ensure(&[
                 Need::Tests,
+                Need::Clients,
                 Need::Demo,
                 Need::Bench,
                 Need::Vm,

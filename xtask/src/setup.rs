@@ -46,6 +46,8 @@ pub struct EbpfToolchain {
 pub enum Need {
     /// iptables (legacy and nft), iproute2: the kernel integration tests.
     Tests,
+    /// The real clients' runtimes the kernel tests run (Python, the JDK).
+    Clients,
     /// curl, the demo's HTTP client.
     Demo,
     /// HAProxy, the peer proxy `bench` compares against.
@@ -71,6 +73,16 @@ impl Need {
                 (
                     "haproxy",
                     "kernel tests use it as a third-party transparent proxy",
+                ),
+            ],
+            Self::Clients => &[
+                (
+                    "python3",
+                    "kernel tests run Python clients and a DNS server",
+                ),
+                (
+                    "openjdk-17-jdk-headless",
+                    "kernel tests run JDK clients (javac builds them, jlink cuts a runtime for the VM guests)",
                 ),
             ],
             Self::Demo => &[("curl", "the demo's HTTP client")],

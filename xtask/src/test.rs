@@ -19,7 +19,7 @@ pub const NO_SKIP: &str = "MESH_REDIRECT_NO_SKIP";
 pub const AGENT_BIN_ENV: &str = "MESH_REDIRECT_BIN";
 
 pub fn run(filter: Option<&str>, kernel_only: bool) -> Result<()> {
-    let tc = setup::ensure(&[setup::Need::Tests, setup::Need::Demo])?;
+    let tc = setup::ensure(&[setup::Need::Tests, setup::Need::Clients, setup::Need::Demo])?;
     if !kernel_only {
         crate::layering::check(&build::root().join("agent/src"))?;
         let fmt = ["fmt", "--all", "--check"];

@@ -143,7 +143,12 @@ pub fn run(opts: &Options) -> Result<()> {
     if series.is_empty() {
         series = debian::SERIES.to_vec();
     }
-    let tc = setup::ensure(&[setup::Need::Tests, setup::Need::Demo, setup::Need::Vm])?;
+    let tc = setup::ensure(&[
+        setup::Need::Tests,
+        setup::Need::Clients,
+        setup::Need::Demo,
+        setup::Need::Vm,
+    ])?;
     let agent = build::build(&tc, false)?;
     let binaries = test::kernel_test_binaries(&tc)?;
     let cases = select(list_cases(&binaries)?, &opts.filters, &opts.skip);

@@ -18,7 +18,7 @@ use prometheus_client::{
 use super::Readiness;
 use crate::{
     capture::Mode,
-    ebpf::DatapathMaps,
+    ebpf::{DatapathMaps, maps::Counters},
     proxy::{self, Direction},
 };
 
@@ -55,8 +55,15 @@ struct VerdictLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabels {
+struct ResultFamilyLabels {
     result: &'static str,
+    family: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabels {
+    direction: Direction,
+    family: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -171,57 +178,8 @@ impl Collector for Datapath {
             // is in trouble; the other components still report.
             return Ok(());
         };
-        let dir = |direction| DirectionLabels { direction };
-        counters(
-            &mut e,
-            "mesh_redirect_redirects",
-            "Connections captured by the datapath, by direction",
-            &[
-                (dir(Direction::Outbound), c.get(Counter::ConnectRedirected)),
-                (dir(Direction::Inbound), c.get(Counter::InboundSteered)),
-            ],
-        )?;
-        counters(
-            &mut e,
-            "mesh_redirect_sk_msg",
-            "sk_msg verdicts: redirected to the peer socket, or passed over TCP",
-            &[
-                (
-                    VerdictLabels {
-                        verdict: "redirected",
-                    },
-                    c.get(Counter::MsgRedirected),
-                ),
-                (
-                    VerdictLabels { verdict: "passed" },
-                    c.get(Counter::MsgPassed),
-                ),
-            ],
-        )?;
-        counters(
-            &mut e,
-            "mesh_redirect_getsockopt",
-            "getsockopt(SO_ORIGINAL_DST) answered from the datapath, or not ours",
-            &[
-                (
-                    ResultLabels { result: "answered" },
-                    c.get(Counter::GetsockoptAnswered),
-                ),
-                (
-                    ResultLabels { result: "missed" },
-                    c.get(Counter::GetsockoptMissed),
-                ),
-            ],
-        )?;
-        counters(
-            &mut e,
-            "mesh_redirect_fail_open_passed",
-            "Connections that went direct because no proxy listened (fail open)",
-            &[
-                (dir(Direction::Outbound), c.get(Counter::ConnectFailOpen)),
-                (dir(Direction::Inbound), c.get(Counter::InboundFailOpen)),
-            ],
-        )?;
+        capture_metrics(&mut e, &c)?;
+        dns_metrics(&mut e, &c)?;
         let events: Vec<_> = c
             .iter()
             .map(|(counter, v)| {
@@ -260,6 +218,145 @@ impl Collector for Datapath {
             &capacity,
         )
     }
+}
+
+/// What the datapath captured, left alone and answered, per family.
+fn capture_metrics(e: &mut DescriptorEncoder, c: &Counters) -> Result<(), std::fmt::Error> {
+    let dir = |direction| DirectionLabels { direction };
+    let path = |direction, family| PathLabels { direction, family };
+    counters(
+        e,
+        "mesh_redirect_redirects",
+        "Connections captured by the datapath, by direction and address family \
+             (ipv4_mapped: an IPv4 destination through an AF_INET6 socket)",
+        &[
+            (
+                path(Direction::Outbound, "ipv4"),
+                c.get(Counter::ConnectRedirected),
+            ),
+            (
+                path(Direction::Outbound, "ipv4_mapped"),
+                c.get(Counter::ConnectRedirectedMapped),
+            ),
+            (
+                path(Direction::Outbound, "ipv6"),
+                c.get(Counter::ConnectRedirected6),
+            ),
+            (
+                path(Direction::Inbound, "ipv4"),
+                c.get(Counter::InboundSteered),
+            ),
+            (
+                path(Direction::Inbound, "ipv6"),
+                c.get(Counter::InboundSteered6),
+            ),
+        ],
+    )?;
+    counters(
+        e,
+        "mesh_redirect_bypassed",
+        "Connections the datapath left alone by rule (an exempt identity, an excluded \
+             address or port), by direction and address family (v4-mapped counts as ipv4)",
+        &[
+            (
+                path(Direction::Outbound, "ipv4"),
+                c.get(Counter::ConnectBypassed),
+            ),
+            (
+                path(Direction::Outbound, "ipv6"),
+                c.get(Counter::ConnectBypassed6),
+            ),
+            (
+                path(Direction::Inbound, "ipv4"),
+                c.get(Counter::InboundBypassed),
+            ),
+            (
+                path(Direction::Inbound, "ipv6"),
+                c.get(Counter::InboundBypassed6),
+            ),
+        ],
+    )?;
+    counters(
+        e,
+        "mesh_redirect_sk_msg",
+        "sk_msg verdicts: redirected to the peer socket, or passed over TCP",
+        &[
+            (
+                VerdictLabels {
+                    verdict: "redirected",
+                },
+                c.get(Counter::MsgRedirected),
+            ),
+            (
+                VerdictLabels { verdict: "passed" },
+                c.get(Counter::MsgPassed),
+            ),
+        ],
+    )?;
+    let asked = |result, family| ResultFamilyLabels { result, family };
+    counters(
+        e,
+        "mesh_redirect_getsockopt",
+        "The original destination asked of the datapath (SO_ORIGINAL_DST for ipv4, \
+             IP6T_SO_ORIGINAL_DST for ipv6): answered, or missed (a socket it does not know)",
+        &[
+            (
+                asked("answered", "ipv4"),
+                c.get(Counter::GetsockoptAnswered),
+            ),
+            (
+                asked("answered", "ipv6"),
+                c.get(Counter::GetsockoptAnswered6),
+            ),
+            (asked("missed", "ipv4"), c.get(Counter::GetsockoptMissed)),
+            (asked("missed", "ipv6"), c.get(Counter::GetsockoptMissed6)),
+        ],
+    )?;
+    counters(
+        e,
+        "mesh_redirect_fail_open_passed",
+        "Connections that went direct because no proxy listened (fail open)",
+        &[
+            (dir(Direction::Outbound), c.get(Counter::ConnectFailOpen)),
+            (dir(Direction::Inbound), c.get(Counter::InboundFailOpen)),
+        ],
+    )?;
+    Ok(())
+}
+
+/// DNS capture's counters.
+fn dns_metrics(e: &mut DescriptorEncoder, c: &Counters) -> Result<(), std::fmt::Error> {
+    counters(
+        e,
+        "mesh_redirect_dns",
+        "DNS capture: queries sent to the DNS proxy, replies shown as the resolver's, \
+             the DNS proxy's own queries left alone, queries that could not be recorded \
+             (sent to the resolver directly)",
+        &[
+            (
+                EventLabels {
+                    event: "redirected",
+                },
+                c.get(Counter::DnsRedirected),
+            ),
+            (
+                EventLabels {
+                    event: "reply_restored",
+                },
+                c.get(Counter::DnsReplyRestored),
+            ),
+            (
+                EventLabels { event: "bypassed" },
+                c.get(Counter::DnsBypassed),
+            ),
+            (
+                EventLabels {
+                    event: "store_failed",
+                },
+                c.get(Counter::DnsStoreFailed),
+            ),
+        ],
+    )
 }
 
 /// The built-in proxy's counters.

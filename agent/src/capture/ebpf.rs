@@ -33,6 +33,7 @@ pub fn netns_config(s: &Settings) -> NetnsConfig {
         (s.proxy.gid.is_some(), flags::PROXY_GID),
         (s.inbound, flags::REDIRECT_INBOUND),
         (s.dns.is_some(), flags::REDIRECT_DNS),
+        (s.ipv6, flags::CAPTURE_IPV6),
         (
             s.dns.as_ref().is_some_and(|d| d.capture_all),
             flags::CAPTURE_ALL_DNS,

@@ -94,9 +94,10 @@ impl Plan {
                 rules,
                 dns,
                 ipv6,
-                passthrough_marker: args
-                    .control_dir
-                    .join(format!("netns-{netns_cookie}.passthrough-v6")),
+                passthrough_marker: crate::capture::passthrough::marker(
+                    &args.control_dir,
+                    netns_cookie,
+                ),
             },
             proxy,
         })

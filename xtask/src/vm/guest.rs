@@ -32,6 +32,7 @@ const TEST_PROGRAMS: &[(&str, &str)] = &[
     ("ss", "tests wait for listening sockets"),
     ("sysctl", "tests tune the pod's TCP settings"),
     ("curl", "an HTTP client, as in the demo"),
+    ("getent", "the DNS tests resolve names through glibc"),
     ("haproxy", "a third-party transparent proxy"),
     ("cat", "shell snippets"),
     ("true", "a stand-in command in tests"),
@@ -60,6 +61,8 @@ const DATA: &[&str] = &[
     "/etc/services",
     "/etc/ethertypes",
     "/etc/iproute2",
+    // glibc's name service order (files, then dns) for the DNS tests.
+    "/etc/nsswitch.conf",
     // iptables' match and target extensions, which it dlopen()s.
     "/usr/lib/x86_64-linux-gnu/xtables",
 ];
@@ -131,6 +134,7 @@ pub fn initramfs(
             image.add_host_path(path)?;
         }
     }
+    runtimes::add(&mut image, work)?;
     image.add_bytes("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", 0o644);
     image.add_bytes("/etc/group", "root:x:0:\n", 0o644);
     image.add_bytes("/etc/hosts", "127.0.0.1 localhost\n::1 localhost\n", 0o644);
@@ -256,5 +260,132 @@ mod tests {
     #[test]
     fn the_init_is_a_shell_script() {
         assert!(super::INIT.starts_with("#!/bin/sh\n"));
+    }
+}
+
+/// The language runtimes the tests' real clients run on: Debian's Python
+/// with its standard library, and a Java runtime cut down by `jlink` to the
+/// modules the Java clients use (the whole JDK is five times the size).
+/// One missing on the host is left out with a warning, as a program is.
+mod runtimes {
+    use std::{
+        fs,
+        path::{Path, PathBuf},
+        process::Command,
+    };
+
+    use anyhow::{Context as _, Result};
+
+    use super::{Image, which};
+    use crate::cmd;
+
+    /// What the Java clients import.
+    const JAVA_MODULES: &str = "java.base,java.net.http";
+    /// Where the guest has the cut-down runtime (and `/usr/bin/java` points).
+    const GUEST_JRE: &str = "/usr/lib/jvm/mesh-redirect-jre";
+    /// Parts of Python's standard library no test imports.
+    const PYTHON_SKIP: &[&str] = &[
+        "test",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "ensurepip",
+        "lib2to3",
+        "pydoc_data",
+    ];
+
+    pub fn add(image: &mut Image, work: &Path) -> Result<()> {
+        python(image)?;
+        java(image, work)
+    }
+
+    fn python(image: &mut Image) -> Result<()> {
+        let python = Path::new("/usr/bin/python3");
+        let Ok(real) = fs::canonicalize(python) else {
+            eprintln!(
+                "vm-test: warning: no {} on this host; the guest goes without (the tests' Python clients)",
+                python.display()
+            );
+            return Ok(());
+        };
+        image.add_host_path(python)?;
+        image.add_libraries_of(&real)?;
+        let name = real
+            .file_name()
+            .context("python3 without a name")?
+            .to_string_lossy()
+            .into_owned();
+        let stdlib = Path::new("/usr/lib").join(&name);
+        add_tree_skipping(image, &stdlib, PYTHON_SKIP)
+    }
+
+    /// `source` at the same path, but for the top-level entries in `skip`;
+    /// the libraries of every extension module.
+    fn add_tree_skipping(image: &mut Image, source: &Path, skip: &[&str]) -> Result<()> {
+        image.add_dir(source);
+        for entry in fs::read_dir(source).with_context(|| format!("{}", source.display()))? {
+            let entry = entry?;
+            if skip.iter().any(|s| entry.file_name() == *s) {
+                continue;
+            }
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                image.add_tree_as(&path, &path)?;
+            } else {
+                image.add_host_path(&path)?;
+            }
+        }
+        for so in files_ending(source, ".so")? {
+            image.add_libraries_of(&so)?;
+        }
+        Ok(())
+    }
+
+    fn java(image: &mut Image, work: &Path) -> Result<()> {
+        let Some(jlink) = which("jlink") else {
+            eprintln!(
+                "vm-test: warning: no jlink on this host; the guest goes without Java (the tests' JDK clients)"
+            );
+            return Ok(());
+        };
+        let jre = work.join("jre");
+        let stamp = jre.join("modules-of-mesh-redirect");
+        if fs::read_to_string(&stamp).ok().as_deref() != Some(JAVA_MODULES) {
+            let _ = fs::remove_dir_all(&jre);
+            cmd::run(
+                Command::new(&jlink)
+                    .args(["--add-modules", JAVA_MODULES])
+                    .args(["--strip-debug", "--no-man-pages", "--no-header-files"])
+                    .arg("--output")
+                    .arg(&jre),
+            )?;
+            fs::write(&stamp, JAVA_MODULES)?;
+        }
+        image.add_tree_as(GUEST_JRE, &jre)?;
+        image.add_libraries_of(&jre.join("bin/java"))?;
+        let server = jre.join("lib/server");
+        for so in files_ending(&jre.join("lib"), ".so")? {
+            image.add_libraries_of_searching(&so, Some(&server))?;
+        }
+        image.add_symlink("/usr/bin/java", PathBuf::from(GUEST_JRE).join("bin/java"));
+        Ok(())
+    }
+
+    /// Files under `dir` whose names end with `suffix`.
+    fn files_ending(dir: &Path, suffix: &str) -> Result<Vec<PathBuf>> {
+        let mut found = Vec::new();
+        let mut todo = vec![dir.to_owned()];
+        while let Some(d) = todo.pop() {
+            for entry in fs::read_dir(&d).with_context(|| format!("{}", d.display()))? {
+                let entry = entry?;
+                let kind = entry.file_type()?;
+                if kind.is_dir() {
+                    todo.push(entry.path());
+                } else if kind.is_file() && entry.file_name().to_string_lossy().ends_with(suffix) {
+                    found.push(entry.path());
+                }
+            }
+        }
+        Ok(found)
     }
 }

@@ -141,6 +141,20 @@ impl Image {
         Ok(())
     }
 
+    /// A symlink at `guest` pointing to `target`.
+    pub fn add_symlink(&mut self, guest: impl AsRef<Path>, target: impl Into<PathBuf>) {
+        let guest = self.resolve(guest.as_ref());
+        if let Some(parent) = guest.parent() {
+            self.add_dir(parent);
+        }
+        self.entries.insert(
+            guest,
+            Entry::Symlink {
+                target: target.into(),
+            },
+        );
+    }
+
     /// The host path `path` at the same place in the guest, with every
     /// symlink met on the way (and what it points to).
     pub fn add_host_path(&mut self, path: &Path) -> Result<()> {
@@ -191,10 +205,22 @@ impl Image {
     /// The shared libraries `elf` loads (as `ldd` lists them), at the
     /// host's paths. Statically linked files and non-ELF files need none.
     pub fn add_libraries_of(&mut self, elf: &Path) -> Result<()> {
+        self.add_libraries_of_searching(elf, None)
+    }
+
+    /// [`Self::add_libraries_of`] for a library whose siblings the program
+    /// that loads it finds in `dir` (ldd is told with `LD_LIBRARY_PATH`);
+    /// those already in the image are not added again.
+    pub fn add_libraries_of_searching(&mut self, elf: &Path, dir: Option<&Path>) -> Result<()> {
         if !is_elf(elf) {
             return Ok(());
         }
-        let out = cmd::output(Command::new("ldd").arg(elf))?;
+        let mut ldd = Command::new("ldd");
+        ldd.arg(elf);
+        if let Some(dir) = dir {
+            ldd.env("LD_LIBRARY_PATH", dir);
+        }
+        let out = cmd::output(&mut ldd)?;
         let text = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             if text.contains("not a dynamic executable")
@@ -205,6 +231,9 @@ impl Image {
             bail!("ldd {} failed: {}", elf.display(), out.status);
         }
         for lib in parse_ldd(&text).with_context(|| format!("ldd {}", elf.display()))? {
+            if dir.is_some_and(|d| lib.starts_with(d)) {
+                continue;
+            }
             self.add_host_path(&lib)?;
         }
         Ok(())
