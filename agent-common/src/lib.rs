@@ -32,14 +32,19 @@ pub mod maps {
     pub const ORIG_DST_BY_TUPLE: &str = "ORIG_DST_BY_TUPLE";
     /// `SockHash<SockKey>`: both ends of every short-circuited connection.
     pub const SOCKETS: &str = "SOCKETS";
-    /// `SkStorage<SockState>`: per-socket sk_msg verdict, sticky once decided.
+    /// `SkStorage<SockState>`: per-socket state of a short-circuited socket.
     pub const SOCK_STATE: &str = "SOCK_STATE";
-    /// `HashMap<SockKey, u64>`: bytes each short-circuited socket's reader
-    /// took from its ingress queue, by the socket's own tuple (sk_msg
-    /// backpressure). Counted by the recvmsg fexit where the kernel allows
-    /// tracing programs, else reported by the built-in proxy for its own
-    /// sockets; a reader nobody counts for gets the queue limit in all.
-    pub const INGRESS_READ: &str = "INGRESS_READ";
+    /// `HashMap<SockKey, SockRef>`: every short-circuited socket by its own
+    /// tuple, with what a sender needs to look at it as a receiver (its
+    /// kernel address and cookie).
+    pub const PEERS: &str = "PEERS";
+    /// `LruHashMap<PortKey, u32>`: listening ports and whether the listener
+    /// is non-blocking ([`crate::LISTENER_NONBLOCKING`]), recorded on
+    /// listen(2): an accepted socket has no file yet when it is established.
+    pub const LISTENERS: &str = "LISTENERS";
+    /// `SockHash<u32 local port>`: the socket pair of the start-up probe of
+    /// how this kernel treats reads of sockets in a sockmap.
+    pub const PROBE_SOCKETS: &str = "PROBE_SOCKETS";
     /// `PerCpuArray<u64>`, indexed by [`crate::counter`].
     pub const COUNTERS: &str = "COUNTERS";
     /// `LpmTrie<CidrKey, u8>`: outbound destinations never captured (`-x`).
@@ -78,20 +83,20 @@ pub mod programs {
     pub const SK_MSG: &str = "mesh_sk_msg";
     pub const GETSOCKOPT: &str = "mesh_getsockopt";
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
-    /// fexit on the kernel function that reads a sockmap socket's ingress
-    /// queue: counts what each reader consumed (sk_msg backpressure).
-    pub const INGRESS_READ: &str = "mesh_ingress_read";
-    /// The kernel function [`INGRESS_READ`] traces: `recvmsg` of a TCP socket in
-    /// a sockmap (`net/ipv4/tcp_bpf.c`, `(sk, msg, len, flags, addr_len)`
-    /// since 5.19).
-    pub const RECVMSG_TARGET: &str = "tcp_bpf_recvmsg";
+    /// sk_msg on [`crate::maps::PROBE_SOCKETS`] only: redirects each message
+    /// to the other socket of the probe pair.
+    pub const PROBE_MSG: &str = "mesh_probe_msg";
 }
 
 /// Globals of the eBPF object, set by the loader.
 pub mod globals {
-    /// `u64`: how many redirected bytes a socket's reader may be behind
-    /// before its sender switches to TCP for good.
+    /// `u64`: how much receive memory (queued redirected bytes, charged to
+    /// the reader's `sk_rmem_alloc`) a reader may hold before senders to it
+    /// use TCP, whose flow control then holds them back.
     pub const SOCKMAP_QUEUE_LIMIT: &str = "SOCKMAP_QUEUE_LIMIT";
+    /// [`crate::KernelLayout`]: where the fields the datapath reads are in
+    /// the running kernel's structures, and how it must treat readers.
+    pub const KERNEL_LAYOUT: &str = "KERNEL_LAYOUT";
     /// Its default, in KiB (`run --sockmap-queue-kib`): 4 MiB, below TCP's
     /// largest default receive buffer.
     pub const SOCKMAP_QUEUE_LIMIT_DEFAULT_KIB: u32 = 4096;
@@ -126,7 +131,9 @@ pub mod capacity {
     pub const ORIG_DST_BY_COOKIE: u32 = 65_536;
     pub const ORIG_DST_BY_TUPLE: u32 = 65_536;
     pub const SOCKETS: u32 = 131_072;
-    pub const INGRESS_READ: u32 = SOCKETS;
+    pub const PEERS: u32 = SOCKETS;
+    /// Listening ports over all served namespaces.
+    pub const LISTENERS: u32 = 4096;
     /// Each include/exclude list (CIDRs, ports), per map: far above the 20
     /// entries merbridge allowed.
     pub const RULES: u32 = 4096;
@@ -529,35 +536,105 @@ pub struct DnsServerKey {
 }
 const _: () = assert!(size_of::<DnsServerKey>() == 24);
 
-/// Per-socket sk_msg state, value of [`maps::SOCK_STATE`].
+/// Per-socket state of a short-circuited socket, value of
+/// [`maps::SOCK_STATE`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockState {
-    /// One of the `VERDICT_*` constants: how this socket *sends*.
-    pub verdict: u32,
+    /// `SockState::*` bits.
+    pub flags: u32,
     /// Always zero.
     pub pad: u32,
     /// The socket's own tuple: its entry in [`maps::SOCKETS`] and
-    /// [`maps::INGRESS_READ`] (the recvmsg fexit only has the socket).
+    /// [`maps::PEERS`].
     pub key: SockKey,
-    /// Bytes this socket's sk_msg redirected into its peer's ingress queue.
-    /// Minus what the peer's reader took out ([`maps::INGRESS_READ`]), the
-    /// length of that queue.
-    pub sent: u64,
+    /// The kernel's `struct sock` of this socket (read with
+    /// `bpf_probe_read_kernel` at [`KernelLayout`] offsets).
+    pub addr: u64,
 }
 const _: () = assert!(size_of::<SockState>() == 64);
 
 impl SockState {
-    /// Not decided yet: the first message decides.
-    pub const VERDICT_UNDECIDED: u32 = 0;
-    /// Every message of this socket goes to the peer's ingress queue.
-    pub const VERDICT_REDIRECT: u32 = 1;
-    /// Every message of this socket goes over TCP: once one did, switching
-    /// to redirect could let later bytes overtake earlier ones at the reader.
-    /// (The other way is safe: a reader drains its ingress queue before its
-    /// TCP receive queue, so a sender that was redirecting may switch to
-    /// TCP, and does when its reader falls behind.)
-    pub const VERDICT_PASS: u32 = 2;
+    /// The socket's own reader blocks (its file lost `O_NONBLOCK`): it
+    /// leaves the SOCKHASH at its next packet once its ingress queue is
+    /// empty, so its reads are plain TCP's again.
+    pub const EVICT: u32 = 1 << 0;
+}
+
+/// A short-circuited socket as a sender sees its peer, value of
+/// [`maps::PEERS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRef {
+    /// The kernel's `struct sock`.
+    pub addr: u64,
+    /// Its cookie: checked against the socket at `addr` before anything
+    /// read there is believed (the memory may have been reused).
+    pub cookie: u64,
+    /// `SockRef::*` bits.
+    pub flags: u32,
+    /// Always zero.
+    pub pad: u32,
+}
+const _: () = assert!(size_of::<SockRef>() == 24);
+
+impl SockRef {
+    /// Not accepted yet (no file to look at), from a non-blocking listener:
+    /// trusted to read without blocking until it has a file of its own.
+    pub const LISTENER_NONBLOCKING: u32 = 1 << 0;
+    /// A sender found this socket's reads blocking: it leaves the map at its
+    /// next packet (as [`SockState::EVICT`] does for a blocking sender).
+    pub const EVICT: u32 = 1 << 1;
+}
+
+/// Bit of a [`maps::LISTENERS`] value: the listener's file is `O_NONBLOCK`.
+pub const LISTENER_NONBLOCKING: u32 = 1 << 0;
+
+/// `O_NONBLOCK` of a file's `f_flags` (x86-64, arm64).
+pub const O_NONBLOCK: u32 = 0o4000;
+
+/// Byte offsets of the kernel fields the datapath reads, from the running
+/// kernel's BTF, and how it must treat readers. Zero-initialized (no
+/// [`KernelLayout::VALID`]) means unknown: nothing is short-circuited.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelLayout {
+    /// `KernelLayout::*` bits.
+    pub flags: u32,
+    /// `struct sock`: `__sk_common.skc_cookie` (`atomic64_t`).
+    pub sock_cookie: u32,
+    /// `struct sock`: `sk_socket` (`struct socket *`; NULL until accepted).
+    pub sock_socket: u32,
+    /// `struct sock`: `sk_backlog.rmem_alloc` (`atomic_t`, `sk_rmem_alloc`).
+    pub sock_rmem_alloc: u32,
+    /// `struct sock`: `sk_user_data` (the psock, with flag bits).
+    pub sock_user_data: u32,
+    /// `struct socket`: `file`.
+    pub socket_file: u32,
+    /// `struct file`: `f_flags`.
+    pub file_flags: u32,
+    /// `struct tcp_sock`: `copied_seq`, `rcv_nxt`, `write_seq`, `snd_una`.
+    pub tcp_copied_seq: u32,
+    pub tcp_rcv_nxt: u32,
+    pub tcp_write_seq: u32,
+    pub tcp_snd_una: u32,
+    /// `struct sk_psock`: `ingress_msg` (`struct list_head`).
+    pub psock_ingress_msg: u32,
+}
+const _: () = assert!(size_of::<KernelLayout>() == 48);
+
+impl KernelLayout {
+    /// The offsets are known.
+    pub const VALID: u32 = 1 << 0;
+    /// A blocking reader of a socket in a sockmap can get `EAGAIN` (the
+    /// start-up probe saw it): only sockets whose reads never block are
+    /// short-circuited, and one whose file turns blocking leaves the map.
+    pub const GUARD_BLOCKING: u32 = 1 << 1;
+
+    #[must_use]
+    pub const fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
 }
 
 /// Declares [`Counter`]: each variant with its index, its metric name and
@@ -604,7 +681,8 @@ counters! {
     OrigDstStoreFailed = 5 => "orig_dst_store_failed",
     /// sk_msg redirected a message to the peer socket.
     MsgRedirected = 6 => "msg_redirected",
-    /// sk_msg let a message continue over TCP (peer missing or sticky pass).
+    /// sk_msg let a message continue over TCP (for any of the reasons
+    /// counted on their own below, or no peer in the map).
     MsgPassed = 7 => "msg_passed",
     /// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` answered.
     GetsockoptAnswered = 8 => "getsockopt_answered",
@@ -629,8 +707,9 @@ counters! {
     ConnectFailOpen = 16 => "connect_fail_open",
     /// Fail open: an inbound connection went to the app because no proxy listened.
     InboundFailOpen = 17 => "inbound_fail_open",
-    /// sk_msg switched a socket to TCP for good because its reader fell
-    /// more than the sockmap queue limit behind (backpressure).
+    /// sk_msg sent a message over TCP because its reader holds more than
+    /// the sockmap queue limit (backpressure: TCP's flow control holds the
+    /// sender back; redirecting resumes once the reader caught up).
     MsgSpilled = 18 => "msg_spilled",
     /// connect6 rewrote a connect to a native IPv6 destination.
     ConnectRedirected6 = 19 => "connect_redirected6",
@@ -659,6 +738,27 @@ counters! {
     /// `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` on a socket we know
     /// nothing about.
     GetsockoptMissed6 = 29 => "getsockopt_missed6",
+    /// sk_msg sent a message over TCP to keep the byte order: earlier bytes
+    /// of this direction are still in TCP (in flight or unread).
+    MsgGated = 30 => "msg_gated",
+    /// sk_msg sent a message over TCP because the receiving socket's reader
+    /// may block (its file is blocking, or it is not accepted yet from a
+    /// blocking listener): a blocking read of a socket in a sockmap can fail
+    /// with EAGAIN on this kernel.
+    MsgReceiverBlocking = 31 => "msg_receiver_blocking",
+    /// sk_msg sent a message over TCP because the sending socket itself
+    /// turned blocking; it leaves the map.
+    MsgSenderBlocking = 32 => "msg_sender_blocking",
+    /// sockops left a socket out of the SOCKHASH because its reads may
+    /// block (a blocking socket, or accepted from a blocking or unknown
+    /// listener): plain TCP, which blocking reads need on this kernel.
+    SockhashRefusedBlocking = 33 => "sockhash_refused_blocking",
+    /// sockops took a socket that turned blocking out of the SOCKHASH.
+    SockhashEvicted = 34 => "sockhash_evicted",
+    /// Bytes sk_msg redirected to a peer.
+    BytesRedirected = 35 => "bytes_redirected",
+    /// Bytes sk_msg let continue over TCP.
+    BytesPassed = 36 => "bytes_passed",
 }
 
 impl Counter {
@@ -681,6 +781,8 @@ mod pod {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::SockState {}
+    unsafe impl aya::Pod for super::SockRef {}
+    unsafe impl aya::Pod for super::KernelLayout {}
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::CidrKeyData {}
     unsafe impl aya::Pod for super::InboundConfig {}

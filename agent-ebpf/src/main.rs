@@ -11,26 +11,30 @@
 //!    captured, it writes `ORIG_DST_BY_COOKIE[socket cookie] = 10.0.0.2:80`
 //!    and rewrites the address to 127.0.0.1:15001.
 //! 2. `sockops`, active ESTABLISHED (the app's socket): moves the entry
-//!    from `ORIG_DST_BY_COOKIE` to `ORIG_DST_BY_TUPLE[app→proxy tuple]`,
-//!    creates the socket's `SOCK_STATE`, an `INGRESS_READ` entry, and puts
-//!    it into `SOCKETS` (the SOCKHASH) under its own tuple.
+//!    from `ORIG_DST_BY_COOKIE` to `ORIG_DST_BY_TUPLE[app→proxy tuple]`;
+//!    unless its reads may block (`KERNEL_LAYOUT`), creates the socket's
+//!    `SOCK_STATE`, a `PEERS` entry (its kernel address and cookie), and
+//!    puts it into `SOCKETS` (the SOCKHASH) under its own tuple.
 //! 3. `sockops`, passive ESTABLISHED (the proxy's accepted socket): claims
-//!    the `ORIG_DST_BY_TUPLE` entry (`owner` = its cookie) and joins
-//!    `SOCKETS` and `INGRESS_READ` the same way.
+//!    the `ORIG_DST_BY_TUPLE` entry (`owner` = its cookie) and, if its
+//!    listener was non-blocking (`LISTENERS`, written on listen(2)), joins
+//!    `SOCKETS` and `PEERS` the same way.
 //! 4. `sk_msg` (every send of a socket in `SOCKETS`): reads its
-//!    `SOCK_STATE` (sticky verdict, bytes sent) and the peer's
-//!    `INGRESS_READ`, then redirects the message into the peer's ingress
-//!    queue (found in `SOCKETS` by the reversed tuple) or passes it to TCP;
-//!    writes `SOCK_STATE` and `COUNTERS`.
-//! 5. `recvmsg` (fexit on the reader's recvmsg, where tracing programs are
-//!    allowed): adds what was read to the reader's `INGRESS_READ` entry.
+//!    `SOCK_STATE` and the peer's `PEERS` entry, looks at both sockets in
+//!    the kernel (blocking, receive memory, TCP sequence numbers), then
+//!    redirects the message into the peer's ingress queue (found in
+//!    `SOCKETS` by the reversed tuple) or passes it to TCP; writes
+//!    `COUNTERS`, and `SOCK_STATE` when the sender turned blocking.
+//! 5. `sockops`, before each packet of a socket that turned blocking:
+//!    once its ingress queue is empty, takes it out of `SOCKETS` and
+//!    `PEERS`.
 //! 6. `getsockopt` (the proxy asks `SO_ORIGINAL_DST`): reads
 //!    `ORIG_DST_BY_TUPLE` by the reversed tuple of the proxy's socket and
 //!    answers 10.0.0.2:80, as conntrack would.
 //! 7. `getpeername4` (the app asks who its peer is): reads
 //!    `ORIG_DST_BY_TUPLE` and answers 10.0.0.2:80, not the proxy.
 //! 8. `sockops`, state CLOSE (each socket): deletes the
-//!    `ORIG_DST_BY_TUPLE` entry it owns, its `INGRESS_READ` and
+//!    `ORIG_DST_BY_TUPLE` entry it owns, its `PEERS` and
 //!    `INBOUND_STEERED` entries and any left `ORIG_DST_BY_COOKIE` entry;
 //!    the kernel removes it from `SOCKETS` and frees its `SOCK_STATE`.
 //!
@@ -60,7 +64,7 @@ mod ctx;
 mod dns_reply;
 mod getpeername;
 mod getsockopt;
-mod ingress_read;
+mod kernel;
 mod rules;
 mod sendmsg;
 mod sk_lookup;
@@ -69,19 +73,17 @@ mod sock_release;
 mod sockops;
 
 use agent_common::{
-    CidrKeyData, Counter, DnsServerKey, InboundConfig, NetnsConfig, OrigDst, PortKey, SockKey,
-    SockState, capacity,
+    CidrKeyData, Counter, DnsServerKey, InboundConfig, KernelLayout, NetnsConfig, OrigDst, PortKey,
+    SockKey, SockRef, SockState, capacity,
 };
 use aya_ebpf::{
     btf_maps::SkStorage,
     macros::{
-        btf_map, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, fexit, map, sk_lookup, sk_msg,
-        sock_ops,
+        btf_map, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops,
     },
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, SockMap},
     programs::{
-        FExitContext, SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext,
-        SockoptContext,
+        SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext,
     },
 };
 
@@ -98,11 +100,30 @@ pub const SK_DROP: u32 = 0;
 /// sock_ops return value (ignored by the kernel for the callbacks we use).
 pub const SOCKOPS_OK: u32 = 1;
 
-/// How far (bytes) a short-circuited socket's reader may fall behind before
-/// its sender switches to TCP; set by the loader
+/// How much receive memory (bytes) a short-circuited socket's reader may
+/// hold before senders to it use TCP; set by the loader
 /// (`agent_common::globals::SOCKMAP_QUEUE_LIMIT`).
 #[unsafe(no_mangle)]
 static SOCKMAP_QUEUE_LIMIT: u64 = agent_common::globals::SOCKMAP_QUEUE_LIMIT_DEFAULT;
+
+/// Where the kernel keeps what the datapath reads, and how it treats
+/// blocking readers; set by the loader (`globals::KERNEL_LAYOUT`). Unset,
+/// nothing is short-circuited.
+#[unsafe(no_mangle)]
+static KERNEL_LAYOUT: KernelLayout = KernelLayout {
+    flags: 0,
+    sock_cookie: 0,
+    sock_socket: 0,
+    sock_rmem_alloc: 0,
+    sock_user_data: 0,
+    socket_file: 0,
+    file_flags: 0,
+    tcp_copied_seq: 0,
+    tcp_rcv_nxt: 0,
+    tcp_write_seq: 0,
+    tcp_snd_una: 0,
+    psock_ingress_msg: 0,
+};
 
 #[map]
 static NETNS_CONFIG: HashMap<u64, NetnsConfig> =
@@ -120,7 +141,18 @@ static ORIG_DST_BY_TUPLE: HashMap<SockKey, OrigDst> =
 static SOCKETS: SockHash<SockKey> = SockHash::with_max_entries(capacity::SOCKETS, 0);
 
 #[map]
-static INGRESS_READ: HashMap<SockKey, u64> = HashMap::with_max_entries(capacity::INGRESS_READ, 0);
+static PEERS: HashMap<SockKey, SockRef> = HashMap::with_max_entries(capacity::PEERS, 0);
+
+#[map]
+static LISTENERS: LruHashMap<PortKey, u32> = LruHashMap::with_max_entries(capacity::LISTENERS, 0);
+
+#[map]
+static PROBE_SOCKETS: SockHash<u32> = SockHash::with_max_entries(2, 0);
+
+/// One slot per CPU to turn a socket pointer into a number (see
+/// `kernel::address`).
+#[map]
+static ADDRESS_SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[btf_map]
 static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
@@ -183,12 +215,6 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     SK_PASS
 }
 
-#[fexit(function = "tcp_bpf_recvmsg")]
-pub fn mesh_ingress_read(ctx: FExitContext) -> i32 {
-    ingress_read::ingress_read(&ctx);
-    0
-}
-
 #[cgroup_sockopt(getsockopt)]
 pub fn mesh_getsockopt(ctx: SockoptContext) -> i32 {
     getsockopt::getsockopt(&ctx);
@@ -244,6 +270,14 @@ pub fn mesh_recvmsg6(ctx: SockAddrContext) -> i32 {
 pub fn mesh_sock_rel(ctx: SockContext) -> i32 {
     sock_release::sock_release(&ctx);
     ALLOW
+}
+
+// The start-up probe of how the kernel treats sockmap readers.
+
+#[sk_msg]
+pub fn mesh_probe_msg(ctx: SkMsgContext) -> u32 {
+    sk_msg::probe_msg(&ctx);
+    SK_PASS
 }
 
 #[cfg(target_arch = "bpf")]

@@ -1,25 +1,27 @@
 //! `sk_msg`: move each message of a short-circuited socket straight into the
-//! peer socket's receive queue (`BPF_F_INGRESS`), found by the reversed tuple.
+//! peer socket's ingress queue (`BPF_F_INGRESS`), found by the reversed
+//! tuple, whenever that is invisible to both apps; otherwise let it go over
+//! TCP, counted. Decided per message:
 //!
-//! A socket's choice is sticky. If its first message finds no peer (the
-//! proxy's end was not in the map yet), that message goes over TCP, and so
-//! must every later one: a redirected message lands in the peer's ingress
-//! queue, which the reader drains *before* its TCP receive queue, so mixing
-//! the two paths would reorder bytes.
-//!
-//! Backpressure. The kernel bounds that ingress queue by nothing but the
-//! host's TCP memory: a fast sender and a slow reader would grow it to
-//! gigabytes, then every socket on the host gets ENOMEM. So each sender
-//! counts what it redirected (`SockState::sent`) and each reader's reads
-//! are counted in `INGRESS_READ` (by the recvmsg fexit where the kernel
-//! allows tracing, else by the built-in proxy for its own sockets); a
-//! sender more than `SOCKMAP_QUEUE_LIMIT` ahead of its reader switches to
-//! TCP for good, where the usual flow control holds it back. A reader
-//! nobody counts for thus gets that many bytes short-circuited in all. The
-//! switch keeps the byte order: what is still queued is read before
-//! anything TCP brings.
+//! - **Blocking readers.** A *blocking* read of a socket in a sockmap can
+//!   return EAGAIN on a wakeup without data (`tcp_bpf_recvmsg` waits once:
+//!   a signal, a reset, write space), where TCP would go on waiting or say
+//!   ECONNRESET. Where the start-up probe saw this (`GUARD_BLOCKING`), a
+//!   message goes to the peer only if the peer's reads never block (its
+//!   file is `O_NONBLOCK`, or it is not accepted yet from a non-blocking
+//!   listener), and a sender or a reader found blocking is marked to leave
+//!   the map (sockops takes it out at its next packet).
+//! - **Backpressure.** The ingress queue is charged to the reader's receive
+//!   memory but never capped by its buffer: past `SOCKMAP_QUEUE_LIMIT` of
+//!   receive memory, messages go over TCP, whose window (shrunk by that
+//!   same memory) holds the sender back.
+//! - **Byte order.** A reader drains its ingress queue before its TCP
+//!   receive queue, so a message may be redirected only when no earlier
+//!   byte of the same direction is still in TCP: all the sender wrote to
+//!   TCP acknowledged, all the reader received over TCP read. (The other
+//!   way, redirect then TCP, is always in order.)
 
-use agent_common::{Counter, SockKey, SockState};
+use agent_common::{Counter, KernelLayout, SockKey, SockRef, SockState};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_F_INGRESS,
@@ -27,19 +29,60 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 
-use aya_log_ebpf::debug;
+use crate::{
+    PEERS, SK_PASS, SOCK_STATE, SOCKETS,
+    counters::{add, bump},
+    kernel::{self, Sock},
+};
 
-use crate::{INGRESS_READ, SK_PASS, SOCK_STATE, SOCKETS, counters::bump};
+/// Why a message goes over TCP.
+#[derive(Clone, Copy)]
+enum Pass {
+    /// No peer in the map, no state, an unknown kernel layout, a failed
+    /// redirect.
+    Miss,
+    Gated,
+    Spilled,
+    ReceiverBlocking,
+    SenderBlocking,
+}
 
 #[inline(always)]
 pub fn sk_msg(ctx: &SkMsgContext) {
     // SAFETY: the kernel hands us a valid context for the program's duration.
+    let size = u64::from(unsafe { (*ctx.msg).size });
+    match decide(ctx) {
+        Ok(()) => {
+            bump(Counter::MsgRedirected);
+            add(Counter::BytesRedirected, size);
+        }
+        Err(why) => {
+            bump(Counter::MsgPassed);
+            add(Counter::BytesPassed, size);
+            match why {
+                Pass::Miss => {}
+                Pass::Gated => bump(Counter::MsgGated),
+                Pass::Spilled => bump(Counter::MsgSpilled),
+                Pass::ReceiverBlocking => bump(Counter::MsgReceiverBlocking),
+                Pass::SenderBlocking => bump(Counter::MsgSenderBlocking),
+            }
+        }
+    }
+}
+
+/// Redirects the message, or says why not.
+#[inline(always)]
+fn decide(ctx: &SkMsgContext) -> Result<(), Pass> {
+    // SAFETY: the kernel hands us a valid context for the program's duration.
     let md = unsafe { &*ctx.msg };
+    let l = kernel::layout();
+    if !l.has(KernelLayout::VALID) {
+        return Err(Pass::Miss);
+    }
     // SAFETY: `sk` is the sending socket.
     let sk = unsafe { md.__bindgen_anon_3.sk };
     if sk.is_null() {
-        bump(Counter::MsgPassed);
-        return;
+        return Err(Pass::Miss);
     }
     // SAFETY: BTF sk_storage map pointer and a full socket; no creation here.
     let state = unsafe {
@@ -52,14 +95,15 @@ pub fn sk_msg(ctx: &SkMsgContext) {
     }
     .cast::<SockState>();
     if state.is_null() {
-        bump(Counter::MsgPassed);
-        return;
+        return Err(Pass::Miss);
     }
     // SAFETY: non-null storage of this socket; sendmsg holds the socket lock.
     let state = unsafe { &mut *state };
-    if state.verdict == SockState::VERDICT_PASS {
-        bump(Counter::MsgPassed);
-        return;
+    let own = Sock::own(state.addr);
+    let guard = l.has(KernelLayout::GUARD_BLOCKING);
+    if guard && own.nonblocking(&l) != Some(true) {
+        state.flags |= SockState::EVICT;
+        return Err(Pass::SenderBlocking);
     }
     // SAFETY: helper call on our own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -74,45 +118,46 @@ pub fn sk_msg(ctx: &SkMsgContext) {
         md.remote_ip4,
         crate::ctx::words(&raw const md.remote_ip6),
     );
-    let mut peer =
+    let mut key =
         SockKey::from_sock_ops(netns, local, md.local_port, remote, md.remote_port).reversed();
-    // What the reader took out; without an entry the peer is not
-    // short-circuited.
-    let Some(read) = INGRESS_READ.get_ptr(peer) else {
-        state.verdict = SockState::VERDICT_PASS;
-        bump(Counter::MsgPassed);
-        return;
+    // SAFETY: copied out at once.
+    let Some(peer_ref) = (unsafe { PEERS.get(key) }).copied() else {
+        // No peer to short-circuit to (it never joined, or left): this
+        // socket leaves too, at its next packet.
+        state.flags |= SockState::EVICT;
+        return Err(Pass::Miss);
     };
-    let size = u64::from(md.size);
-    // SAFETY: a value of our hash map, written concurrently by the reader's
-    // side only (an aligned u64: never torn).
-    let read = unsafe { core::ptr::read_volatile(read) };
-    let queued = state.sent.wrapping_sub(read);
-    if queued.saturating_add(size) > queue_limit() {
-        // The reader fell behind: TCP from now on, which holds us back.
-        debug!(
-            ctx,
-            "sk_msg: :{} -> :{} spills to TCP: sent {}, read {}, size {}",
-            peer.dst_port,
-            peer.src_port,
-            state.sent,
-            read,
-            size
-        );
-        state.verdict = SockState::VERDICT_PASS;
-        bump(Counter::MsgSpilled);
-        bump(Counter::MsgPassed);
-        return;
+    let peer = Sock::checked(&l, peer_ref.addr, peer_ref.cookie).ok_or(Pass::Miss)?;
+    if guard {
+        let safe = match peer.nonblocking(&l) {
+            Some(true) => true,
+            Some(false) => {
+                // Its own reads must leave tcp_bpf_recvmsg too.
+                if let Some(entry) = PEERS.get_ptr_mut(key) {
+                    // SAFETY: a valid value pointer of this map; a plain store.
+                    unsafe { (*entry).flags |= SockRef::EVICT };
+                }
+                false
+            }
+            None => peer_ref.flags & SockRef::LISTENER_NONBLOCKING != 0,
+        };
+        if !safe {
+            return Err(Pass::ReceiverBlocking);
+        }
+    }
+    let held = u64::from(peer.rmem(&l).ok_or(Pass::Miss)?);
+    if held + u64::from(md.size) > queue_limit() {
+        return Err(Pass::Spilled);
+    }
+    if own.tcp_sent_all(&l) != Some(true) || peer.tcp_read_all(&l) != Some(true) {
+        return Err(Pass::Gated);
     }
     // On a miss the helper returns SK_DROP; we return SK_PASS regardless, so
     // the message continues over TCP instead of being lost.
-    if SOCKETS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
-        state.verdict = SockState::VERDICT_REDIRECT;
-        state.sent = state.sent.wrapping_add(size);
-        bump(Counter::MsgRedirected);
+    if SOCKETS.redirect_msg(ctx, &mut key, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+        Ok(())
     } else {
-        state.verdict = SockState::VERDICT_PASS;
-        bump(Counter::MsgPassed);
+        Err(Pass::Miss)
     }
 }
 
@@ -121,4 +166,14 @@ pub fn sk_msg(ctx: &SkMsgContext) {
 fn queue_limit() -> u64 {
     // SAFETY: a read-only global, set before load.
     unsafe { core::ptr::read_volatile(&raw const crate::SOCKMAP_QUEUE_LIMIT) }
+}
+
+/// The start-up probe's program (on `PROBE_SOCKETS` only): each message to
+/// the other socket of the pair, keyed by local port.
+#[inline(always)]
+pub fn probe_msg(ctx: &SkMsgContext) {
+    // SAFETY: valid context.
+    let md = unsafe { &*ctx.msg };
+    let mut peer = u32::from(agent_common::net::port_from_be_upper(md.remote_port));
+    let _ = crate::PROBE_SOCKETS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS));
 }

@@ -11,27 +11,49 @@
 //! Order of events on loopback: the app's socket reaches ESTABLISHED (active
 //! callback) before the proxy's accepted socket exists (passive callback), so
 //! the tuple entry is always in place when the proxy's socket shows up.
+//!
+//! Where a blocking read of a socket in a sockmap can fail on this kernel
+//! (`KernelLayout::GUARD_BLOCKING`), only sockets whose reads do not block
+//! join the map: a connecting socket whose file is `O_NONBLOCK`, an
+//! accepted one whose listener was (it has no file of its own yet; sk_msg
+//! looks again once it has). A member whose file turns blocking is taken
+//! out again before its next packet, once nothing is queued for it.
 
 use agent_common::{
     Counter, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, INBOUND_PASSTHROUGH_SRC_RAW,
-    INBOUND_PASSTHROUGH_SRC_V6_RAW, SockKey, SockState, flags, net,
+    INBOUND_PASSTHROUGH_SRC_V6_RAW, KernelLayout, LISTENER_NONBLOCKING, PortKey, SockKey, SockRef,
+    SockState, flags, net,
 };
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_ANY, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, bpf_sock_ops,
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, BPF_TCP_CLOSE, bpf_sock_ops,
     },
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_storage_get},
+    helpers::generated::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_delete_elem, bpf_sk_storage_get,
+    },
     programs::SockOpsContext,
 };
 use aya_log_ebpf::debug;
 
 use crate::{
-    INBOUND_LISTENER, INBOUND_STEERED, INGRESS_READ, NETNS_CONFIG, ORIG_DST_BY_COOKIE,
-    ORIG_DST_BY_TUPLE, SOCK_STATE, SOCKETS, counters::bump,
+    INBOUND_LISTENER, INBOUND_STEERED, LISTENERS, NETNS_CONFIG, ORIG_DST_BY_COOKIE,
+    ORIG_DST_BY_TUPLE, PEERS, SOCK_STATE, SOCKETS,
+    counters::bump,
+    kernel::{self, Sock},
 };
+
+/// Which end of its connection a socket is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// It connected (it has its own file).
+    Active,
+    /// It was accepted (no file until the listener's owner accepts it).
+    Passive,
+}
 
 #[inline(always)]
 pub fn sockops(ctx: &SockOpsContext) {
@@ -44,6 +66,7 @@ pub fn sockops(ctx: &SockOpsContext) {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(ctx),
         BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(ctx),
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB => on_packet(ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(ctx),
         _ => {}
     }
@@ -107,7 +130,7 @@ fn on_active_established(ctx: &SockOpsContext) {
     if is_passthrough(&key.src_ip) {
         if sockmap_enabled(key.netns_cookie) {
             watch_close(ctx);
-            insert_socket(ctx, key);
+            insert_socket(ctx, key, End::Active);
         }
         return;
     }
@@ -126,7 +149,7 @@ fn on_active_established(ctx: &SockOpsContext) {
     }
     watch_close(ctx);
     if sockmap_enabled(key.netns_cookie) {
-        insert_socket(ctx, key);
+        insert_socket(ctx, key, End::Active);
     }
 }
 
@@ -159,15 +182,11 @@ fn on_passive_established(ctx: &SockOpsContext) {
     if !cfg.has(flags::SOCKMAP) {
         return;
     }
-    // Bytes that arrived over TCP before the socket joins the map (TCP Fast
-    // Open data) would be read after redirected ones: keep plain TCP.
-    // SAFETY: valid context.
-    if unsafe { (*ctx.ops).bytes_received } != 0 {
-        bump(Counter::SockhashInsertFailed);
-        return;
-    }
+    // (Bytes that came over TCP before it joined, TCP Fast Open data, are
+    // kept in order by sk_msg's gate: nothing is redirected until they are
+    // read.)
     watch_close(ctx);
-    insert_socket(ctx, key);
+    insert_socket(ctx, key, End::Passive);
 }
 
 /// The proxy's end of a redirected connection takes over the app's
@@ -193,22 +212,57 @@ fn sockmap_enabled(netns: u64) -> bool {
 }
 
 /// Puts the socket into the SOCKHASH under its own tuple, with a fresh
-/// sk_msg state. Any failure leaves the connection on plain TCP.
+/// state and its `PEERS` entry, unless its reads may block where that is
+/// unsafe. Any failure leaves the connection on plain TCP.
 #[inline(always)]
-fn insert_socket(ctx: &SockOpsContext, mut key: SockKey) {
+fn insert_socket(ctx: &SockOpsContext, mut key: SockKey, end: End) {
+    let l = kernel::layout();
     // SAFETY: valid context; `sk` is the full socket of this callback.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
+    if sk.is_null() || !l.has(KernelLayout::VALID) {
         bump(Counter::SockhashInsertFailed);
         return;
+    }
+    let Some(addr) = kernel::address(sk) else {
+        bump(Counter::SockhashInsertFailed);
+        return;
+    };
+    let guard = l.has(KernelLayout::GUARD_BLOCKING);
+    let mut peer_flags = 0;
+    match end {
+        End::Active => {
+            if guard && Sock::own(addr).nonblocking(&l) != Some(true) {
+                bump(Counter::SockhashRefusedBlocking);
+                return;
+            }
+        }
+        End::Passive => {
+            let listener = PortKey::new(key.netns_cookie, key.src_port);
+            // SAFETY: a u32 value read once.
+            let nonblocking = LISTENERS
+                .get_ptr(listener)
+                .is_some_and(|f| unsafe { *f } & LISTENER_NONBLOCKING != 0);
+            if nonblocking {
+                peer_flags |= SockRef::LISTENER_NONBLOCKING;
+            } else if guard {
+                bump(Counter::SockhashRefusedBlocking);
+                // The connecting end joined first: without this end it
+                // has no one to short-circuit to, so it leaves too.
+                if let Some(entry) = PEERS.get_ptr_mut(key.reversed()) {
+                    // SAFETY: a valid value pointer of this map; a plain store.
+                    unsafe { (*entry).flags |= SockRef::EVICT };
+                }
+                return;
+            }
+        }
     }
     // The state must exist before the socket can run sk_msg: sk_msg never
     // creates it, so a socket without state consistently uses TCP.
     let mut fresh = SockState {
-        verdict: SockState::VERDICT_UNDECIDED,
+        flags: 0,
         pad: 0,
         key,
-        sent: 0,
+        addr,
     };
     // SAFETY: map pointer of a BTF sk_storage map, full socket, valid init value.
     let state = unsafe {
@@ -223,10 +277,14 @@ fn insert_socket(ctx: &SockOpsContext, mut key: SockKey) {
         bump(Counter::SockhashInsertFailed);
         return;
     }
-    // Nothing read from its ingress queue yet: without this entry no sender
-    // could tell how far behind this socket's reader is, so the socket
-    // stays out of the map.
-    if INGRESS_READ.insert(key, 0, u64::from(BPF_ANY)).is_err() {
+    // Without this entry no sender could look at it: it stays out.
+    let peer = SockRef {
+        addr,
+        cookie: cookie(ctx),
+        flags: peer_flags,
+        pad: 0,
+    };
+    if PEERS.insert(key, peer, u64::from(BPF_ANY)).is_err() {
         bump(Counter::SockhashInsertFailed);
         return;
     }
@@ -237,13 +295,73 @@ fn insert_socket(ctx: &SockOpsContext, mut key: SockKey) {
         .is_ok()
     {
         bump(Counter::SockhashInserted);
+        if guard {
+            // A call before each of its packets, to take it out if it
+            // turns blocking.
+            let flags = ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+            let _ = ctx.set_cb_flags(flags.cast_signed());
+        }
         debug!(
             ctx,
             "sockops: socket :{} -> :{} short-circuited", key.src_port, key.dst_port
         );
     } else {
-        let _ = INGRESS_READ.remove(key);
+        let _ = PEERS.remove(key);
         bump(Counter::SockhashInsertFailed);
+    }
+}
+
+/// Before a packet of a short-circuited socket: one whose file turned
+/// blocking (sk_msg marked it) leaves the SOCKHASH once its ingress queue
+/// is empty (leaving earlier would drop what is queued), so its next read
+/// is plain TCP's. Its peer finds no `PEERS` entry and uses TCP too.
+#[inline(always)]
+fn on_packet(ctx: &SockOpsContext) {
+    // SAFETY: valid context; `sk` is the full socket of this callback.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: BTF sk_storage map pointer and a full socket; no creation here.
+    let state = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&SOCK_STATE).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<SockState>();
+    if state.is_null() {
+        return;
+    }
+    // SAFETY: non-null storage of this socket, which is locked here.
+    let state = unsafe { &mut *state };
+    // SAFETY: a u32 read once.
+    let marked = PEERS
+        .get_ptr(state.key)
+        .is_some_and(|p| unsafe { (*p).flags } & SockRef::EVICT != 0);
+    if state.flags & SockState::EVICT == 0 && !marked {
+        return;
+    }
+    let l = kernel::layout();
+    if Sock::own(state.addr).ingress_empty(&l) != Some(true) {
+        return;
+    }
+    let mut key = state.key;
+    let _ = PEERS.remove(key);
+    // SAFETY: the SOCKHASH's map pointer and a key on our stack.
+    let deleted = unsafe {
+        bpf_map_delete_elem(
+            core::ptr::from_ref(&SOCKETS).cast_mut().cast(),
+            core::ptr::from_mut(&mut key).cast(),
+        )
+    };
+    state.flags &= !SockState::EVICT;
+    let flags = ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+    let _ = ctx.set_cb_flags(flags.cast_signed());
+    if deleted == 0 {
+        bump(Counter::SockhashEvicted);
     }
 }
 
@@ -258,6 +376,7 @@ fn on_listen(ctx: &SockOpsContext) {
     let Some(cfg) = (unsafe { NETNS_CONFIG.get(key.netns_cookie) }).copied() else {
         return;
     };
+    record_listener(ctx, key);
     if !cfg.has(flags::REDIRECT_INBOUND) || key.src_port != cfg.inbound_port {
         return;
     }
@@ -272,6 +391,28 @@ fn on_listen(ctx: &SockOpsContext) {
         Ok(()) => bump(Counter::InboundListenerRegistered),
         Err(_) => bump(Counter::SockhashInsertFailed),
     }
+}
+
+/// Whether the listener on this port is non-blocking: the sockets it will
+/// accept have no file of their own when they are established.
+#[inline(always)]
+fn record_listener(ctx: &SockOpsContext, key: SockKey) {
+    // SAFETY: valid context; `sk` is the listening full socket.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    let l = kernel::layout();
+    if sk.is_null() || !l.has(KernelLayout::VALID) {
+        return;
+    }
+    let Some(addr) = kernel::address(sk) else {
+        return;
+    };
+    let nonblocking = Sock::own(addr).nonblocking(&l) == Some(true);
+    let value = if nonblocking { LISTENER_NONBLOCKING } else { 0 };
+    let _ = LISTENERS.insert(
+        PortKey::new(key.netns_cookie, key.src_port),
+        value,
+        u64::from(BPF_ANY),
+    );
 }
 
 /// A socket closes: it drops the original-destination entry it owns. The
@@ -292,7 +433,7 @@ fn on_close(ctx: &SockOpsContext) {
         bump(Counter::SocketsClosed);
     }
     let _ = INBOUND_STEERED.remove(key);
-    let _ = INGRESS_READ.remove(key);
+    let _ = PEERS.remove(key);
     // A connect that never reached ESTABLISHED still owns its cookie entry.
     let _ = ORIG_DST_BY_COOKIE.remove(cookie);
 }

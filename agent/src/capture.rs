@@ -15,7 +15,7 @@
 pub mod ebpf;
 pub mod iptables;
 
-use std::{net::TcpListener, os::fd::OwnedFd, path::PathBuf};
+use std::{net::TcpListener, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -169,29 +169,21 @@ impl Capture {
         }
     }
 
-    /// eBPF mode: a descriptor of the map the built-in proxy reports its
-    /// reads on, when the kernel cannot count them itself.
-    pub fn ingress_reads(&self, settings: &Settings) -> Result<Option<OwnedFd>, CaptureError> {
-        match &self.backend {
-            Backend::Ebpf(c) => Ok(c.ingress_reads(settings)?),
-            Backend::Iptables(_) => Ok(None),
-        }
-    }
-
-    /// Puts capture in place. `inbound_listeners`: the built-in proxy's,
-    /// for sk_lookup to steer to at once (an external proxy's register
-    /// themselves when they listen). With inbound capture over IPv6, the
-    /// proxy's passthrough source `::6` goes on `lo`, as istio-init does.
+    /// Puts capture in place. `proxy_listeners`: the built-in proxy's (its
+    /// inbound ones for sk_lookup to steer to at once; an external proxy's
+    /// register themselves when they listen). With inbound capture over
+    /// IPv6, the proxy's passthrough source `::6` goes on `lo`, as
+    /// istio-init does.
     pub fn install(
         &mut self,
         settings: &Settings,
-        inbound_listeners: &[TcpListener],
+        proxy_listeners: &[&TcpListener],
     ) -> Result<(), CaptureError> {
         if settings.inbound {
             passthrough::add_v6(&settings.netns, &settings.passthrough_marker)?;
         }
         match &mut self.backend {
-            Backend::Ebpf(c) => Ok(c.install(settings, inbound_listeners)?),
+            Backend::Ebpf(c) => Ok(c.install(settings, proxy_listeners)?),
             Backend::Iptables(c) => c.install(settings),
         }
     }
@@ -213,6 +205,18 @@ impl Capture {
         match &self.backend {
             Backend::Ebpf(c) => Ok(c.rules(settings.netns_cookie)?),
             Backend::Iptables(c) => Ok(c.rules().clone()),
+        }
+    }
+
+    /// Which sockets the short-circuit carries: `none` (iptables mode, or
+    /// no short-circuit here), `nonblocking` (sockets whose reads block stay
+    /// on plain TCP: this kernel's sockmap readers are unsafe for them) or
+    /// `all`.
+    #[must_use]
+    pub const fn short_circuits(&self) -> &'static str {
+        match &self.backend {
+            Backend::Ebpf(c) => c.short_circuits(),
+            Backend::Iptables(_) => "none",
         }
     }
 

@@ -164,6 +164,7 @@ pub fn run(opts: &Options) -> Report {
     ));
     probes.extend(helper_probes());
     probes.extend(object_probes(opts.dns));
+    probes.extend(short_circuit_probes());
 
     let mounts = mounts::read_mounts().unwrap_or_default();
     let cg2 = mounts::cgroup2(&mounts).map(|m| m.mount_point.clone());
@@ -359,9 +360,7 @@ pub fn helper_probe(ptype: ProgramType, helper: BpfHelper) -> (bool, String) {
 /// Loads our own eBPF object, each program through the verifier (nothing
 /// attached, all closed again): the probes above say the hooks exist, these
 /// say this kernel's verifier accepts our programs (6.1's is stricter than
-/// later ones about pointer arithmetic, for one). The ingress-read fexit is
-/// needed by no mode: where tracing is refused, reads are counted another
-/// way.
+/// later ones about pointer arithmetic, for one).
 fn object_probes(dns: bool) -> Vec<Probe> {
     let verdicts = match load::verdicts() {
         Ok(v) => v,
@@ -378,23 +377,15 @@ fn object_probes(dns: bool) -> Vec<Probe> {
     verdicts
         .into_iter()
         .map(|(hook, verdict)| {
-            let optional =
-                hook == Hook::IngressRead || (Hook::DNS.contains(&hook) && !dns);
-            let name = match hook {
-                Hook::IngressRead => {
-                    "fexit on tcp_bpf_recvmsg (short-circuit backpressure)".to_owned()
-                }
-                h if Hook::DNS.contains(&h) => {
-                    format!("our {} passes the verifier (DNS capture)", h.program())
-                }
-                h => format!("our {} passes the verifier", h.program()),
+            let optional = Hook::DNS.contains(&hook) && !dns;
+            let name = if Hook::DNS.contains(&hook) {
+                format!("our {} passes the verifier (DNS capture)", hook.program())
+            } else {
+                format!("our {} passes the verifier", hook.program())
             };
             let detail = match &verdict {
                 Ok(()) => "loaded (not attached)".to_owned(),
-                Err(why) if hook != Hook::IngressRead => why.clone(),
-                Err(why) => format!(
-                    "{why}; instead the built-in proxy reports its reads, and other readers get the queue limit short-circuited per connection and direction"
-                ),
+                Err(why) => why.clone(),
             };
             Probe::new(
                 &format!("object.{}", hook.program()),
@@ -405,6 +396,30 @@ fn object_probes(dns: bool) -> Vec<Probe> {
             )
         })
         .collect()
+}
+
+/// What the sockmap short-circuit needs of the running kernel: its socket
+/// fields in the BTF, and readers it can bound, measured on a socket pair
+/// of our own (and whether blocking readers must stay on TCP). No mode
+/// needs it: without it captured connections use plain loopback TCP.
+fn short_circuit_probes() -> Vec<Probe> {
+    let layout = crate::ebpf::kernel::layout();
+    let mut probes = vec![Probe::new(
+        "kernel.layout",
+        "socket fields in the kernel's BTF (short-circuit)",
+        layout.is_ok(),
+        layout.map_or_else(|e| e.to_string(), |_| "found".to_owned()),
+        &[],
+    )];
+    let reads = crate::ebpf::reads::probe();
+    probes.push(Probe::new(
+        "sockmap.reads",
+        "sockmap readers bounded (short-circuit)",
+        reads.as_ref().is_ok_and(|r| r.ingress_charged),
+        reads.map_or_else(|e| e.to_string(), |r| r.describe()),
+        &[],
+    ));
+    probes
 }
 
 /// Attaches our connect4 program to a throwaway child cgroup with a

@@ -9,13 +9,19 @@
 //!   writer of the maps (run, `rules`, `status`, the admin server, the
 //!   proxy) goes through it;
 //! - [`rules`]: the capture rules as map entries;
+//! - [`kernel`]: where the running kernel keeps the socket fields the
+//!   programs read (from its BTF);
+//! - [`reads`]: the start-up probe of how the kernel treats readers of
+//!   sockets in a sockmap;
 //! - `sys`: the few bpf(2) commands aya does not expose.
 //!
 //! [`Hook`] is the one table of our programs: name, attach type, target.
 
 pub mod attach;
+pub mod kernel;
 pub mod load;
 pub mod maps;
+pub mod reads;
 pub mod rules;
 mod sys;
 
@@ -82,8 +88,6 @@ pub enum Target {
     Netns,
     /// The SOCKHASH (its sockets' sends).
     SocketMap,
-    /// A kernel function (tracing).
-    Kernel,
 }
 
 /// Our programs, in the order a connection meets them.
@@ -93,7 +97,6 @@ pub enum Hook {
     Connect6,
     SockOps,
     SkMsg,
-    IngressRead,
     GetSockopt,
     GetPeerName4,
     GetPeerName6,
@@ -106,12 +109,11 @@ pub enum Hook {
 }
 
 impl Hook {
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 13] = [
         Self::Connect4,
         Self::Connect6,
         Self::SockOps,
         Self::SkMsg,
-        Self::IngressRead,
         Self::GetSockopt,
         Self::GetPeerName4,
         Self::GetPeerName6,
@@ -140,7 +142,6 @@ impl Hook {
             Self::Connect6 => programs::CONNECT6,
             Self::SockOps => programs::SOCKOPS,
             Self::SkMsg => programs::SK_MSG,
-            Self::IngressRead => programs::INGRESS_READ,
             Self::GetSockopt => programs::GETSOCKOPT,
             Self::GetPeerName4 => programs::GETPEERNAME4,
             Self::GetPeerName6 => programs::GETPEERNAME6,
@@ -162,7 +163,6 @@ impl Hook {
             Self::Connect6 => at::BPF_CGROUP_INET6_CONNECT,
             Self::SockOps => at::BPF_CGROUP_SOCK_OPS,
             Self::SkMsg => at::BPF_SK_MSG_VERDICT,
-            Self::IngressRead => at::BPF_TRACE_FEXIT,
             Self::GetSockopt => at::BPF_CGROUP_GETSOCKOPT,
             Self::GetPeerName4 => at::BPF_CGROUP_INET4_GETPEERNAME,
             Self::GetPeerName6 => at::BPF_CGROUP_INET6_GETPEERNAME,
@@ -179,7 +179,6 @@ impl Hook {
     pub const fn target(self) -> Target {
         match self {
             Self::SkMsg => Target::SocketMap,
-            Self::IngressRead => Target::Kernel,
             Self::SkLookup => Target::Netns,
             _ => Target::Cgroup,
         }

@@ -13,7 +13,7 @@
 //! state (and the SOCKHASH their queued bytes), which an upgrade must keep.
 //! The programs are not part of it because they are always replaced: an
 //! adopting agent puts its own program behind every pinned link, on the
-//! SOCKHASH and on the fexit (`ebpf::attach`), so an upgrade that changes
+//! SOCKHASH (`ebpf::attach`), so an upgrade that changes
 //! only a program runs the new one at once and leaves no old one loaded.
 
 use std::{

@@ -17,7 +17,6 @@
 mod accept;
 mod connection;
 pub mod drain;
-pub mod ingress;
 pub mod relay;
 pub mod worker;
 
@@ -53,9 +52,6 @@ pub struct ProxyConfig {
     pub worker_threads: usize,
     /// Connections beyond this are reset as soon as they are accepted.
     pub max_connections: usize,
-    /// Where to report what is read from short-circuited sockets (the
-    /// sk_msg backpressure), when the kernel cannot count it itself.
-    pub ingress: Option<Arc<ingress::IngressReads>>,
 }
 
 /// Which way a proxied connection goes.

@@ -101,6 +101,33 @@ impl Agent {
         self.child.as_ref().expect("agent running").id()
     }
 
+    /// Which sockets the short-circuit carries, from the ready line:
+    /// `nonblocking` where this kernel's sockmap readers are unsafe for
+    /// blocking reads (those sockets stay on plain TCP), `all`, or `none`.
+    #[must_use]
+    pub fn short_circuits(&self) -> String {
+        let log = self.log_text();
+        let line = log
+            .lines()
+            .find(|l| l.contains("mesh-redirect ready"))
+            .unwrap_or_else(|| panic!("no ready line in the agent's log:\n{log}"));
+        let at = line
+            .find("short_circuits=\"")
+            .unwrap_or_else(|| panic!("no short_circuits in {line}"))
+            + "short_circuits=\"".len();
+        line[at..].split('"').next().unwrap_or_default().to_owned()
+    }
+
+    /// Whether a socket whose reads block is short-circuited here.
+    #[must_use]
+    pub fn short_circuits_blocking(&self) -> bool {
+        match self.short_circuits().as_str() {
+            "all" => true,
+            "nonblocking" | "none" => false,
+            other => panic!("unknown short_circuits={other}"),
+        }
+    }
+
     /// Everything the agent logged so far.
     #[must_use]
     pub fn log_text(&self) -> String {

@@ -36,6 +36,14 @@ pub enum HttpClient {
 }
 
 impl HttpClient {
+    /// Whether its socket does blocking reads (no timeout, no poll): where
+    /// the kernel's sockmap readers are unsafe for those, it stays on plain
+    /// TCP.
+    #[must_use]
+    pub const fn blocking_reads(self) -> bool {
+        matches!(self, Self::JavaSocket)
+    }
+
     /// The command that makes `n` GETs of `http://ip:port/`.
     ///
     /// # Panics

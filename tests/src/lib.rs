@@ -353,3 +353,23 @@ pub fn agent_bin() -> PathBuf {
         .map(|d| d.join("mesh-redirect"))
         .expect("agent binary next to the test binaries")
 }
+
+/// Memory the kernel holds for TCP, all namespaces together (the `mem` of
+/// `TCP:` in `/proc/net/sockstat`, pages), in KiB.
+#[must_use]
+pub fn tcp_mem_kib() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let text = std::fs::read_to_string("/proc/net/sockstat").expect("read /proc/net/sockstat");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("TCP:"))
+        .expect("a TCP: line in /proc/net/sockstat");
+    let mut words = line.split_whitespace();
+    words.find(|w| *w == "mem").expect("TCP mem in sockstat");
+    let pages: u64 = words
+        .next()
+        .and_then(|w| w.parse().ok())
+        .expect("TCP mem pages");
+    pages * page / 1024
+}

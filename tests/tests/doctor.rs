@@ -132,3 +132,32 @@ fn doctor_names_a_cgroup_path_that_is_not_cgroup2() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/cg"));
 }
+
+/// The start-up probe of sockmap readers measures this kernel (the same
+/// answer twice), `doctor` reports it, and an agent follows it: blocking
+/// sockets stay on plain TCP exactly where a blocking read in a sockmap
+/// was seen to return EAGAIN.
+#[test]
+fn the_sockmap_reader_probe_decides_which_sockets_are_short_circuited() {
+    require_root!();
+    let first = agent::ebpf::reads::probe().expect("probe");
+    let second = agent::ebpf::reads::probe().expect("probe");
+    assert_eq!(first, second, "the probe is stable");
+    let (json, code) = doctor_json_in_mount_ns("true");
+    assert_eq!(code, 0);
+    let row = probe(&json, "sockmap.reads");
+    assert_eq!(row["ok"], first.ingress_charged, "{row}");
+    assert_eq!(row["detail"], first.describe(), "{row}");
+    let topo = tests::topology::Topology::new();
+    let agent = topo.run_agent(
+        tests::RedirectMode::Ebpf,
+        tests::topology::Placement::Outside,
+        &[],
+    );
+    let expected = if first.blocking_reads_fail() {
+        "nonblocking"
+    } else {
+        "all"
+    };
+    assert_eq!(agent.short_circuits(), expected, "{first:?}");
+}

@@ -343,11 +343,40 @@ pub struct Counters {
     pub connect_redirected: u64,
     pub msg_redirected: u64,
     pub msg_passed: u64,
-    /// Sockets the sk_msg backpressure switched to TCP for good (their
-    /// reader fell more than the sockmap queue limit behind); every later
-    /// message of such a socket counts in `msg_passed`.
+    /// Messages sent over TCP because their reader held more than the
+    /// sockmap queue limit (the backpressure); they count in `msg_passed`.
     #[serde(default)]
     pub msg_spilled: u64,
+    /// Messages sent over TCP to keep the byte order (earlier bytes of the
+    /// same direction still in TCP); they count in `msg_passed`.
+    #[serde(default)]
+    pub msg_gated: u64,
+    /// Messages sent over TCP because the sender or the reader does
+    /// blocking reads where the kernel makes those unsafe in a sockmap.
+    #[serde(default)]
+    pub msg_blocking: u64,
+    /// Bytes of the pod's short-circuited sockets moved by the sockmap.
+    #[serde(default)]
+    pub bytes_redirected: u64,
+    /// Bytes of the pod's short-circuited sockets sent over TCP.
+    #[serde(default)]
+    pub bytes_passed: u64,
+}
+
+impl Counters {
+    /// Messages sent over TCP for a reason the datapath counted.
+    #[must_use]
+    pub const fn passed_for_a_reason(&self) -> u64 {
+        self.msg_spilled + self.msg_gated + self.msg_blocking
+    }
+
+    /// The share of bytes the short-circuit carried, `None` with no bytes.
+    #[must_use]
+    #[expect(clippy::cast_precision_loss, reason = "byte counts far below 2^52")]
+    pub fn short_circuited_share(&self) -> Option<f64> {
+        let all = self.bytes_redirected + self.bytes_passed;
+        (all > 0).then(|| self.bytes_redirected as f64 / all as f64)
+    }
 }
 
 /// Everything measured for one (round, cell, mode).
@@ -375,28 +404,27 @@ pub struct Sample {
 
 impl Sample {
     /// The sockmap should have carried this cell but did not: nothing was
-    /// redirected, or messages went over TCP although the backpressure
-    /// switched no socket (a silent fallback), or, with no switch, fewer
-    /// messages were redirected than operations completed. A backpressure
-    /// switch (see [`Self::spilled`]) is not a fallback: once a reader is
-    /// more than the queue limit behind, TCP is the designed path for the
-    /// rest of that socket's messages, so they count as passed and the
-    /// redirected total is below the operations by design.
+    /// redirected, or a message went over TCP for no counted reason (a
+    /// silent fallback), or, with nothing passed for a reason, fewer
+    /// messages were redirected than operations completed. Messages passed
+    /// for the backpressure, the byte order or a blocking reader (see
+    /// [`Self::spilled`]) are the design, not a fallback.
     pub fn fell_back(&self) -> bool {
         if !self.mode.sockmap() {
             return false;
         }
         match &self.result {
             Ok(m) => m.counters.is_none_or(|c| {
+                let reasoned = c.passed_for_a_reason();
                 c.msg_redirected == 0
-                    || (c.msg_spilled == 0
-                        && (c.msg_passed > 0 || c.msg_redirected < m.client.ops.max(1)))
+                    || c.msg_passed > reasoned
+                    || (reasoned == 0 && c.msg_redirected < m.client.ops.max(1))
             }),
             Err(_) => false,
         }
     }
 
-    /// Sockets the sk_msg backpressure switched to TCP during this cell (0
+    /// Messages the sk_msg backpressure sent over TCP during this cell (0
     /// when the mode has no sockmap or the cell failed).
     pub fn spilled(&self) -> u64 {
         match &self.result {
@@ -512,47 +540,30 @@ pub fn run(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// Whose reads the sk_msg backpressure counts, per sockmap mode, from the
-/// agent's startup log: it says so when the recvmsg fexit (which counts
-/// every reader) is refused and only the built-in proxy reports its reads.
+/// How the kernel treats sockmap readers, per sockmap mode, from the
+/// agent's start-up log (its probe decides whether blocking sockets stay
+/// on plain TCP).
 fn backpressure_readers(env: &Env) -> String {
     env.pods
         .iter()
         .enumerate()
         .filter(|(_, p)| p.mode.sockmap())
         .map(|(i, p)| {
-            let reader = if p.mode.haproxy() {
-                "neither HAProxy's nor the apps' reads are counted"
-            } else {
-                "the built-in proxy reports its own reads, the apps' are not counted"
-            };
-            match env.agent_log_line(i, "sockmap backpressure") {
-                Some(line) => format!(
-                    "{}: recvmsg fexit refused ({}): {reader}",
-                    p.mode,
-                    refusal_reason(&line)
-                ),
-                None => format!("{}: the recvmsg fexit counts every reader", p.mode),
-            }
+            let readers = env
+                .agent_log_line(i, "how this kernel treats readers")
+                .as_deref()
+                .and_then(|l| field(l, "readers"))
+                .unwrap_or_else(|| "not logged".into());
+            format!("{}: {readers}", p.mode)
         })
         .collect::<Vec<_>>()
         .join("; ")
 }
 
-/// The `reason=` field of an agent log line, up to its first OS error
-/// (the rest repeats it).
-fn refusal_reason(line: &str) -> &str {
-    let Some((_, r)) = line.split_once("reason=") else {
-        return "reason not logged";
-    };
-    let r = r.strip_prefix('"').map_or_else(
-        || r.split(" limit_kib=").next().unwrap_or(r),
-        |r| r.split_once('"').map_or(r, |(r, _)| r),
-    );
-    r.find("(os error ")
-        .and_then(|at| r[at..].find(')').map(|end| &r[..=at + end]))
-        .unwrap_or(r)
-        .trim()
+/// The quoted field `name="..."` of a log line.
+fn field(line: &str, name: &str) -> Option<String> {
+    let (_, rest) = line.split_once(&format!("{name}=\""))?;
+    rest.split_once('"').map(|(v, _)| v.to_owned())
 }
 
 /// One round: every cell, and within a cell every mode (the order rotated
@@ -593,7 +604,7 @@ fn run_round(
                     );
                 } else if sample.spilled() > 0 {
                     eprintln!(
-                        "bench: {} {mode} round {}: backpressure switched {} socket(s) to TCP",
+                        "bench: {} {mode} round {}: backpressure sent {} message(s) over TCP",
                         cell.name(),
                         round + 1,
                         sample.spilled()
@@ -622,6 +633,10 @@ fn measure(env: &mut Env, plan: &Plan, pod_index: usize, cell: Cell) -> Result<M
             msg_redirected: get("msg_redirected"),
             msg_passed: get("msg_passed"),
             msg_spilled: get("msg_spilled"),
+            msg_gated: get("msg_gated"),
+            msg_blocking: get("msg_sender_blocking") + get("msg_receiver_blocking"),
+            bytes_redirected: get("bytes_redirected"),
+            bytes_passed: get("bytes_passed"),
         }))
     };
     let before = counters(env)?;
@@ -667,6 +682,10 @@ fn measure(env: &mut Env, plan: &Plan, pod_index: usize, cell: Cell) -> Result<M
             msg_redirected: a.msg_redirected.saturating_sub(b.msg_redirected),
             msg_passed: a.msg_passed.saturating_sub(b.msg_passed),
             msg_spilled: a.msg_spilled.saturating_sub(b.msg_spilled),
+            msg_gated: a.msg_gated.saturating_sub(b.msg_gated),
+            msg_blocking: a.msg_blocking.saturating_sub(b.msg_blocking),
+            bytes_redirected: a.bytes_redirected.saturating_sub(b.bytes_redirected),
+            bytes_passed: a.bytes_passed.saturating_sub(b.bytes_passed),
         }),
         conntrack_flushed,
     })
@@ -720,7 +739,7 @@ pub fn shown(p: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{Cell, ClientResult, Counters, Measured, Mode, Sample, refusal_reason};
+    use super::{Cell, ClientResult, Counters, Measured, Mode, Sample, field};
 
     fn sample(mode: Mode, ops: u64, c: Counters) -> Sample {
         Sample {
@@ -747,6 +766,7 @@ mod tests {
             msg_redirected: redirected,
             msg_passed: passed,
             msg_spilled: spilled,
+            ..Counters::default()
         }
     }
 
@@ -754,23 +774,41 @@ mod tests {
     fn a_spill_is_not_a_fallback() {
         let all = sample(Mode::M3, 100, counters(100, 0, 0));
         assert!(!all.fell_back() && all.spilled() == 0);
-        let spilled = sample(Mode::H3, 100, counters(10, 90, 1));
+        let spilled = sample(Mode::H3, 100, counters(10, 90, 90));
         assert!(!spilled.fell_back());
-        assert_eq!(spilled.spilled(), 1);
+        assert_eq!(spilled.spilled(), 90);
+        // Passed messages need a counted reason each.
+        assert!(sample(Mode::M3, 100, counters(10, 90, 1)).fell_back());
         assert!(sample(Mode::M3, 100, counters(99, 1, 0)).fell_back());
         assert!(sample(Mode::M3, 100, counters(50, 0, 0)).fell_back());
-        assert!(sample(Mode::M3, 100, counters(0, 100, 1)).fell_back());
+        assert!(sample(Mode::M3, 100, counters(0, 100, 100)).fell_back());
         assert!(!sample(Mode::M2, 100, counters(0, 0, 0)).fell_back());
+        let gated = Counters {
+            msg_gated: 2,
+            msg_blocking: 3,
+            ..counters(95, 5, 0)
+        };
+        assert!(!sample(Mode::M3, 100, gated).fell_back());
     }
 
     #[test]
-    fn refusal_reasons() {
-        let line = "2026-11-21T09:52:40Z  INFO mesh_redirect::run: sockmap backpressure: the built-in proxy reports its reads reason=\"fexit on tcp_bpf_recvmsg: EPERM (os error 1): EPERM (os error 1). Verifier output:\" limit_kib=4096";
+    fn the_share_of_bytes_short_circuited() {
+        let c = Counters {
+            bytes_redirected: 3,
+            bytes_passed: 1,
+            ..Counters::default()
+        };
+        assert_eq!(c.short_circuited_share(), Some(0.75));
+        assert_eq!(Counters::default().short_circuited_share(), None);
+    }
+
+    #[test]
+    fn log_fields() {
+        let line = "INFO agent::capture::ebpf: sockmap short-circuit: how this kernel treats readers readers=\"a blocking read gets EAGAIN\"";
         assert_eq!(
-            refusal_reason(line),
-            "fexit on tcp_bpf_recvmsg: EPERM (os error 1)"
+            field(line, "readers").as_deref(),
+            Some("a blocking read gets EAGAIN")
         );
-        assert_eq!(refusal_reason("x reason=nope limit_kib=4"), "nope");
-        assert_eq!(refusal_reason("no field"), "reason not logged");
+        assert_eq!(field("no field", "readers"), None);
     }
 }

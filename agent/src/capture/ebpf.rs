@@ -3,21 +3,28 @@
 //! namespace's configuration and rules, then attaches: connect4 and
 //! getpeername4 to the served cgroup, sockops and getsockopt to every
 //! cgroup the app's and the proxy's sockets live in, sk_msg to the
-//! SOCKHASH, sk_lookup to the namespace, and the ingress-read fexit where the
-//! kernel allows tracing.
+//! SOCKHASH, sk_lookup to the namespace.
+//!
+//! The short-circuit needs two facts about the running kernel, found once
+//! at load: where its socket fields are (its BTF) and how it treats a
+//! blocking reader of a socket in a sockmap (a probe). Without them, or on
+//! a kernel that cannot bound the queue, connections are redirected but
+//! not short-circuited (plain loopback TCP), and the log says why.
 
 use std::{
     net::TcpListener,
-    os::fd::OwnedFd,
     path::{Path, PathBuf},
 };
 
-use agent_common::{InboundConfig, NetnsConfig, flags};
+use agent_common::{InboundConfig, KernelLayout, NetnsConfig, flags};
 use tracing::{debug, info, warn};
 
 use super::Settings;
 use crate::{
-    ebpf::{Datapath, DatapathMaps, EbpfError, Hook, LoadOptions, OBJECT, rules::rule_flags},
+    ebpf::{
+        Datapath, DatapathMaps, EbpfError, Hook, LoadOptions, OBJECT, kernel, reads,
+        rules::rule_flags,
+    },
     pins,
     rules::CaptureRules,
 };
@@ -74,52 +81,90 @@ pub fn pin_dir(bpffs: &Path, netns_cookie: u64) -> Result<PathBuf, EbpfError> {
 /// A loaded datapath for one namespace.
 pub struct EbpfCapture {
     datapath: Datapath,
+    /// The short-circuit can run here (asked for, and the kernel allows it).
+    short_circuit: bool,
+    /// Sockets whose reads block stay on plain TCP (this kernel's sockmap
+    /// readers are not safe for them).
+    guard_blocking: bool,
+}
+
+/// The kernel facts the short-circuit needs, or why it cannot run here.
+pub fn short_circuit_layout() -> Result<KernelLayout, String> {
+    let mut layout = kernel::layout().map_err(|e| e.to_string())?;
+    let behaviour = reads::probe().map_err(|e| format!("probing sockmap reads: {e}"))?;
+    if !behaviour.ingress_charged {
+        return Err(format!(
+            "this kernel does not bound a short-circuited reader's queue ({})",
+            behaviour.describe()
+        ));
+    }
+    if behaviour.blocking_reads_fail() {
+        layout.flags |= KernelLayout::GUARD_BLOCKING;
+    }
+    info!(
+        readers = %behaviour.describe(),
+        "sockmap short-circuit: how this kernel treats readers"
+    );
+    Ok(layout)
 }
 
 impl EbpfCapture {
     /// Loads (and verifies) the object, adopting pinned maps in `pin_dir`.
     pub fn load(settings: &Settings, pin_dir: Option<PathBuf>) -> Result<Self, EbpfError> {
+        let layout = if settings.sockmap {
+            short_circuit_layout()
+                .inspect_err(|why| {
+                    warn!(reason = %why, "no short-circuit: captured connections use plain loopback TCP");
+                })
+                .ok()
+        } else {
+            None
+        };
         let opts = LoadOptions {
             debug_logs: tracing::enabled!(target: "agent_ebpf", tracing::Level::DEBUG),
             sockmap_queue_limit: settings.sockmap_queue_limit,
+            layout: layout.unwrap_or_default(),
         };
         let datapath = Datapath::load(&opts, pin_dir.as_deref())?;
         if datapath.adopted() {
             info!(pins = %pin_dir.unwrap_or_default().display(), "adopting the pinned datapath of an earlier agent: connections and hooks carry on");
         }
-        Ok(Self { datapath })
+        Ok(Self {
+            datapath,
+            short_circuit: layout.is_some(),
+            guard_blocking: layout.is_some_and(|l| l.flags & KernelLayout::GUARD_BLOCKING != 0),
+        })
     }
 
-    /// A descriptor of the map the built-in proxy reports its reads on,
-    /// when the kernel cannot count them itself (no tracing programs) and
-    /// the short-circuit is on.
-    pub fn ingress_reads(&self, settings: &Settings) -> Result<Option<OwnedFd>, EbpfError> {
-        if !settings.sockmap || self.datapath.backpressure().is_ok() {
-            return Ok(None);
+    /// Which sockets the short-circuit carries here: `none`, `nonblocking`
+    /// (blocking ones stay on plain TCP) or `all`.
+    #[must_use]
+    pub const fn short_circuits(&self) -> &'static str {
+        match (self.short_circuit, self.guard_blocking) {
+            (false, _) => "none",
+            (true, true) => "nonblocking",
+            (true, false) => "all",
         }
-        self.datapath.maps().ingress_read_fd().map(Some)
     }
 
-    /// Configures and attaches.
+    /// Configures and attaches. `proxy_listeners`: the built-in proxy's.
     pub fn install(
         &mut self,
         s: &Settings,
-        inbound_listeners: &[TcpListener],
+        proxy_listeners: &[&TcpListener],
     ) -> Result<(), EbpfError> {
         let cookie = s.netns_cookie;
-        let config = netns_config(s);
+        let mut config = netns_config(s);
+        if !self.short_circuit {
+            config.flags &= !flags::SOCKMAP;
+        }
         let dp = &mut self.datapath;
-        // The short-circuit's backpressure needs each reader's reads counted:
-        // by an fexit where the kernel allows tracing programs, else by the
-        // built-in proxy for its own sockets.
-        if s.sockmap {
-            match dp.backpressure() {
-                Ok(()) => dp.attach_ingress_read()?,
-                Err(why) => info!(
-                    reason = why,
-                    limit_kib = s.sockmap_queue_limit / 1024,
-                    "sockmap backpressure: the built-in proxy reports its reads; any other reader (apps, an external proxy) gets the queue limit short-circuited per connection and direction, then TCP"
-                ),
+        // The built-in proxy's listeners opened before sockops could see
+        // them listen: the sockets they accept never block.
+        for l in proxy_listeners {
+            if let Ok(addr) = l.local_addr() {
+                dp.maps_mut()
+                    .set_listener_nonblocking(cookie, addr.port())?;
             }
         }
         dp.maps_mut().set_rules(cookie, &s.rules)?;
@@ -146,7 +191,10 @@ impl EbpfCapture {
         }
         dp.attach_sk_msg()?;
         if s.inbound {
-            for l in inbound_listeners {
+            for l in proxy_listeners
+                .iter()
+                .filter(|l| l.local_addr().is_ok_and(|a| a.port() == s.inbound_port))
+            {
                 dp.maps_mut().set_inbound_listener(l)?;
             }
             dp.maps_mut().set_inbound(InboundConfig {

@@ -1,5 +1,5 @@
 //! A loaded [`Datapath`] and what it attached: links on cgroups and the
-//! served netns, the sk_msg program on the SOCKHASH, the ingress-read fexit, and
+//! served netns, the sk_msg program on the SOCKHASH, and
 //! their pins.
 //!
 //! Unpinned, dropping the datapath detaches everything and frees the maps.
@@ -9,7 +9,7 @@
 //! them. An agent that finds an earlier agent's pins of the same map
 //! layout adopts them: the maps keep their entries and every hook runs
 //! *this* agent's programs from then on (links updated in place, sk_msg
-//! and the fexit replaced), so an upgrade that changes only a program never
+//! replaced), so an upgrade that changes only a program never
 //! keeps the old one attached.
 
 use std::{
@@ -22,7 +22,7 @@ use std::{
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, FExit, SkLookup, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, SkLookup, SkMsg, SockOps,
         links::{FdLink, PinnedLink},
         loaded_programs,
         sk_msg::SkMsgLink,
@@ -73,7 +73,6 @@ pub struct Datapath {
     /// Dropped (detached) at teardown; left in place otherwise (a pinned
     /// map keeps it for the next agent).
     sk_msg: Option<SkMsgLink>,
-    ingress_read_unavailable: Option<String>,
 }
 
 fn link_err(hook: Hook, target: &Path) -> impl Fn(io::Error) -> EbpfError + '_ {
@@ -90,8 +89,7 @@ fn other(e: impl std::fmt::Display) -> io::Error {
 
 impl Datapath {
     /// Loads the maps (pinned in `pin_dir`, or adopted from there) and
-    /// verifies every program. The ingress-read fexit may fail to load (tracing
-    /// refused): see [`Self::backpressure`].
+    /// verifies every program.
     pub fn load(opts: &LoadOptions, pin_dir: Option<&Path>) -> Result<Self, EbpfError> {
         let loaded = load::load(opts, pin_dir)?;
         Ok(Self {
@@ -101,7 +99,6 @@ impl Datapath {
             links: Vec::new(),
             claimed: Vec::new(),
             sk_msg: None,
-            ingress_read_unavailable: loaded.ingress_read_unavailable,
         })
     }
 
@@ -112,11 +109,6 @@ impl Datapath {
 
     pub fn maps_mut(&mut self) -> &mut DatapathMaps {
         &mut self.maps
-    }
-
-    /// `Err(why)` when the ingress-read fexit cannot run on this kernel.
-    pub fn backpressure(&self) -> Result<(), &str> {
-        self.ingress_read_unavailable.as_deref().map_or(Ok(()), Err)
     }
 
     /// Whether an earlier agent's maps (and links) were adopted.
@@ -246,9 +238,7 @@ impl Datapath {
                     .map_err(link_err(hook, Path::new("cgroup")))?;
                 return Ok(Err(fd));
             }
-            Hook::SkMsg | Hook::IngressRead => {
-                unreachable!("{hook:?} has no cgroup or netns link")
-            }
+            Hook::SkMsg => unreachable!("{hook:?} has no cgroup or netns link"),
         }))
     }
 
@@ -292,43 +282,6 @@ impl Datapath {
         let p = program_mut::<SkMsg>(&mut self.ebpf, hook)?;
         let id = p.attach(sockets.fd()).map_err(program_err(name))?;
         self.sk_msg = Some(p.take_link(id).map_err(program_err(name))?);
-        Ok(())
-    }
-
-    /// Attaches the ingress-read fexit (global: it counts reads on every socket
-    /// that has our state). Pinned: an earlier agent's fexit is replaced,
-    /// its pin removed first (a tracing link cannot be updated in place;
-    /// for the moment between, reads go uncounted, which only makes a
-    /// sender switch to TCP early, never lets a queue grow).
-    pub fn attach_ingress_read(&mut self) -> Result<(), EbpfError> {
-        let hook = Hook::IngressRead;
-        let name = hook.program();
-        let target = PathBuf::from(agent_common::programs::RECVMSG_TARGET);
-        let target_name = target.clone();
-        let err = link_err(hook, &target_name);
-        if let Some(why) = &self.ingress_read_unavailable {
-            return Err(err(io::Error::other(why.clone())));
-        }
-        let pin_name = format!("link-{name}");
-        let pin = self.pin_dir().map(|d| d.join(&pin_name));
-        self.claimed.push(pin_name);
-        let adopted = pin.as_ref().is_some_and(|p| p.exists());
-        if let Some(p) = pin.as_ref().filter(|_| adopted) {
-            std::fs::remove_file(p).map_err(&err)?;
-        }
-        let prog = program_mut::<FExit>(&mut self.ebpf, hook)?;
-        let id = prog.attach().map_err(program_err(name))?;
-        let link: FdLink = prog.take_link(id).map_err(program_err(name))?.into();
-        let handle = match &pin {
-            Some(path) => LinkHandle::Pinned(link.pin(path).map_err(other).map_err(&err)?),
-            None => LinkHandle::Aya(link),
-        };
-        self.links.push(AttachedLink {
-            hook,
-            target,
-            adopted,
-            _handle: handle,
-        });
         Ok(())
     }
 

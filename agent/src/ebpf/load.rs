@@ -3,12 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use agent_common::{globals, maps as names, programs};
+use agent_common::{KernelLayout, globals, maps as names};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{
-        CgroupSock, CgroupSockAddr, CgroupSockopt, FExit, ProgramError, SkLookup, SkMsg, SockOps,
-    },
+    programs::{CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps},
 };
 
 use super::{EbpfError, Hook, OBJECT, maps::DatapathMaps};
@@ -18,9 +16,13 @@ use super::{EbpfError, Hook, OBJECT, maps::DatapathMaps};
 pub struct LoadOptions {
     /// The programs' aya-log debug lines (off: they cost per event).
     pub debug_logs: bool,
-    /// How far a short-circuited socket's reader may fall behind, in bytes,
-    /// before its sender switches to TCP.
+    /// How much receive memory a short-circuited socket's reader may hold,
+    /// in bytes, before senders to it use TCP.
     pub sockmap_queue_limit: u64,
+    /// The running kernel's layout and reader policy ([`super::kernel`],
+    /// [`super::reads`]); without [`KernelLayout::VALID`] nothing is
+    /// short-circuited.
+    pub layout: KernelLayout,
 }
 
 impl Default for LoadOptions {
@@ -28,6 +30,7 @@ impl Default for LoadOptions {
         Self {
             debug_logs: false,
             sockmap_queue_limit: globals::SOCKMAP_QUEUE_LIMIT_DEFAULT,
+            layout: KernelLayout::default(),
         }
     }
 }
@@ -39,9 +42,6 @@ pub(super) struct Loaded {
     /// The pin directory, and whether it held a datapath already (whose
     /// maps, with their entries, are ours now).
     pub pins: Option<(PathBuf, bool)>,
-    /// Why the ingress-read fexit could not load, if it could not (tracing
-    /// programs refused): the backpressure then counts reads another way.
-    pub ingress_read_unavailable: Option<String>,
 }
 
 pub(super) fn program_err(name: &'static str) -> impl FnOnce(ProgramError) -> EbpfError {
@@ -81,6 +81,7 @@ pub(super) fn load(opts: &LoadOptions, pin_dir: Option<&Path>) -> Result<Loaded,
         &opts.sockmap_queue_limit,
         true,
     );
+    loader.override_global(globals::KERNEL_LAYOUT, &opts.layout, true);
     let pins = match pin_dir {
         Some(dir) => {
             let adopted = dir.join(names::NETNS_CONFIG).exists();
@@ -103,26 +104,12 @@ pub(super) fn load(opts: &LoadOptions, pin_dir: Option<&Path>) -> Result<Loaded,
         loader.map_pin_path(name.as_str(), path.as_path());
     }
     let mut ebpf = loader.load(OBJECT)?;
-    for hook in Hook::ALL.into_iter().filter(|&h| h != Hook::IngressRead) {
+    for hook in Hook::ALL {
         load_program(&mut ebpf, hook)
             .map_err(|(name, source)| EbpfError::Program { name, source })?;
     }
-    let ingress_read_unavailable = load_program(&mut ebpf, Hook::IngressRead)
-        .map_err(|(_, e)| {
-            format!(
-                "fexit on {}: {}",
-                programs::RECVMSG_TARGET,
-                verifier_verdict(&e.to_string())
-            )
-        })
-        .err();
     let maps = DatapathMaps::from_loaded(&mut ebpf)?;
-    Ok(Loaded {
-        ebpf,
-        maps,
-        pins,
-        ingress_read_unavailable,
-    })
+    Ok(Loaded { ebpf, maps, pins })
 }
 
 /// Loads (verifies) one program; the error keeps the program's name.
@@ -145,12 +132,6 @@ fn load_program(e: &mut Ebpf, hook: Hook) -> Result<(), (&'static str, ProgramEr
         Hook::SkMsg => <&mut SkMsg>::try_from(prog).map_err(err)?.load(),
         Hook::GetSockopt => <&mut CgroupSockopt>::try_from(prog).map_err(err)?.load(),
         Hook::SkLookup => <&mut SkLookup>::try_from(prog).map_err(err)?.load(),
-        Hook::IngressRead => {
-            let btf = aya::Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
-            <&mut FExit>::try_from(prog)
-                .map_err(err)?
-                .load(programs::RECVMSG_TARGET, &btf)
-        }
     }
     .map_err(err)
 }
@@ -160,12 +141,19 @@ pub type Verdict = Result<(), String>;
 
 /// The verifier's verdict on each of our programs on this kernel (the
 /// object loaded on its own, nothing pinned or attached, all closed
-/// again): what `doctor` shows, and what `--mode auto` decides on.
+/// again): what `doctor` shows, and what `--mode auto` decides on. The
+/// object is loaded as `run` loads it, with the kernel's layout and every
+/// path of the short-circuit on (the verifier skips code a read-only
+/// global rules out).
 pub fn verdicts() -> Result<Vec<(Hook, Verdict)>, EbpfError> {
     if OBJECT.is_empty() {
         return Err(EbpfError::NoObject);
     }
-    let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+    let mut layout = super::kernel::layout().unwrap_or_else(|_| super::kernel::placeholder());
+    layout.flags |= KernelLayout::VALID | KernelLayout::GUARD_BLOCKING;
+    let mut loader = EbpfLoader::new();
+    loader.override_global(globals::KERNEL_LAYOUT, &layout, true);
+    let mut ebpf = loader.load(OBJECT)?;
     Ok(Hook::ALL
         .into_iter()
         .map(|hook| {

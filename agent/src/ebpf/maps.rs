@@ -8,15 +8,11 @@
 //! server) a handle of its own. Everything that reads or writes a map
 //! goes through its methods; nothing else names a map or its types.
 
-use std::{
-    io,
-    os::fd::{AsFd as _, OwnedFd},
-    path::Path,
-};
+use std::{os::fd::AsFd as _, path::Path};
 
 use agent_common::{
-    Counter, DnsServerKey, InboundConfig, NetnsConfig, OrigDst, PortKey, SockKey, capacity,
-    maps as names, net,
+    Counter, DnsServerKey, InboundConfig, NetnsConfig, OrigDst, PortKey, SockKey, SockRef,
+    capacity, maps as names, net,
 };
 use aya::{
     Ebpf,
@@ -38,7 +34,8 @@ pub enum MapId {
     OrigDstByCookie,
     OrigDstByTuple,
     Sockets,
-    IngressRead,
+    Peers,
+    Listeners,
     Counters,
     OutCidrExclude,
     OutCidrInclude,
@@ -52,12 +49,13 @@ pub enum MapId {
 }
 
 impl MapId {
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::NetnsConfig,
         Self::OrigDstByCookie,
         Self::OrigDstByTuple,
         Self::Sockets,
-        Self::IngressRead,
+        Self::Peers,
+        Self::Listeners,
         Self::Counters,
         Self::OutCidrExclude,
         Self::OutCidrInclude,
@@ -78,7 +76,8 @@ impl MapId {
             Self::OrigDstByCookie => names::ORIG_DST_BY_COOKIE,
             Self::OrigDstByTuple => names::ORIG_DST_BY_TUPLE,
             Self::Sockets => names::SOCKETS,
-            Self::IngressRead => names::INGRESS_READ,
+            Self::Peers => names::PEERS,
+            Self::Listeners => names::LISTENERS,
             Self::Counters => names::COUNTERS,
             Self::OutCidrExclude => names::OUT_CIDR_EXCLUDE,
             Self::OutCidrInclude => names::OUT_CIDR_INCLUDE,
@@ -101,7 +100,8 @@ impl MapId {
             Self::OrigDstByCookie => Some(capacity::ORIG_DST_BY_COOKIE),
             Self::OrigDstByTuple => Some(capacity::ORIG_DST_BY_TUPLE),
             Self::Sockets => Some(capacity::SOCKETS),
-            Self::IngressRead => Some(capacity::INGRESS_READ),
+            Self::Peers => Some(capacity::PEERS),
+            Self::Listeners => Some(capacity::LISTENERS),
             Self::InboundSteered => Some(capacity::INBOUND_STEERED),
             Self::DnsServers => Some(capacity::DNS_SERVERS),
             Self::DnsOrigByCookie => Some(capacity::DNS_ORIG_BY_COOKIE),
@@ -415,7 +415,8 @@ impl DatapathMaps {
             MapId::NetnsConfig => hash::<u64, NetnsConfig>(self, id),
             MapId::OrigDstByCookie | MapId::DnsOrigByCookie => hash::<u64, OrigDst>(self, id),
             MapId::OrigDstByTuple => hash::<SockKey, OrigDst>(self, id),
-            MapId::IngressRead => hash::<SockKey, u64>(self, id),
+            MapId::Peers => hash::<SockKey, SockRef>(self, id),
+            MapId::Listeners => hash::<PortKey, u32>(self, id),
             MapId::InboundSteered => hash::<SockKey, u8>(self, id),
             MapId::DnsServers => hash::<DnsServerKey, u8>(self, id),
             MapId::OutPorts | MapId::InPorts => hash::<PortKey, u8>(self, id),
@@ -436,48 +437,18 @@ impl DatapathMaps {
         self.view(MapId::Sockets)
     }
 
-    /// A descriptor of its own on the `INGRESS_READ` map, for the proxy to
-    /// report its reads on (when no fexit counts them).
-    pub fn ingress_read_fd(&self) -> Result<OwnedFd, EbpfError> {
-        let id = MapId::IngressRead;
-        data(self.map(id))
-            .ok_or(EbpfError::Missing {
-                kind: "hash map",
-                name: id.name(),
-            })?
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|source| EbpfError::Io {
-                path: id.name().into(),
-                source,
-            })
-    }
-}
-
-/// Bytes the proxy read from its short-circuited sockets, reported to the
-/// `INGRESS_READ` map (sk_msg backpressure without the recvmsg fexit).
-/// Built from the proxy worker's own descriptor of the map.
-pub struct IngressReadMap(HashMap<MapData, SockKey, u64>);
-
-impl IngressReadMap {
-    /// Takes ownership of `fd`, a descriptor of the `INGRESS_READ` map.
-    pub fn from_fd(fd: OwnedFd) -> Result<Self, EbpfError> {
-        let id = MapId::IngressRead;
-        let map =
-            Map::from_map_data(MapData::from_fd(fd).map_err(map_err(id))?).map_err(map_err(id))?;
-        HashMap::try_from(map).map(Self).map_err(map_err(id))
-    }
-
-    /// Sets the bytes read of a socket that is short-circuited (`ENOENT`,
-    /// as an `io::Error`, when it is not, or no longer).
-    pub fn set_read(&mut self, key: SockKey, total: u64) -> io::Result<()> {
-        /// `BPF_EXIST`: only an entry that is there.
-        const EXISTING: u64 = 2;
-        self.0.insert(key, total, EXISTING).map_err(|e| match e {
-            MapError::SyscallError(s) => s.io_error,
-            other => io::Error::other(other),
-        })
+    /// Records that the listener on `port` in namespace `netns` does not
+    /// block (the built-in proxy's, opened before sockops could see it):
+    /// the sockets it accepts may join the SOCKHASH.
+    pub fn set_listener_nonblocking(&mut self, netns: u64, port: u16) -> Result<(), EbpfError> {
+        let id = MapId::Listeners;
+        let mut m: HashMap<&mut MapData, PortKey, u32> = self.view_mut(id)?;
+        m.insert(
+            PortKey::new(netns, port),
+            agent_common::LISTENER_NONBLOCKING,
+            0,
+        )
+        .map_err(map_err(id))
     }
 }
 

@@ -71,7 +71,6 @@ pub(super) async fn handle(
         &mut upstream,
         config.buffer_size,
         config.idle_timeout,
-        config.ingress.as_deref(),
         relay::Counted {
             to_upstream: &dstats.bytes_to_upstream,
             to_client: &dstats.bytes_to_client,

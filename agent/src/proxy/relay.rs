@@ -18,7 +18,6 @@ use tokio::{
     },
 };
 
-use super::ingress::{IngressReads, ReadTracker};
 use crate::socket;
 
 /// Which socket an error came from.
@@ -100,7 +99,6 @@ pub async fn relay(
     upstream: &mut TcpStream,
     buffer_size: usize,
     idle: Duration,
-    ingress: Option<&IngressReads>,
     counted: Counted<'_>,
 ) -> Outcome {
     let last = Activity::new();
@@ -114,10 +112,7 @@ pub async fn relay(
             Side::Upstream,
             buffer_size,
             &last,
-            Account {
-                reads: ingress.map(IngressReads::tracker),
-                moved: counted.to_upstream,
-            },
+            counted.to_upstream,
         );
         let down = copy(
             upstream_rx,
@@ -126,10 +121,7 @@ pub async fn relay(
             Side::Client,
             buffer_size,
             &last,
-            Account {
-                reads: ingress.map(IngressReads::tracker),
-                moved: counted.to_client,
-            },
+            counted.to_client,
         );
         tokio::pin!(up, down);
         let (mut to_upstream, mut to_client) = (None, None);
@@ -167,21 +159,13 @@ pub async fn relay(
     }
 }
 
-/// Where one direction's bytes are counted: the reads of a short-circuited
-/// socket (backpressure), and the bytes moved (metrics).
-struct Account<'a> {
-    reads: Option<ReadTracker<'a>>,
-    moved: &'a AtomicU64,
-}
-
 /// Copies `from` → `to` until EOF, then shuts down `to`'s write side.
 /// A buffer exists only while data is there to move: it is allocated when
 /// `from` becomes readable and freed before waiting again, so an idle or
 /// trickling connection holds no buffer memory. Reads go through
 /// `poll_read`, which takes a short read as "drained" (edge-triggered
 /// epoll), so waiting again costs no extra `read` that fails with EAGAIN.
-/// What is read from `from` is reported to `reads` (if short-circuited)
-/// before it is written on.
+/// What is moved is counted in `moved` as it moves.
 async fn copy(
     mut from: ReadHalf<'_>,
     from_side: Side,
@@ -189,7 +173,7 @@ async fn copy(
     to_side: Side,
     max_buffer: usize,
     last: &Activity,
-    mut account: Account<'_>,
+    moved: &AtomicU64,
 ) -> Result<u64, (u64, RelayError)> {
     let mut total: u64 = 0;
     let mut size = MIN_BUFFER.min(max_buffer);
@@ -215,14 +199,11 @@ async fn copy(
                 Err(e) => return Err(fail(from_side, e, total)),
             };
             last.touch();
-            if let Some(r) = account.reads.as_mut() {
-                r.read(from.as_ref(), total + n as u64);
-            }
             if let Err(e) = write_all(to.as_ref(), &buf[..n], last).await {
                 return Err(fail(to_side, e, total));
             }
             total += n as u64;
-            account.moved.fetch_add(n as u64, Ordering::Relaxed);
+            moved.fetch_add(n as u64, Ordering::Relaxed);
             if n < buf.len() {
                 // Drained for now: free the buffer and wait.
                 break;
@@ -287,7 +268,6 @@ mod tests {
                 &mut proxy_upstream,
                 8,
                 Duration::from_mins(1),
-                None,
                 counted(),
             )
             .await
@@ -323,7 +303,6 @@ mod tests {
                 &mut proxy_upstream,
                 1024,
                 Duration::from_mins(1),
-                None,
                 c,
             )
             .await
@@ -351,7 +330,6 @@ mod tests {
                 &mut proxy_upstream,
                 1024,
                 Duration::from_mins(1),
-                None,
                 counted(),
             )
             .await;
@@ -382,7 +360,6 @@ mod tests {
             &mut proxy_upstream,
             1024,
             Duration::from_millis(200),
-            None,
             counted(),
         )
         .await;
@@ -403,7 +380,6 @@ mod tests {
                 &mut proxy_upstream,
                 1024,
                 Duration::from_mins(1),
-                None,
                 counted(),
             )
             .await;

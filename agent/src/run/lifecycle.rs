@@ -20,7 +20,7 @@ use crate::{
     admin::{self, AdminHandle, AdminState, Readiness},
     capture::{Capture, Mode, ebpf::pin_dir},
     handoff::{self, ControlServer, Requests},
-    proxy::{Listeners, ProxyHandle, ingress::IngressReads},
+    proxy::{Listeners, ProxyHandle},
     rules::{CaptureRules, RuleArgs},
 };
 
@@ -81,29 +81,22 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // handover to whoever replaces us.
     let kept = listeners.as_ref().map(Listeners::try_clone).transpose()?;
     let ready = Arc::new(Readiness::default());
-    // Capture is prepared (the eBPF object loaded, nothing attached) before
-    // the proxy starts, so the proxy's workers can report their reads into
-    // its map.
+    // Capture is prepared (the eBPF object loaded and verified, nothing
+    // attached) before the proxy starts: a kernel that refuses it stops us
+    // before anything listens.
     let mut capture = Capture::prepare(mode, settings, pins.clone())?;
-    let (ingress, _ingress_owner) = match capture.ingress_reads(settings)? {
-        Some(fd) => {
-            let (counted, owner) = IngressReads::new(fd, settings.netns_cookie);
-            (Some(Arc::new(counted)), Some(owner))
-        }
-        None => (None, None),
-    };
     let proxy = match (plan.proxy.clone(), listeners) {
-        (Some(mut config), Some(listeners)) => {
-            config.ingress = ingress;
+        (Some(config), Some(listeners)) => {
             Some(ProxyHandle::start(&settings.netns, config, listeners)?)
         }
         _ => None,
     };
     ready.set_listeners();
-    capture.install(
-        settings,
-        kept.as_ref().map_or(&[], |l| l.inbound.as_slice()),
-    )?;
+    let proxy_listeners: Vec<&std::net::TcpListener> = kept
+        .iter()
+        .flat_map(|l| l.outbound.iter().chain(&l.inbound))
+        .collect();
+    capture.install(settings, &proxy_listeners)?;
     ready.set_capture();
     let state = Arc::new(AdminState::new(
         mode,
@@ -126,6 +119,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         outbound_port = settings.outbound_port,
         inbound_port = settings.inbound.then_some(settings.inbound_port),
         sockmap = mode == Mode::Ebpf && settings.sockmap,
+        short_circuits = capture.short_circuits(),
         proxy = if proxy.is_some() { "builtin" } else { "external" },
         fail = if settings.fail_open { "open" } else { "closed" },
         pinned = pins.is_some(),

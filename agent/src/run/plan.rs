@@ -68,7 +68,6 @@ impl Plan {
                     buffer_size: args.buffer_kib as usize * 1024,
                     worker_threads: usize::from(args.workers),
                     max_connections: args.max_connections as usize,
-                    ingress: None,
                 };
                 (Some(config), cgroup::covering_set(&cgroup, &own))
             }

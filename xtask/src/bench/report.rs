@@ -293,12 +293,12 @@ fn targets_intro(md: &mut String, spread_words: &str) {
          Rounds in which a sockmap mode fell back to TCP are left out of the ratios, and a target \
          whose candidate fell back or failed in any round is marked missed: neither is ever \
          counted as a win. A fallback is a round in which the sockmap redirected nothing, or \
-         sent messages over TCP (`msg_passed > 0`) although the backpressure switched no socket \
-         (`msg_spilled = 0`), or, with no switch, redirected fewer messages than operations \
-         completed. A round in which the backpressure switched sockets to TCP (`msg_spilled > 0`: \
-         a reader fell more than the sockmap queue limit behind, so that socket's later messages \
-         went over TCP by design) is not a fallback: it is how the product behaves, and it counts \
-         as a valid measurement of M3 or H3 (see Backpressure).\n\n",
+         sent a message over TCP for no counted reason, or, with none passed, redirected fewer \
+         messages than operations completed. Messages passed for the backpressure \
+         (`msg_spilled`: the reader held more than the sockmap queue limit), the byte order \
+         (`msg_gated`) or a blocking reader are not a fallback: that is how the product behaves, \
+         and the round counts as a valid measurement of M3 or H3 (see Backpressure and the \
+         share of bytes short-circuited in Datapath).\n\n",
     );
 }
 
@@ -318,9 +318,8 @@ fn setup_section(md: &mut String, plan: &Plan, sys: &System) {
          `mode tcp`, defaults otherwise (transparent via `SO_ORIGINAL_DST`: `server o 0.0.0.0:0`), \
          as uid/gid 1337 with `--proxy external --proxy-uid 1337 --proxy-gid 1337`\n\
          - sk_msg backpressure: the agent's default sockmap queue limit (`--sockmap-queue-kib \
-         {SOCKMAP_QUEUE_KIB}`, not passed): a short-circuited sender more than {} MiB ahead of its \
-         reader switches that socket to TCP for good (`msg_spilled`); a reader nobody counts gets \
-         that much short-circuited per connection and direction, then TCP{}\n\
+         {SOCKMAP_QUEUE_KIB}`, not passed): a message whose reader holds more than {} MiB of \
+         receive memory goes over TCP (`msg_spilled`), decided per message{}\n\
          - every mode has its own pod namespace and cgroup (10.99.N.1) and veth pair to one server \
          namespace (10.99.N.2); all agents and proxies stay up for the whole run; each agent lives \
          in a cgroup of its own; every namespace has `ip_local_port_range=10000 65000`, \
@@ -346,7 +345,10 @@ fn setup_section(md: &mut String, plan: &Plan, sys: &System) {
         if sys.backpressure.is_empty() {
             String::new()
         } else {
-            format!("; whose reads are counted here: {}", sys.backpressure)
+            format!(
+                "; how the kernel treats sockmap readers: {}",
+                sys.backpressure
+            )
         },
     );
     md.push_str("| mode | what |\n|---|---|\n");
@@ -508,17 +510,19 @@ fn datapath_table(plan: &Plan, t: &Table) -> String {
     let mut md = String::from(
         "From `mesh-redirect status --json --cgroup POD` before and after each cell (deltas; \
          median and spread over rounds); \"–\": no eBPF datapath serves the pod. \
-         \"switched to TCP\" counts the sockets the backpressure moved to TCP for good because \
-         their reader fell more than the queue limit behind (`msg_spilled`); every later message \
-         of such a socket counts in `msg_passed`, so after a switch passed messages and fewer \
-         redirected messages than operations are expected, and the round is a valid \
-         measurement. A sockmap round fell back to TCP if it redirected nothing, or passed \
-         messages (`msg_passed > 0`) with no switch, or, with no switch, redirected fewer \
-         messages than operations: counted in the last column and never as a win. lo packets \
-         per op are the pod namespace's loopback packets per transaction, request, connection or \
-         write (a socket switched to TCP sends over lo again).\n\n\
-         | cell | mode | lo packets/op | connects redirected | msgs redirected/op | msgs passed | switched to TCP (sockets) | fell back (rounds) |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|\n",
+         \"spilled\" counts the messages the backpressure sent over TCP because their reader \
+         held more than the queue limit (`msg_spilled`), \"gated\" those sent over TCP to keep \
+         the byte order (`msg_gated`), \"blocking\" those of a blocking reader or sender where \
+         the kernel makes that unsafe (`msg_sender_blocking + msg_receiver_blocking`); all count \
+         in `msg_passed`, and the round is a valid measurement. \"bytes short-circuited\" is \
+         the share of the short-circuited sockets' bytes the sockmap moved (`bytes_redirected / \
+         (bytes_redirected + bytes_passed)`). A sockmap round fell back to TCP if it redirected \
+         nothing, or passed a message for no counted reason, or, with none passed, redirected \
+         fewer messages than operations: counted in the last column and never as a win. lo \
+         packets per op are the pod namespace's loopback packets per transaction, request, \
+         connection or write (a passed message goes over lo).\n\n\
+         | cell | mode | lo packets/op | connects redirected | msgs redirected/op | msgs passed | spilled | gated | blocking | bytes short-circuited | fell back (rounds) |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for &cell in &plan.cells {
         for &mode in &plan.modes {
@@ -529,17 +533,26 @@ fn datapath_table(plan: &Plan, t: &Table) -> String {
             });
             let passed = t.counter(cell, mode, |c, _| c.msg_passed as f64);
             let spilled = t.counter(cell, mode, |c, _| c.msg_spilled as f64);
+            let gated = t.counter(cell, mode, |c, _| c.msg_gated as f64);
+            let blocking = t.counter(cell, mode, |c, _| c.msg_blocking as f64);
+            let share =
+                t.counter_some(cell, mode, |c| c.short_circuited_share().map(|s| s * 100.0));
             let fb = t.fallbacks(cell, mode);
             let sockmap_only = |v: String| if mode.sockmap() { v } else { "–".into() };
             let _ = writeln!(
                 md,
-                "| {} | {mode} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {mode} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 cell.name(),
                 spread_text(lo),
                 spread_text(conn),
                 spread_text(red),
                 spread_text(passed),
                 sockmap_only(spread_text(spilled)),
+                sockmap_only(spread_text(gated)),
+                sockmap_only(spread_text(blocking)),
+                sockmap_only(
+                    share.map_or_else(|| "–".into(), |s| format!("{} %", spread_text(Some(s))))
+                ),
                 sockmap_only(fb.to_string()),
             );
         }
@@ -557,15 +570,14 @@ fn backpressure_section(plan: &Plan, table: &Table, spread_words: &str) -> Strin
             "\n## Backpressure\n\nThe kernel does not bound a sockmap socket's ingress queue: \
              without a limit, a fast sender and a slow reader grow the kernel's TCP memory until \
              sends fail (before the agent had one, S5 16 and 128 KiB writes in M3 and H3 held \
-             medians of 1.0–1.3 GiB and the client got ENOMEM). The agent now switches a socket \
-             to TCP for good once its sender is more than the queue limit ({} MiB) ahead of its \
-             reader. The first row of each cell is the peak of the kernel's TCP memory \
+             medians of 1.0–1.3 GiB and the client got ENOMEM). The agent sends a message over \
+             TCP while its reader holds more than the queue limit ({} MiB) of receive memory. \
+             The first row of each cell is the peak of the kernel's TCP memory \
              (`/proc/net/sockstat`, all namespaces, sampled every 10 ms, above its level before \
              the cell): median {spread_words} over the rounds, and the highest round; it stays \
-             small if the limit holds. The second row counts the sockets the backpressure \
-             switched to TCP (`msg_spilled`), in all over the rounds, and in how many rounds: \
-             where a reader's reads are not counted (see Setup), every connection that moves \
-             more than the limit towards it switches; that is the design, not a fallback.\n\n\
+             small if the limit holds. The second row counts the messages the backpressure \
+             sent over TCP (`msg_spilled`), in all over the rounds, and in how many rounds: \
+             that is the design, not a fallback.\n\n\
              {backpressure_md}",
             SOCKMAP_QUEUE_KIB / 1024
         );
@@ -574,7 +586,7 @@ fn backpressure_section(plan: &Plan, table: &Table, spread_words: &str) -> Strin
 }
 
 /// Per bulk cell (those that record the kernel's TCP memory): its peak per
-/// mode, and the sockets the backpressure switched to TCP.
+/// mode, and the messages the backpressure sent over TCP.
 fn backpressure_table(plan: &Plan, t: &Table) -> String {
     let cells: Vec<Cell> = plan
         .cells
@@ -612,7 +624,7 @@ fn backpressure_table(plan: &Plan, t: &Table) -> String {
         md.push('\n');
         let _ = write!(
             md,
-            "| {} | sockets switched to TCP: in all (rounds) |",
+            "| {} | messages spilled to TCP: in all (rounds) |",
             cell.name()
         );
         for &mode in &plan.modes {
@@ -707,9 +719,9 @@ fn flags(plan: &Plan, t: &Table, samples: &[Sample]) -> String {
                     .filter(|&r| t.sample(cell, mode, r).is_some_and(|s| s.result.is_ok()))
                     .count();
                 notes.push(format!(
-                    "- backpressure switched {sockets} socket(s) to TCP: {} {mode}, in {rounds} of \
-                     {measured} rounds (by design: a reader fell more than the queue limit \
-                     behind; not a fallback, the rounds count)",
+                    "- backpressure sent {sockets} message(s) over TCP: {} {mode}, in {rounds} of \
+                     {measured} rounds (by design: a reader held more than the queue limit; \
+                     not a fallback, the rounds count)",
                     cell.name()
                 ));
             }
@@ -842,7 +854,7 @@ fn ratio_target(table: &Table, plan: &Plan, g: RatioGoal) -> Target {
         }
         let _ = write!(
             note,
-            "backpressure switched {num_mode} sockets to TCP in {spilled_rounds} round(s), counted"
+            "backpressure sent {num_mode} messages over TCP in {spilled_rounds} round(s), counted"
         );
     }
     Target {
@@ -1123,9 +1135,8 @@ fn check_sample(cell: Cell, mode: Mode, m: &Measured) -> Vec<String> {
             }
         }
         (_, Some(c)) => {
-            // Passed messages are fine after a backpressure switch (every
-            // later message of a switched socket is passed), never without.
-            if c.msg_redirected == 0 || (c.msg_passed != 0 && c.msg_spilled == 0) {
+            // Passed messages are fine with a counted reason each.
+            if c.msg_redirected == 0 || c.msg_passed > c.passed_for_a_reason() {
                 p.push(format!(
                     "sockmap fell back (msg_redirected {}, msg_passed {}, msg_spilled {})",
                     c.msg_redirected, c.msg_passed, c.msg_spilled

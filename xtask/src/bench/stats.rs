@@ -287,6 +287,23 @@ impl<'a> Table<'a> {
             .collect();
         spread(&v)
     }
+
+    /// [`Self::counter`] over the rounds where `get` has a value.
+    pub fn counter_some(
+        &self,
+        cell: Cell,
+        mode: Mode,
+        get: fn(&super::Counters) -> Option<f64>,
+    ) -> Option<Spread> {
+        let v: Vec<f64> = self
+            .rounds()
+            .filter_map(|r| {
+                let m = self.sample(cell, mode, r)?.result.as_ref().ok()?;
+                get(m.counters.as_ref()?)
+            })
+            .collect();
+        spread(&v)
+    }
 }
 
 #[cfg(test)]
