@@ -22,6 +22,7 @@ pub mod admin;
 pub mod agent_proc;
 pub mod client;
 pub mod clients;
+pub mod conformance;
 pub mod dns;
 pub mod farm;
 pub mod foreign;
@@ -33,7 +34,7 @@ pub mod transfer;
 pub use agent_proc::Agent;
 
 /// The redirect mode a shared test body runs under.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RedirectMode {
     Ebpf,
     Iptables,
@@ -317,6 +318,15 @@ pub fn spawn_in_cgroup(
     netns: Option<&TestNetns>,
     cgroup: Option<&Path>,
 ) -> Child {
+    enter_before_exec(cmd, netns, cgroup);
+    cmd.stdin(Stdio::null())
+        .spawn()
+        .expect("spawn test process")
+}
+
+/// Makes `cmd` enter `netns` (if any) and `cgroup` (if any) between fork
+/// and exec; its stdio stays as the caller sets it.
+pub fn enter_before_exec(cmd: &mut Command, netns: Option<&TestNetns>, cgroup: Option<&Path>) {
     let ns = netns.map(TestNetns::open);
     let procs = cgroup.map(|c| c.join("cgroup.procs"));
     // SAFETY: the closure only makes async-signal-safe syscalls (setns,
@@ -335,9 +345,6 @@ pub fn spawn_in_cgroup(
             Ok(())
         });
     }
-    cmd.stdin(Stdio::null())
-        .spawn()
-        .expect("spawn test process")
 }
 
 /// The agent binary: `MESH_REDIRECT_BIN`, else next to the test binaries.

@@ -4,6 +4,7 @@
 use std::{
     ffi::OsStr,
     fmt::Write as _,
+    path::PathBuf,
     process::{Command, Output, Stdio},
 };
 
@@ -63,6 +64,13 @@ fn quote(a: &OsStr) -> String {
     } else {
         a.into_owned()
     }
+}
+
+/// `program` on `PATH`, if it is there.
+pub fn which(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
 }
 
 pub fn is_root() -> bool {

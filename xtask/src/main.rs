@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod cmd;
+mod conformance;
 mod demo;
 mod fresh;
 mod host;
@@ -35,6 +36,13 @@ enum Command {
         /// Skip fmt, clippy and unit tests (while iterating on kernel tests).
         #[arg(long)]
         kernel_only: bool,
+    },
+    /// The conformance suite alone: real clients and servers through the
+    /// agent in eBPF and iptables mode, as root; then a table (rows client,
+    /// scenario, direction; columns proxy, mode).
+    Conformance {
+        /// Only cells whose test name contains this.
+        filter: Option<String>,
     },
     /// The main job: two throwaway network namespaces, an HTTP server in
     /// one, the agent serving the other, curl through it, a table.
@@ -89,6 +97,7 @@ fn run(command: Command) -> Result<()> {
             filter,
             kernel_only,
         } => test::run(filter.as_deref(), kernel_only)?,
+        Command::Conformance { filter } => conformance::run(filter.as_deref())?,
         Command::Demo => demo::run()?,
         Command::Bench(opts) => bench::run(&opts)?,
         Command::VmTest(opts) => vm::run(&opts)?,

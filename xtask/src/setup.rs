@@ -46,7 +46,8 @@ pub struct EbpfToolchain {
 pub enum Need {
     /// iptables (legacy and nft), iproute2: the kernel integration tests.
     Tests,
-    /// The real clients' runtimes the kernel tests run (Python, the JDK).
+    /// The real clients' runtimes the kernel tests run (Python, the JDK,
+    /// Go, Node.js, wget, HAProxy).
     Clients,
     /// curl, the demo's HTTP client.
     Demo,
@@ -83,6 +84,15 @@ impl Need {
                 (
                     "openjdk-17-jdk-headless",
                     "kernel tests run JDK clients (javac builds them, jlink cuts a runtime for the VM guests)",
+                ),
+                (
+                    "golang-go",
+                    "the conformance suite's Go client (net/http, built by tests/build.rs)",
+                ),
+                ("wget", "the conformance suite runs wget as a client"),
+                (
+                    "haproxy",
+                    "the conformance suite runs clients through HAProxy",
                 ),
             ],
             Self::Demo => &[("curl", "the demo's HTTP client")],
@@ -135,6 +145,10 @@ pub fn ensure_packages(needs: &[Need]) -> Result<()> {
         if !pkgs.iter().any(|(p, _)| *p == pkg.0) {
             pkgs.push(*pkg);
         }
+    }
+    // Any Node.js on PATH will do (NodeSource's, nvm's); Debian's otherwise.
+    if needs.contains(&Need::Clients) && cmd::which("node").is_none() {
+        pkgs.push(("nodejs", "the conformance suite's Node.js client (http)"));
     }
     apt_ensure(&pkgs)
 }

@@ -76,8 +76,19 @@ pub fn kernel_test_binaries(tc: &EbpfToolchain) -> Result<Vec<PathBuf>> {
     Ok(bins)
 }
 
-/// Runs each test binary directly (no cargo), as root, one test at a time.
-pub fn run_kernel_tests(binaries: &[PathBuf], agent: &Path, filter: Option<&str>) -> Result<()> {
+/// `datapath-8264ecea13435704` -> `datapath`
+pub fn binary_name(path: &Path) -> String {
+    let file = path.file_name().unwrap_or_default().to_string_lossy();
+    match file.rsplit_once('-') {
+        Some((name, hash)) if hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()) => {
+            name.to_owned()
+        }
+        _ => file.into_owned(),
+    }
+}
+
+/// Fails unless root; says whether a skip is a failure in this run.
+pub fn check_kernel_test_host() -> Result<()> {
     if !cmd::is_root() {
         bail!(
             "the kernel integration tests need root (they create network namespaces, cgroups and attach eBPF programs)"
@@ -93,16 +104,28 @@ pub fn run_kernel_tests(binaries: &[PathBuf], agent: &Path, filter: Option<&str>
             "tests may skip with a reason"
         }
     );
+    Ok(())
+}
+
+/// A kernel test binary's command line: directly (no cargo), one test at
+/// a time, the agent given, only the tests matching `filter`.
+pub fn kernel_test_command(bin: &Path, agent: &Path, filter: Option<&str>) -> Command {
+    let mut c = Command::new(bin);
+    c.arg("--test-threads=1").env(AGENT_BIN_ENV, agent);
+    if let Some(f) = filter {
+        c.arg(f);
+    }
+    c
+}
+
+/// Runs each test binary directly (no cargo), as root, one test at a time.
+pub fn run_kernel_tests(binaries: &[PathBuf], agent: &Path, filter: Option<&str>) -> Result<()> {
+    check_kernel_test_host()?;
     let mut failed = Vec::new();
     for bin in binaries {
         let name = bin.file_name().and_then(|n| n.to_str()).unwrap_or("?");
         eprintln!("kernel tests: {name} (as root, --test-threads=1)");
-        let mut c = Command::new(bin);
-        c.arg("--test-threads=1").env(AGENT_BIN_ENV, agent);
-        if let Some(f) = filter {
-            c.arg(f);
-        }
-        if cmd::run(&mut c).is_err() {
+        if cmd::run(&mut kernel_test_command(bin, agent, filter)).is_err() {
             failed.push(name.to_owned());
         }
     }

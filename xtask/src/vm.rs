@@ -34,7 +34,10 @@ use anyhow::{Context as _, Result, bail};
 use debian::Series;
 use qemu::Accel;
 
-use crate::{build, cmd, setup, test};
+use crate::{
+    build, cmd, setup,
+    test::{self, binary_name},
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -287,17 +290,6 @@ fn list_cases(binaries: &[PathBuf]) -> Result<Vec<Case>> {
         }
     }
     Ok(cases)
-}
-
-/// `datapath-8264ecea13435704` -> `datapath`
-fn binary_name(path: &Path) -> String {
-    let file = path.file_name().unwrap_or_default().to_string_lossy();
-    match file.rsplit_once('-') {
-        Some((name, hash)) if hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()) => {
-            name.to_owned()
-        }
-        _ => file.into_owned(),
-    }
 }
 
 fn select(cases: Vec<Case>, filters: &[String], skip: &[String]) -> Vec<Case> {
