@@ -498,9 +498,14 @@ impl<'a> Session<'a> {
                 println!("{label} mesh-redirect doctor (exit {rc}):");
             }
             // What this kernel lacks shows as ✗ (needed) or – (optional)
-            // in the doctor's report.
+            // in the doctor's report; how it treats sockmap readers decides
+            // which sockets the short-circuit carries.
             Report::Output(text) if self.phase == Phase::Doctor => {
-                if text.starts_with('✗') || text.starts_with('–') || text.starts_with("mode ") {
+                if text.starts_with('✗')
+                    || text.starts_with('–')
+                    || text.starts_with("mode ")
+                    || text.contains("sockmap readers")
+                {
                     println!("{label}   {text}");
                 }
             }
