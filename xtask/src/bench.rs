@@ -560,10 +560,17 @@ fn backpressure_readers(env: &Env) -> String {
         .join("; ")
 }
 
-/// The quoted field `name="..."` of a log line.
+/// The field `name=` of a log line: quoted (`name="..."`), or the rest of
+/// the line (a displayed value logged last).
 fn field(line: &str, name: &str) -> Option<String> {
-    let (_, rest) = line.split_once(&format!("{name}=\""))?;
-    rest.split_once('"').map(|(v, _)| v.to_owned())
+    let (_, rest) = line.split_once(&format!("{name}="))?;
+    Some(
+        match rest.strip_prefix('"') {
+            Some(quoted) => quoted.split_once('"').map_or(quoted, |(v, _)| v),
+            None => rest.trim_end(),
+        }
+        .to_owned(),
+    )
 }
 
 /// One round: every cell, and within a cell every mode (the order rotated
@@ -810,5 +817,10 @@ mod tests {
             Some("a blocking read gets EAGAIN")
         );
         assert_eq!(field("no field", "readers"), None);
+        let displayed = "INFO agent::capture::ebpf: sockmap short-circuit: how this kernel treats readers readers=a blocking read gets EAGAIN; queued bytes count";
+        assert_eq!(
+            field(displayed, "readers").as_deref(),
+            Some("a blocking read gets EAGAIN; queued bytes count")
+        );
     }
 }
