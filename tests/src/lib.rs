@@ -361,22 +361,33 @@ pub fn agent_bin() -> PathBuf {
         .expect("agent binary next to the test binaries")
 }
 
-/// Memory the kernel holds for TCP, all namespaces together (the `mem` of
-/// `TCP:` in `/proc/net/sockstat`, pages), in KiB.
+/// Kernel memory held by the established TCP sockets in `netns` that have
+/// `port` at either end (for a connection, both of its sockets there): the
+/// receive and send queues and forward allocations `ss -m` shows, in KiB.
 #[must_use]
-pub fn tcp_mem_kib() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-    let text = std::fs::read_to_string("/proc/net/sockstat").expect("read /proc/net/sockstat");
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("TCP:"))
-        .expect("a TCP: line in /proc/net/sockstat");
-    let mut words = line.split_whitespace();
-    words.find(|w| *w == "mem").expect("TCP mem in sockstat");
-    let pages: u64 = words
-        .next()
-        .and_then(|w| w.parse().ok())
-        .expect("TCP mem pages");
-    pages * page / 1024
+pub fn socket_memory_kib(netns: &TestNetns, port: u16) -> u64 {
+    let out = netns.sh("ss -tmnH state established");
+    let suffix = format!(":{port}");
+    let mut total = 0u64;
+    let mut lines = out.lines();
+    while let Some(line) = lines.next() {
+        let Some(mem) = lines.next() else { break };
+        let ends = line.split_whitespace().skip(2).take(2);
+        if !ends.into_iter().any(|e| e.ends_with(&suffix)) {
+            continue;
+        }
+        let inner = mem
+            .trim()
+            .strip_prefix("skmem:(")
+            .and_then(|m| m.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("unexpected ss -m line: {mem}"));
+        for field in inner.split(',') {
+            let (name, value) =
+                field.split_at(field.find(|c: char| c.is_ascii_digit()).unwrap_or(0));
+            if matches!(name, "r" | "w" | "f") {
+                total += value.parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    total / 1024
 }
