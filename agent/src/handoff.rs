@@ -3,12 +3,22 @@
 //!
 //! Each running agent listens on a unix socket,
 //! `<control-dir>/netns-<cookie>.sock`. A new agent for the same namespace
-//! connects there first and says `TAKEOVER`; the running one answers `OK`
-//! with its listening sockets attached (`SCM_RIGHTS`), stops accepting,
-//! drains its connections and exits without tearing anything down: the
-//! successor now owns the listeners, the pinned datapath and the rules.
-//! Connections arriving meanwhile wait in the listeners' accept queues,
-//! which never close, so none is refused.
+//! connects there first and says `TAKEOVER <ports> confirm`; the running
+//! one answers `OK` with its listening sockets attached (`SCM_RIGHTS`) and
+//! *keeps serving* while the successor loads, verifies and attaches (which
+//! takes seconds on a slow machine). Both accept on the same sockets
+//! meanwhile. When the successor is ready it says `READY` on the same
+//! connection; only then does the running agent stop accepting, drain its
+//! connections and exit without tearing anything down: the successor now
+//! owns the listeners, the pinned datapath and the rules. If the successor
+//! fails or dies before `READY` (the connection closes), the running agent
+//! carries on as if nothing happened. Connections arriving at any point wait
+//! in the listeners' accept queues, which never close, so none is refused
+//! and none waits on an agent that is not accepting yet.
+//!
+//! An agent of before the confirmation (a bare `TAKEOVER <ports>`) still
+//! gets the listeners, and the running agent hands over at once, as those
+//! agents expected.
 //!
 //! `STATS` on the same socket answers one line of JSON
 //! ([`crate::admin::AgentReport`]): what `status` shows of a running agent.
@@ -37,6 +47,9 @@ use crate::{
 pub const DEFAULT_CONTROL_DIR: &str = "/run/mesh-redirect";
 
 const REQUEST: &str = "TAKEOVER";
+/// The successor will say [`READY`] before the running agent stops.
+const CONFIRM: &str = "confirm";
+const READY: &str = "READY";
 const STATS: &str = "STATS";
 const RULES: &str = "RULES";
 const REPLY_OK: &str = "OK\n";
@@ -84,15 +97,58 @@ pub fn control_path(dir: &Path, netns_cookie: u64) -> PathBuf {
     dir.join(format!("netns-{netns_cookie}.sock"))
 }
 
-/// Takes over from the agent running for `path`, if any: its listeners
-/// (`None` inside when it has none, i.e. an external proxy).
+/// A takeover under way: the running agent's listeners are ours too, and
+/// it serves on until [`Takeover::confirm`] (or stays, if this is dropped
+/// unconfirmed: the successor failed).
+#[derive(Debug)]
+pub struct Takeover {
+    /// `None` when the running agent has none (an external proxy).
+    pub listeners: Option<Listeners>,
+    /// To the running agent; `None` for one of before the confirmation,
+    /// which stopped as soon as it handed the listeners over.
+    stream: Option<UnixStream>,
+    path: PathBuf,
+}
+
+impl Takeover {
+    /// Tells the running agent we serve now: it stops accepting, drains
+    /// and exits.
+    pub fn confirm(mut self) -> Result<(), HandoffError> {
+        let Some(mut stream) = self.stream.take() else {
+            return Ok(());
+        };
+        stream
+            .write_all(format!("{READY}\n").as_bytes())
+            .map_err(|source| HandoffError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+/// Takes over from the agent running for `path`, if any (see [`Takeover`]).
 /// `None`: nobody answers there (a stale socket file is removed).
 /// The listeners must be on `outbound`/`inbound` (`None`: no listeners).
 pub fn take_over(
     path: &Path,
     outbound: Option<u16>,
     inbound: Option<u16>,
-) -> Result<Option<Option<Listeners>>, HandoffError> {
+) -> Result<Option<Takeover>, HandoffError> {
+    match ask_takeover(path, outbound, inbound, true) {
+        // An agent of before the confirmation compares the whole line.
+        Err(HandoffError::Mismatch { theirs, ours, .. }) if theirs == ours => {
+            ask_takeover(path, outbound, inbound, false)
+        }
+        other => other,
+    }
+}
+
+fn ask_takeover(
+    path: &Path,
+    outbound: Option<u16>,
+    inbound: Option<u16>,
+    confirm: bool,
+) -> Result<Option<Takeover>, HandoffError> {
     let io_err = |source| HandoffError::Io {
         path: path.to_owned(),
         source,
@@ -110,9 +166,12 @@ pub fn take_over(
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(io_err)?;
-    stream
-        .write_all(request(outbound, inbound).as_bytes())
-        .map_err(io_err)?;
+    let line = if confirm {
+        format!("{} {CONFIRM}\n", request(outbound, inbound).trim_end())
+    } else {
+        request(outbound, inbound)
+    };
+    stream.write_all(line.as_bytes()).map_err(io_err)?;
     let (answer, fds) = recv_with_fds(&stream).map_err(io_err)?;
     let mut listeners: Vec<TcpListener> = fds.into_iter().map(TcpListener::from).collect();
     // `OK <outbound> <inbound>`: how many of the sockets are which (an
@@ -157,14 +216,18 @@ pub fn take_over(
             answer: format!("{text} with {} sockets", listeners.len()),
         });
     }
-    if outbound.is_none() {
-        return Ok(Some(None));
-    }
-    let inbound_listeners = listeners.split_off(n_out);
-    Ok(Some(Some(Listeners {
-        outbound: listeners,
-        inbound: inbound_listeners,
-    })))
+    let listeners = outbound.is_some().then(|| {
+        let inbound_listeners = listeners.split_off(n_out);
+        Listeners {
+            outbound: listeners,
+            inbound: inbound_listeners,
+        }
+    });
+    Ok(Some(Takeover {
+        listeners,
+        stream: confirm.then_some(stream),
+        path: path.to_owned(),
+    }))
 }
 
 /// Sends one request line to the agent behind `path`; its answer.
@@ -217,23 +280,9 @@ impl ControlServer {
     /// Listens on `path` (its directory is created 0700; a file left there
     /// is replaced: [`take_over`] ran first and found nobody behind it).
     pub fn bind(path: &Path) -> Result<Self, HandoffError> {
-        let io_err = |source| HandoffError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        if let Some(dir) = path.parent() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(io_err)?;
-        }
-        let _ = fs::remove_file(path);
-        let listener = std::os::unix::net::UnixListener::bind(path).map_err(io_err)?;
-        listener.set_nonblocking(true).map_err(io_err)?;
         Ok(Self {
             path: path.to_owned(),
-            listener,
+            listener: listen(path)?,
             handed_over: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -245,20 +294,19 @@ impl ControlServer {
     }
 
     /// Answers a pending request, if any: a takeover with `listeners`, the
-    /// others through `agent`. `true`: handed over (the caller stops
-    /// accepting, drains and exits without tearing down).
+    /// others through `agent`.
     pub fn serve_one(
         &self,
         listeners: Option<&Listeners>,
         agent: &mut dyn Requests,
-    ) -> Result<bool, HandoffError> {
+    ) -> Result<Served, HandoffError> {
         let io_err = |source| HandoffError::Io {
             path: self.path.clone(),
             source,
         };
         let (mut stream, _) = match self.listener.accept() {
             Ok(s) => s,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Served::Answered),
             Err(e) => return Err(io_err(e)),
         };
         stream.set_nonblocking(false).map_err(io_err)?;
@@ -282,7 +330,7 @@ impl ControlServer {
             stream
                 .write_all(format!("{}\n", agent.stats()).as_bytes())
                 .map_err(io_err)?;
-            return Ok(false);
+            return Ok(Served::Answered);
         }
         if let Some(json) = req.trim().strip_prefix(RULES) {
             let reply = serde_json::from_str::<RuleArgs>(json.trim())
@@ -292,16 +340,20 @@ impl ControlServer {
             stream
                 .write_all(format!("{reply}\n").as_bytes())
                 .map_err(io_err)?;
-            return Ok(false);
+            return Ok(Served::Answered);
         }
         if !req.starts_with(REQUEST) {
             let _ = stream.write_all(b"ERR unknown request\n");
-            return Ok(false);
+            return Ok(Served::Answered);
         }
-        if req.trim() != ours.trim() {
+        let (asked, confirm) = match req.trim().strip_suffix(CONFIRM) {
+            Some(ports) => (ports.trim_end(), true),
+            None => (req.trim(), false),
+        };
+        if asked != ours.trim() {
             let theirs = ours.trim().trim_start_matches(REQUEST).trim().to_owned();
             let _ = stream.write_all(format!("ERR ports {theirs}\n").as_bytes());
-            return Ok(false);
+            return Ok(Served::Answered);
         }
         let fds: Vec<RawFd> = listeners
             .map(|l| l.all().map(|(s, _)| s.as_raw_fd()).collect())
@@ -309,9 +361,114 @@ impl ControlServer {
         let (n_out, n_in) = listeners.map_or((0, 0), |l| (l.outbound.len(), l.inbound.len()));
         let reply = format!("{} {n_out} {n_in}\n", REPLY_OK.trim_end());
         send_with_fds(&stream, reply.as_bytes(), &fds).map_err(io_err)?;
+        if confirm {
+            stream.set_nonblocking(true).map_err(io_err)?;
+            return Ok(Served::Pending(PendingHandover {
+                stream,
+                line: Vec::new(),
+            }));
+        }
         self.handed_over
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        Ok(true)
+        Ok(Served::HandedOver)
+    }
+
+    /// The successor said [`READY`]: the socket file is its now.
+    pub fn handed_over(&self) {
+        self.handed_over
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Listens on the path again: a successor that gave up may have removed
+    /// or replaced the file.
+    pub fn rebind(&mut self) -> Result<(), HandoffError> {
+        self.listener = listen(&self.path)?;
+        Ok(())
+    }
+}
+
+/// A nonblocking unix listener at `path` (its directory created 0700, a
+/// file left there replaced).
+fn listen(path: &Path) -> Result<std::os::unix::net::UnixListener, HandoffError> {
+    let io_err = |source| HandoffError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err)?;
+    }
+    let _ = fs::remove_file(path);
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(io_err)?;
+    listener.set_nonblocking(true).map_err(io_err)?;
+    Ok(listener)
+}
+
+/// What [`ControlServer::serve_one`] did.
+#[derive(Debug)]
+pub enum Served {
+    /// Nothing pending, or a request answered.
+    Answered,
+    /// An agent of before the confirmation took the listeners: stop
+    /// accepting, drain and exit without tearing down.
+    HandedOver,
+    /// A successor has the listeners and is getting ready: serve on, and
+    /// watch [`PendingHandover`].
+    Pending(PendingHandover),
+}
+
+/// A successor that has our listeners and has not said [`READY`] yet.
+#[derive(Debug)]
+pub struct PendingHandover {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+/// What the successor of a [`PendingHandover`] said.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Successor {
+    /// Nothing more yet.
+    Preparing,
+    /// It serves: stop accepting, drain and exit without tearing down.
+    Ready,
+    /// It went away (or said something else) before it was ready: carry on.
+    GaveUp,
+}
+
+impl PendingHandover {
+    /// The connection to the successor, to wait on.
+    #[must_use]
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
+    /// Reads what the successor said so far, without blocking.
+    pub fn poll(&mut self) -> Successor {
+        let mut buf = [0u8; 64];
+        loop {
+            match (&self.stream).read(&mut buf) {
+                Ok(0) => return Successor::GaveUp,
+                Ok(n) => {
+                    self.line.extend_from_slice(&buf[..n]);
+                    if let Some(end) = self.line.iter().position(|&b| b == b'\n') {
+                        return if &self.line[..end] == READY.as_bytes() {
+                            Successor::Ready
+                        } else {
+                            Successor::GaveUp
+                        };
+                    }
+                    if self.line.len() > buf.len() {
+                        return Successor::GaveUp;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Successor::Preparing,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Successor::GaveUp,
+            }
+        }
     }
 }
 
@@ -422,6 +579,34 @@ mod tests {
         }
     }
 
+    /// Serves `server` until a takeover arrives; what the successor then
+    /// said (`None`: an agent of before the confirmation took over).
+    fn serve_until_takeover(server: &ControlServer, listeners: &Listeners) -> Option<Successor> {
+        let mut agent = Fake("{\"pid\":1}", CaptureRules::default());
+        loop {
+            match server.serve_one(Some(listeners), &mut agent).unwrap() {
+                Served::Answered => std::thread::sleep(Duration::from_millis(5)),
+                Served::HandedOver => return None,
+                Served::Pending(mut p) => loop {
+                    match p.poll() {
+                        Successor::Preparing => std::thread::sleep(Duration::from_millis(5)),
+                        said => return Some(said),
+                    }
+                },
+            }
+        }
+    }
+
+    fn one_listener() -> (Listeners, u16) {
+        let outbound = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = outbound.local_addr().unwrap().port();
+        let listeners = Listeners {
+            outbound: vec![outbound],
+            inbound: Vec::new(),
+        };
+        (listeners, port)
+    }
+
     #[test]
     fn listeners_pass_through_a_control_socket() {
         let dir = std::env::temp_dir().join(format!("mr-handoff-{}", std::process::id()));
@@ -431,22 +616,9 @@ mod tests {
             "nobody there yet"
         );
         let server = ControlServer::bind(&path).unwrap();
-        let outbound = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = outbound.local_addr().unwrap().port();
-        let listeners = Listeners {
-            outbound: vec![outbound],
-            inbound: Vec::new(),
-        };
-        let serving = std::thread::scope(|s| {
-            let handle = s.spawn(|| {
-                let mut agent = Fake("{\"pid\":1}", CaptureRules::default());
-                loop {
-                    if server.serve_one(Some(&listeners), &mut agent).unwrap() {
-                        return true;
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            });
+        let (listeners, port) = one_listener();
+        let said = std::thread::scope(|s| {
+            let handle = s.spawn(|| serve_until_takeover(&server, &listeners));
             // A stats request is answered and hands nothing over.
             assert_eq!(query_stats(&path).unwrap(), "{\"pid\":1}");
             // So is a rules change, and a refused one says why.
@@ -462,23 +634,82 @@ mod tests {
             };
             let err = request_rules(&path, &too_many).unwrap_err();
             assert!(matches!(err, HandoffError::RulesRefused { .. }), "{err}");
-            let got = take_over(&path, Some(port), None)
+            let mut taken = take_over(&path, Some(port), None)
                 .unwrap()
-                .flatten()
-                .expect("listeners");
+                .expect("an agent");
+            let got = taken.listeners.take().expect("listeners");
             assert_eq!(got.outbound[0].local_addr().unwrap().port(), port);
             // The same socket: a connection queued on it is accepted by the receiver.
             let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
             got.outbound[0].set_nonblocking(false).unwrap();
             assert!(got.outbound[0].accept().is_ok());
+            // The running agent serves on until we say we are ready.
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(
+                !handle.is_finished(),
+                "handed over before the successor was ready"
+            );
+            taken.confirm().unwrap();
             handle.join().unwrap()
         });
-        assert!(serving);
+        assert_eq!(said, Some(Successor::Ready));
+        server.handed_over();
         drop(server);
         assert!(
             path.exists(),
             "after a handover the socket file is left to the successor"
         );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_successor_that_gives_up_leaves_the_running_agent_serving() {
+        let dir = std::env::temp_dir().join(format!("mr-handoff-gu-{}", std::process::id()));
+        let path = control_path(&dir, 9);
+        let mut server = ControlServer::bind(&path).unwrap();
+        let (listeners, port) = one_listener();
+        let said = std::thread::scope(|s| {
+            let handle = s.spawn(|| serve_until_takeover(&server, &listeners));
+            let taken = take_over(&path, Some(port), None)
+                .unwrap()
+                .expect("an agent");
+            // Failed while getting ready: the connection closes unconfirmed.
+            drop(taken);
+            handle.join().unwrap()
+        });
+        assert_eq!(said, Some(Successor::GaveUp));
+        // It may have replaced the socket file: the running agent listens anew.
+        let _ = fs::remove_file(&path);
+        server.rebind().unwrap();
+        std::thread::scope(|s| {
+            let handle = s.spawn(|| {
+                let mut agent = Fake("{\"pid\":2}", CaptureRules::default());
+                for _ in 0..400 {
+                    server.serve_one(Some(&listeners), &mut agent).unwrap();
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+            assert_eq!(query_stats(&path).unwrap(), "{\"pid\":2}");
+            drop(handle);
+        });
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_agent_of_before_the_confirmation_takes_over_at_once() {
+        let dir = std::env::temp_dir().join(format!("mr-handoff-old-{}", std::process::id()));
+        let path = control_path(&dir, 10);
+        let server = ControlServer::bind(&path).unwrap();
+        let (listeners, port) = one_listener();
+        let said = std::thread::scope(|s| {
+            let handle = s.spawn(|| serve_until_takeover(&server, &listeners));
+            let taken = ask_takeover(&path, Some(port), None, false)
+                .unwrap()
+                .expect("an agent");
+            assert_eq!(taken.listeners.expect("listeners").outbound.len(), 1);
+            handle.join().unwrap()
+        });
+        assert_eq!(said, None, "handed over without waiting");
         let _ = fs::remove_dir_all(&dir);
     }
 
@@ -496,7 +727,10 @@ mod tests {
                 let mut agent = Fake("", CaptureRules::default());
                 for _ in 0..400 {
                     assert!(
-                        !server.serve_one(Some(&listeners), &mut agent).unwrap(),
+                        matches!(
+                            server.serve_one(Some(&listeners), &mut agent).unwrap(),
+                            Served::Answered
+                        ),
                         "handed over on a mismatch"
                     );
                     std::thread::sleep(Duration::from_millis(5));

@@ -397,6 +397,72 @@ fn an_adopting_agent_replaces_every_program_of_the_old_one() {
 
 /// A new agent instance takes the built-in proxy's listeners over: a client
 /// looping on new connections sees no refusal across the switch.
+/// A client in the pod that connects, writes and reads its echo in a loop
+/// until stopped, counting what worked and what failed.
+struct LoopingClient {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl LoopingClient {
+    fn start(topo: &Topology, addr: std::net::SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let thread = {
+            let (stop, ok, failed, pod) = (
+                Arc::clone(&stop),
+                Arc::clone(&ok),
+                Arc::clone(&failed),
+                topo.pod.open(),
+            );
+            std::thread::spawn(move || {
+                pod.run(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        let attempt = || -> std::io::Result<()> {
+                            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+                            let mut s = PollStream::new(s, Duration::from_secs(5))?;
+                            s.write_all(b"ping")?;
+                            let mut b = [0u8; 4];
+                            s.read_exact(&mut b)
+                        };
+                        match attempt() {
+                            Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                            Err(e) => {
+                                eprintln!("connection failed: {e}");
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+                .unwrap();
+            })
+        };
+        Self {
+            stop,
+            ok,
+            failed,
+            thread,
+        }
+    }
+
+    /// How many worked so far.
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Stops; (worked, failed).
+    fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
 #[rstest]
 fn a_new_agent_takes_over_without_refusing_a_connection(
     #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
@@ -411,38 +477,7 @@ fn a_new_agent_takes_over_without_refusing_a_connection(
     // test process moves into the pod's cgroup for its client).
     let agent_cgroup = agent::cgroup::own().unwrap();
     let _in_pod = topo.enter_pod_cgroup();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let client = {
-        let (stop, ok, failed, pod) = (
-            Arc::clone(&stop),
-            Arc::clone(&ok),
-            Arc::clone(&failed),
-            topo.pod.open(),
-        );
-        let addr = echo.addr;
-        std::thread::spawn(move || {
-            pod.run(|| {
-                while !stop.load(Ordering::Relaxed) {
-                    let attempt = || -> std::io::Result<()> {
-                        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-                        let mut s = PollStream::new(s, Duration::from_secs(5))?;
-                        s.write_all(b"ping")?;
-                        let mut b = [0u8; 4];
-                        s.read_exact(&mut b)
-                    };
-                    match attempt() {
-                        Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                        Err(e) => {
-                            eprintln!("connection failed: {e}");
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                }
-            })
-            .unwrap();
-        })
-    };
+    let client = LoopingClient::start(&topo, echo.addr);
     std::thread::sleep(Duration::from_millis(500));
     let new = Agent::run_in(&args, &agent_cgroup);
     assert!(
@@ -450,15 +485,19 @@ fn a_new_agent_takes_over_without_refusing_a_connection(
         "{}",
         new.log_text()
     );
+    assert!(
+        old.log_text()
+            .contains("a new agent has the listeners and is getting ready"),
+        "the old agent serves on while the new one gets ready:\n{}",
+        old.log_text()
+    );
     let status = old.stop_with(0);
     assert!(
         status.success(),
         "the old agent exits on its own after the handover"
     );
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    client.join().unwrap();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = client.stop();
     eprintln!("{ok} connections, {failed} failed across the handover");
     assert!(ok > 20, "the client made only {ok} connections");
     assert_eq!(failed, 0, "connections failed across the handover");
@@ -467,6 +506,59 @@ fn a_new_agent_takes_over_without_refusing_a_connection(
         hooks_before,
         "the same hooks, once each"
     );
+    assert!(new.stop_with(libc::SIGTERM).success());
+    assert!(ours_on(topo.cgroup.path()).is_empty());
+}
+
+/// A new agent that fails after it took the listeners (here: its admin
+/// address is on no interface of the pod) leaves the running one serving,
+/// control socket included: no connection fails, and a later takeover
+/// still works.
+#[rstest]
+fn a_new_agent_that_fails_to_start_leaves_the_old_one_serving(
+    #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
+) {
+    require_root!();
+    let topo = Topology::new();
+    let echo = Server::start(&topo.srv, SRV_IP, 9000, Behaviour::Echo { write_size: 64 });
+    let args = topo.agent_args(mode);
+    let old = Agent::run(&args, None);
+    let hooks_before = ours_on(topo.cgroup.path());
+    let agent_cgroup = agent::cgroup::own().unwrap();
+    let _in_pod = topo.enter_pod_cgroup();
+    let client = LoopingClient::start(&topo, echo.addr);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut failing = vec!["run"];
+    failing.extend(&args);
+    failing.extend(["--admin", "192.0.2.1:15000"]);
+    let out = run_to_end(&failing);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--admin"),
+        "names the thing at fault: {stderr}"
+    );
+    let served = client.ok();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        client.ok() > served,
+        "the old agent serves on after the new one failed"
+    );
+    assert!(
+        old.log_text()
+            .contains("the new agent went away before it was ready: serving on"),
+        "{}",
+        old.log_text()
+    );
+    assert_eq!(ours_on(topo.cgroup.path()), hooks_before);
+    // Its control socket answers again: a takeover that works.
+    let new = Agent::run_in(&args, &agent_cgroup);
+    assert!(new.log_text().contains("took_over=true"));
+    assert!(old.stop_with(0).success());
+    let (ok, failed) = client.stop();
+    eprintln!("{ok} connections, {failed} failed across both takeovers");
+    assert_eq!(failed, 0, "connections failed across the takeovers");
+    assert_eq!(ours_on(topo.cgroup.path()), hooks_before);
     assert!(new.stop_with(libc::SIGTERM).success());
     assert!(ours_on(topo.cgroup.path()).is_empty());
 }

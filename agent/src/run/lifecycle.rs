@@ -19,7 +19,7 @@ use super::{
 use crate::{
     admin::{self, AdminHandle, AdminState, Readiness},
     capture::{Capture, Mode, ebpf::pin_dir},
-    handoff::{self, ControlServer, Requests},
+    handoff::{self, ControlServer, PendingHandover, Requests, Served, Successor},
     proxy::{Listeners, ProxyHandle},
     rules::{CaptureRules, RuleArgs},
 };
@@ -54,26 +54,21 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .context("--bpffs")?;
     plan.log_bypass();
 
-    // The listeners: taken over from the agent running for this namespace,
-    // or bound afresh before anything is attached (a port in use fails
-    // here, with nothing to undo).
+    // The listeners: taken over from the agent running for this namespace
+    // (which serves on until we confirm, below), or bound afresh before
+    // anything is attached (a port in use fails here, with nothing to undo).
     let control_path = handoff::control_path(&args.control_dir, settings.netns_cookie);
-    let taken = handoff::take_over(
+    let mut taken = handoff::take_over(
         &control_path,
         plan.proxy.as_ref().map(|c| c.outbound_port),
         plan.proxy.as_ref().and_then(|c| c.inbound_port),
     )?;
     let took_over = taken.is_some();
-    let listeners = match (taken.flatten(), &plan.proxy) {
-        // An older agent may have had fewer (no IPv6): bind the rest.
-        (Some(mut l), Some(c)) => {
-            l.bind_missing(&settings.netns, c)?;
-            Some(l)
-        }
-        (Some(l), None) => Some(l),
-        (None, Some(c)) => Some(Listeners::bind(&settings.netns, c)?),
-        (None, None) => None,
-    };
+    let listeners = listeners(
+        taken.as_mut().and_then(|t| t.listeners.take()),
+        &plan,
+        &settings.netns,
+    )?;
     let admin_listener = (!args.no_admin)
         .then(|| admin::bind(&settings.netns, args.admin))
         .transpose()?;
@@ -111,7 +106,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let _admin = admin_listener
         .map(|l| AdminHandle::start(l, Arc::clone(&state)))
         .transpose()?;
-    let control = ControlServer::bind(&control_path)?;
+    let mut control = ControlServer::bind(&control_path)?;
+    if let Some(t) = taken
+        && let Err(e) = t.confirm()
+    {
+        warn!(error = %e, "telling the agent we replace that we serve now");
+    }
     info!(
         mode = mode.name(),
         netns = %settings.netns.path().display(),
@@ -133,9 +133,33 @@ pub fn run(args: &RunArgs) -> Result<()> {
         capture: &mut capture,
         state: &state,
     };
-    let stop = rt.block_on(wait(signals, logger, &control, kept.as_ref(), &mut agent));
+    let stop = rt.block_on(wait(
+        signals,
+        logger,
+        &mut control,
+        kept.as_ref(),
+        &mut agent,
+    ));
     ready.set_draining();
     shut_down(args, &plan, stop, capture, proxy, kept)
+}
+
+/// The proxy's listeners: those taken over (an older agent may have had
+/// fewer, e.g. no IPv6: the rest are bound), or bound afresh.
+fn listeners(
+    taken: Option<Listeners>,
+    plan: &Plan,
+    netns: &crate::netns::Netns,
+) -> Result<Option<Listeners>> {
+    Ok(match (taken, &plan.proxy) {
+        (Some(mut l), Some(c)) => {
+            l.bind_missing(netns, c)?;
+            Some(l)
+        }
+        (Some(l), None) => Some(l),
+        (None, Some(c)) => Some(Listeners::bind(netns, c)?),
+        (None, None) => None,
+    })
 }
 
 /// What the control socket asks of a running agent.
@@ -231,7 +255,7 @@ impl Signals {
 async fn wait(
     signals: Signals,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    control: &ControlServer,
+    control: &mut ControlServer,
     listeners: Option<&Listeners>,
     agent: &mut dyn Requests,
 ) -> Result<Stop> {
@@ -245,31 +269,73 @@ async fn wait(
         ),
         None => None,
     };
-    // Readiness only: `serve_one` accepts on the original socket.
-    // SAFETY: the clone is an owned listener whose fd stays open, unchanged,
-    // for as long as the AsyncFd owns it.
-    let control_fd = unsafe { AsyncFd::register(control.listener().try_clone()?) }
-        .map_err(|e| anyhow::anyhow!("watching the control socket: {e}"))?;
+    let mut control_fd = watch_control(control)?;
+    // A successor that has our listeners and is getting ready.
+    let mut pending: Option<(PendingHandover, AsyncFd<std::os::unix::net::UnixStream>)> = None;
     let stop = loop {
-        tokio::select! {
-            _ = term.recv() => break Stop::Signal("SIGTERM"),
-            _ = int.recv() => break Stop::Signal("SIGINT"),
+        let signal = tokio::select! {
+            _ = term.recv() => Some("SIGTERM"),
+            _ = int.recv() => Some("SIGINT"),
             guard = control_fd.readable() => {
-                let mut guard = guard?;
-                guard.clear_ready();
+                guard?.clear_ready();
                 // With an external proxy there are no sockets to hand over,
                 // but a successor still takes the pins over.
                 match control.serve_one(listeners, agent) {
-                    Ok(true) => break Stop::HandedOver,
-                    Ok(false) => {}
+                    Ok(Served::HandedOver) => break Stop::HandedOver,
+                    Ok(Served::Pending(p)) => {
+                        info!("a new agent has the listeners and is getting ready: serving on until it is");
+                        // SAFETY: an owned clone of the connection, open and
+                        // unchanged for as long as the AsyncFd owns it.
+                        let fd = unsafe {
+                            AsyncFd::register_with_interest(
+                                p.stream().try_clone()?,
+                                tokio::io::Interest::READABLE,
+                            )
+                        }
+                        .map_err(|e| anyhow::anyhow!("watching the new agent: {e}"))?;
+                        pending = Some((p, fd));
+                    }
+                    Ok(Served::Answered) => {}
                     Err(e) => warn!(error = %e, "control request failed"),
                 }
+                None
+            }
+            guard = async { pending.as_ref().expect("guarded by the if").1.readable().await }, if pending.is_some() => {
+                guard?.clear_ready();
+                let (p, _) = pending.as_mut().expect("guarded by the if");
+                match p.poll() {
+                    Successor::Preparing => {}
+                    Successor::Ready => {
+                        control.handed_over();
+                        break Stop::HandedOver;
+                    }
+                    Successor::GaveUp => {
+                        warn!("the new agent went away before it was ready: serving on");
+                        pending = None;
+                        control.rebind()?;
+                        control_fd = watch_control(control)?;
+                    }
+                }
+                None
             }
             guard = async { logs.as_mut().expect("guarded by the if").readable_mut().await }, if logs.is_some() => {
                 let mut guard = guard?;
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
+                None
             }
+        };
+        if let Some(name) = signal {
+            if pending.is_some() {
+                // Tearing down now would pull the datapath from under it.
+                info!(
+                    signal = name,
+                    "a new agent is taking over: leaving everything to it"
+                );
+                control.handed_over();
+                break Stop::HandedOver;
+            }
+            break Stop::Signal(name);
         }
     };
     if let Some(l) = logs.as_mut() {
@@ -283,4 +349,12 @@ async fn wait(
         "shutting down"
     );
     Ok(stop)
+}
+
+/// Readiness of the control socket (`serve_one` accepts on the original).
+fn watch_control(control: &ControlServer) -> Result<AsyncFd<std::os::unix::net::UnixListener>> {
+    // SAFETY: the clone is an owned listener whose fd stays open, unchanged,
+    // for as long as the AsyncFd owns it.
+    unsafe { AsyncFd::register(control.listener().try_clone()?) }
+        .map_err(|e| anyhow::anyhow!("watching the control socket: {e}"))
 }
