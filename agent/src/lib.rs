@@ -9,7 +9,8 @@
 //! interface) over [`ebpf`] (the datapath: load, attach, maps, rules) and
 //! [`iptables`] (istio's rules); [`proxy`] (the built-in proxy); [`run`]
 //! (a run's arguments, plan and lifecycle); [`admin`] (metrics, readiness);
-//! [`handoff`] (the control socket); [`doctor`], [`status`], [`inspect`],
+//! [`handoff`] (the control socket); [`node`] (one agent serving every
+//! enrolled pod of a host); [`doctor`], [`status`], [`inspect`],
 //! [`cleanup`], [`update_rules`] (the other commands).
 
 pub mod admin;
@@ -25,6 +26,7 @@ pub mod inspect;
 pub mod iptables;
 pub mod mounts;
 pub mod netns;
+pub mod node;
 pub mod pins;
 pub mod proxy;
 pub mod rules;

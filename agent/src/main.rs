@@ -55,6 +55,49 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_DIR)]
         control_dir: PathBuf,
     },
+    /// Node mode: one agent serving every pod enrolled with it (`enroll`,
+    /// or the CNI plugin), each with its own proxy inside its namespace.
+    Node(Box<agent::node::NodeArgs>),
+    /// Ask the node agent to serve a pod (idempotent).
+    Enroll {
+        /// The pod's network namespace.
+        #[arg(long, value_name = "PATH")]
+        netns: PathBuf,
+        /// `namespace/name`, for `pods` and the logs.
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        pod: Option<String>,
+        /// The runtime's container (sandbox) id, to unenroll by.
+        #[arg(long, value_name = "ID")]
+        container_id: Option<String>,
+        #[command(flatten)]
+        rules: agent::rules::RuleArgs,
+        #[arg(long, value_name = "PATH", default_value = agent::node::api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Print JSON instead of a line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the node agent to stop serving a pod; an unknown one is not an
+    /// error.
+    Unenroll {
+        #[arg(long, value_name = "PATH", required_unless_present = "container_id")]
+        netns: Option<PathBuf>,
+        #[arg(long, value_name = "ID")]
+        container_id: Option<String>,
+        #[arg(long, value_name = "PATH", default_value = agent::node::api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Print JSON instead of a line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The pods the node agent serves, with their counters.
+    Pods {
+        #[arg(long, value_name = "PATH", default_value = agent::node::api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// A drop-in for istio-iptables: the same flags, defaults and
     /// environment variables, the same iptables-restore input.
     Iptables(Box<agent::iptables::istio::IstioIptablesArgs>),
@@ -133,6 +176,38 @@ fn main() -> ExitCode {
                 .map(|r| print(&r, json, agent::rules::CaptureRules::render)),
         ),
         Command::Iptables(args) => report(agent::iptables::cli::main(&args)),
+        Command::Node(args) => report(agent::node::run(&args)),
+        Command::Enroll {
+            netns,
+            pod,
+            container_id,
+            rules,
+            socket,
+            json,
+        } => ask_node(
+            &socket,
+            &agent::node::api::Request::Enroll(agent::node::api::Enrollment {
+                netns,
+                pod,
+                container_id,
+                rules,
+            }),
+            json,
+        ),
+        Command::Unenroll {
+            netns,
+            container_id,
+            socket,
+            json,
+        } => ask_node(
+            &socket,
+            &agent::node::api::Request::Unenroll(agent::node::api::PodRef {
+                netns,
+                container_id,
+            }),
+            json,
+        ),
+        Command::Pods { socket, json } => ask_node(&socket, &agent::node::api::Request::Pods, json),
         Command::Cleanup {
             bpffs,
             control_dir,
@@ -153,6 +228,15 @@ fn main() -> ExitCode {
                 .map(|s| print(&s, json, status::Status::render)),
         ),
     }
+}
+
+/// Sends one request to the node agent and prints its answer.
+fn ask_node(socket: &std::path::Path, request: &agent::node::api::Request, json: bool) -> ExitCode {
+    report(
+        agent::node::api::ask(socket, request)
+            .map(|a| print(&a, json, agent::node::api::Answer::render))
+            .map_err(anyhow::Error::from),
+    )
 }
 
 /// Prints `value` as JSON, or as its table.

@@ -111,7 +111,17 @@ pub fn short_circuit_layout() -> Result<KernelLayout, String> {
 impl EbpfCapture {
     /// Loads (and verifies) the object, adopting pinned maps in `pin_dir`.
     pub fn load(settings: &Settings, pin_dir: Option<PathBuf>) -> Result<Self, EbpfError> {
-        let layout = if settings.sockmap {
+        Self::load_with(settings.sockmap, settings.sockmap_queue_limit, pin_dir)
+    }
+
+    /// [`Self::load`] for any number of namespaces (node mode): whether to
+    /// short-circuit, and how far a reader may fall behind.
+    pub fn load_with(
+        sockmap: bool,
+        sockmap_queue_limit: u64,
+        pin_dir: Option<PathBuf>,
+    ) -> Result<Self, EbpfError> {
+        let layout = if sockmap {
             short_circuit_layout()
                 .inspect_err(|why| {
                     warn!(reason = %why, "no short-circuit: captured connections use plain loopback TCP");
@@ -122,7 +132,7 @@ impl EbpfCapture {
         };
         let opts = LoadOptions {
             debug_logs: tracing::enabled!(target: "agent_ebpf", tracing::Level::DEBUG),
-            sockmap_queue_limit: settings.sockmap_queue_limit,
+            sockmap_queue_limit,
             layout: layout.unwrap_or_default(),
         };
         let datapath = Datapath::load(&opts, pin_dir.as_deref())?;
@@ -153,43 +163,9 @@ impl EbpfCapture {
         s: &Settings,
         proxy_listeners: &[&TcpListener],
     ) -> Result<(), EbpfError> {
-        let cookie = s.netns_cookie;
-        let mut config = netns_config(s);
-        if !self.short_circuit {
-            config.flags &= !flags::SOCKMAP;
-        }
+        let config = self.enroll(s, proxy_listeners)?;
+        self.attach(&s.cgroup, &s.socket_hook_cgroups, s.dns.is_some())?;
         let dp = &mut self.datapath;
-        // The built-in proxy's listeners opened before sockops could see
-        // them listen: the sockets they accept never block.
-        for l in proxy_listeners {
-            if let Ok(addr) = l.local_addr() {
-                dp.maps_mut()
-                    .set_listener_nonblocking(cookie, addr.port())?;
-            }
-        }
-        dp.maps_mut().set_rules(cookie, &s.rules)?;
-        let servers = s
-            .dns
-            .as_ref()
-            .map(|d| d.servers.as_slice())
-            .unwrap_or_default();
-        dp.maps_mut().set_dns_servers(cookie, servers)?;
-        dp.maps_mut().set_netns_config(cookie, config)?;
-        for hook in Hook::cgroup_hooks() {
-            if hook.on_socket_cgroups() || (Hook::DNS.contains(&hook) && s.dns.is_none()) {
-                continue;
-            }
-            dp.attach_cgroup(hook, &s.cgroup)?;
-        }
-        for cg in &s.socket_hook_cgroups {
-            if cg != &s.cgroup {
-                info!(cgroup = %cg.display(), "the proxy's sockets live outside the served cgroup: sockops and getsockopt attach here too");
-            }
-            for hook in Hook::cgroup_hooks().filter(|h| h.on_socket_cgroups()) {
-                dp.attach_cgroup(hook, cg)?;
-            }
-        }
-        dp.attach_sk_msg()?;
         if s.inbound {
             for l in proxy_listeners
                 .iter()
@@ -198,7 +174,7 @@ impl EbpfCapture {
                 dp.maps_mut().set_inbound_listener(l)?;
             }
             dp.maps_mut().set_inbound(InboundConfig {
-                netns_cookie: cookie,
+                netns_cookie: s.netns_cookie,
                 inbound_port: config.inbound_port,
                 outbound_port: config.outbound_port,
                 flags: config.flags,
@@ -208,8 +184,73 @@ impl EbpfCapture {
         for stale in dp.prune_unclaimed_links()? {
             info!(pin = %stale.display(), "removed a pinned link the earlier agent had and this one does not use");
         }
-        debug!(netns_cookie = cookie, "namespace enrolled");
+        debug!(netns_cookie = s.netns_cookie, "namespace enrolled");
         Ok(())
+    }
+
+    /// Writes one namespace's configuration, rules and proxy listeners into
+    /// the maps (its connects are captured from here on, by hooks attached
+    /// to a cgroup covering its processes); the configuration written.
+    pub fn enroll(
+        &mut self,
+        s: &Settings,
+        proxy_listeners: &[&TcpListener],
+    ) -> Result<NetnsConfig, EbpfError> {
+        let cookie = s.netns_cookie;
+        let mut config = netns_config(s);
+        if !self.short_circuit {
+            config.flags &= !flags::SOCKMAP;
+        }
+        let maps = self.datapath.maps_mut();
+        // The built-in proxy's listeners opened before sockops could see
+        // them listen: the sockets they accept never block.
+        for l in proxy_listeners {
+            if let Ok(addr) = l.local_addr() {
+                maps.set_listener_nonblocking(cookie, addr.port())?;
+            }
+        }
+        maps.set_rules(cookie, &s.rules)?;
+        let servers = s
+            .dns
+            .as_ref()
+            .map(|d| d.servers.as_slice())
+            .unwrap_or_default();
+        maps.set_dns_servers(cookie, servers)?;
+        maps.set_netns_config(cookie, config)?;
+        Ok(config)
+    }
+
+    /// Takes a namespace out of the maps (new connects there go direct):
+    /// its configuration first, then its rules, resolvers and listeners.
+    pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), EbpfError> {
+        self.datapath.maps_mut().forget_netns(netns_cookie)
+    }
+
+    /// Attaches the cgroup hooks (connect, sendmsg, getpeername to `cgroup`;
+    /// sockops and getsockopt to each of `socket_cgroups`) and sk_msg to the
+    /// SOCKHASH. `dns`: the DNS hooks too.
+    pub fn attach(
+        &mut self,
+        cgroup: &Path,
+        socket_cgroups: &[PathBuf],
+        dns: bool,
+    ) -> Result<(), EbpfError> {
+        let dp = &mut self.datapath;
+        for hook in Hook::cgroup_hooks() {
+            if hook.on_socket_cgroups() || (Hook::DNS.contains(&hook) && !dns) {
+                continue;
+            }
+            dp.attach_cgroup(hook, cgroup)?;
+        }
+        for cg in socket_cgroups {
+            if cg != cgroup {
+                info!(cgroup = %cg.display(), "the proxy's sockets live outside the served cgroup: sockops and getsockopt attach here too");
+            }
+            for hook in Hook::cgroup_hooks().filter(|h| h.on_socket_cgroups()) {
+                dp.attach_cgroup(hook, cg)?;
+            }
+        }
+        dp.attach_sk_msg()
     }
 
     pub fn update_rules(

@@ -450,6 +450,24 @@ impl DatapathMaps {
         )
         .map_err(map_err(id))
     }
+
+    /// Forgets every listener recorded for namespace `netns`.
+    pub fn remove_listeners(&mut self, netns: u64) -> Result<(), EbpfError> {
+        let id = MapId::Listeners;
+        let mut m: HashMap<&mut MapData, PortKey, u32> = self.view_mut(id)?;
+        let stale: Vec<PortKey> = m
+            .keys()
+            .flatten()
+            .filter(|k| k.netns_cookie == netns)
+            .collect();
+        for k in stale {
+            match m.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(id)(e)),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `Key<CidrKeyData>` equality (aya's `Key` has no `PartialEq`).

@@ -107,6 +107,19 @@ impl DatapathMaps {
         Ok(())
     }
 
+    /// Takes namespace `netns` out of every map: its configuration first
+    /// (new connects there go direct), then its rules, resolvers and
+    /// listeners.
+    pub fn forget_netns(&mut self, netns: u64) -> Result<(), EbpfError> {
+        self.remove_netns_config(netns)?;
+        self.replace_ports(MapId::OutPorts, netns, &[])?;
+        self.replace_ports(MapId::InPorts, netns, &[])?;
+        self.replace_cidrs(MapId::OutCidrInclude, netns, &[])?;
+        self.replace_cidrs(MapId::OutCidrExclude, netns, &[])?;
+        self.set_dns_servers(netns, &[])?;
+        self.remove_listeners(netns)
+    }
+
     /// The rules of namespace `netns` (its configuration holds the `*`
     /// switches).
     pub fn rules(&self, netns: u64, config: &NetnsConfig) -> Result<CaptureRules, EbpfError> {

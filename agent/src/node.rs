@@ -1,0 +1,226 @@
+//! Node mode: one agent per host serving every pod enrolled with it.
+//!
+//! The datapath is loaded once and its cgroup hooks attached once, to a
+//! cgroup above every pod (the cgroup2 root by default, or e.g. the
+//! kubelet's pods slice); whether a socket is captured is decided per
+//! network namespace by its entry in `NETNS_CONFIG`, which only enrolled
+//! pods have. Each enrolled pod gets a built-in proxy of its own whose
+//! listeners and upstream sockets are opened inside the pod's namespace
+//! ([`pods`]), so a pod's connections only ever reach its own proxy.
+//!
+//! Pods are enrolled over a unix socket ([`api`]: `enroll`, `unenroll`,
+//! `pods`), which answers root only (checked by the caller's credentials,
+//! not only by the file's mode) and refuses, and logs, anyone else.
+//!
+//! Not yet: inbound capture and DNS capture in node mode, and a datapath
+//! that outlives the node agent (while it is down, its pods' proxies are
+//! gone and the hooks detach).
+
+pub mod api;
+pub mod pods;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tracing::{Instrument as _, info, info_span, warn};
+
+use self::{
+    api::{Answer, MAX_REQUEST, Request},
+    pods::{PodDefaults, Pods},
+};
+use crate::{capture::ebpf::EbpfCapture, cgroup, proxy::ProxyConfig};
+
+/// `mesh-redirect node`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeArgs {
+    /// The cgroup2 directory the hooks attach to: every pod's processes
+    /// must be below it (default: the cgroup2 root).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+    /// The unix socket pods are enrolled on (root only).
+    #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Where each pod's proxy receives its captured outbound connections,
+    /// on 127.0.0.1 inside the pod.
+    #[arg(long, default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// `SO_MARK` on the proxies' upstream sockets (never captured).
+    #[arg(long, default_value_t = 1337)]
+    pub proxy_mark: u32,
+    /// Worker threads of each pod's proxy.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    pub workers_per_pod: u8,
+    /// Connections each pod's proxy serves at once.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections_per_pod: u32,
+    /// Short-circuit app↔proxy connections off (plain loopback TCP).
+    #[arg(long)]
+    pub no_sockmap: bool,
+    /// KiB a short-circuited reader may fall behind.
+    #[arg(long, default_value_t = 4096)]
+    pub sockmap_queue_kib: u32,
+    /// Seconds an unenrolled pod's open connections get to finish.
+    #[arg(long, default_value_t = 5)]
+    pub drain_timeout_secs: u64,
+}
+
+/// How often pods whose namespace disappeared are looked for.
+const GARBAGE_EVERY: Duration = Duration::from_secs(2);
+/// How long a caller may take to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs the node agent until SIGTERM or SIGINT, then unenrolls every pod
+/// and detaches.
+pub fn run(args: &NodeArgs) -> Result<()> {
+    let cgroup = match &args.cgroup {
+        Some(p) => cgroup::validate(p).context("--cgroup")?,
+        None => cgroup::validate(&cgroup::cgroup2_root()?)?,
+    };
+    let own = cgroup::validate(&cgroup::own()?).context("the agent's own cgroup")?;
+    let defaults = PodDefaults {
+        proxy: ProxyConfig {
+            outbound_port: args.outbound_port,
+            inbound_port: None,
+            mark: args.proxy_mark,
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_hours(1),
+            buffer_size: 64 * 1024,
+            worker_threads: usize::from(args.workers_per_pod),
+            max_connections: args.max_connections_per_pod as usize,
+        },
+        sockmap: !args.no_sockmap,
+        sockmap_queue_limit: u64::from(args.sockmap_queue_kib) * 1024,
+        cgroup: cgroup.clone(),
+        drain: Duration::from_secs(args.drain_timeout_secs),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let _rt = rt.enter();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let listener = bind(&args.socket)?;
+    let mut capture = EbpfCapture::load_with(defaults.sockmap, defaults.sockmap_queue_limit, None)?;
+    // The agent's own proxies may live outside the pods' cgroup: their
+    // sockets need sockops and getsockopt too.
+    capture.attach(&cgroup, &cgroup::covering_set(&cgroup, &own), false)?;
+    info!(
+        role = "node",
+        cgroup = %cgroup.display(),
+        socket = %args.socket.display(),
+        short_circuits = capture.short_circuits(),
+        "mesh-redirect ready"
+    );
+    let mut pods = Pods::default();
+    let mut garbage = tokio::time::interval(GARBAGE_EVERY);
+    let signal = rt.block_on(async {
+        loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = garbage.tick() => pods.collect_garbage(&mut capture, &defaults),
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => serve(stream, &mut pods, &mut capture, &defaults).await,
+                    Err(e) => warn!(error = %e, "node socket: accept failed"),
+                },
+            }
+        }
+    });
+    info!(signal, "stopping: unenrolling every pod");
+    pods.clear(&mut capture, &defaults);
+    let _ = std::fs::remove_file(&args.socket);
+    drop(capture);
+    info!("detached and stopped");
+    Ok(())
+}
+
+/// The node socket: its directory 0700, the socket 0600, a stale file
+/// replaced (a live agent there is refused).
+fn bind(path: &std::path::Path) -> Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        anyhow::bail!(
+            "--socket {}: a node agent already answers there",
+            path.display()
+        );
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("--socket: creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("--socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("--socket {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Answers one caller: root only, one request line, one answer line.
+async fn serve(
+    stream: UnixStream,
+    pods: &mut Pods,
+    capture: &mut EbpfCapture,
+    defaults: &PodDefaults,
+) {
+    let cred = stream.peer_cred().ok();
+    let (uid, pid) = (cred.map(|c| c.uid()), cred.and_then(|c| c.pid()));
+    let span = info_span!("request", uid = ?uid, pid = ?pid);
+    async move {
+        let (read, mut write) = stream.into_split();
+        let answer = if uid == Some(0) {
+            let mut line = String::new();
+            let mut reader = BufReader::new(read.take(MAX_REQUEST));
+            match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
+                Ok(Ok(_)) => answer(&line, pods, capture, defaults),
+                Ok(Err(e)) => Err(format!("reading the request: {e}")),
+                Err(_) => Err(format!(
+                    "no request line within {} s",
+                    REQUEST_TIMEOUT.as_secs()
+                )),
+            }
+        } else {
+            warn!("refused: only root may enroll or list pods");
+            Err(format!(
+                "refused: only root may talk to the node agent (caller uid {})",
+                uid.map_or_else(|| "unknown".to_owned(), |u| u.to_string())
+            ))
+        };
+        let mut line = serde_json::to_string(&answer).expect("answers serialize");
+        line.push('\n');
+        if let Err(e) = write.write_all(line.as_bytes()).await {
+            warn!(error = %e, "node socket: answering");
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// What a request line gets.
+fn answer(
+    line: &str,
+    pods: &mut Pods,
+    capture: &mut EbpfCapture,
+    defaults: &PodDefaults,
+) -> Result<Answer, String> {
+    let request: Request =
+        serde_json::from_str(line.trim()).map_err(|e| format!("unreadable request: {e}"))?;
+    match request {
+        Request::Enroll(e) => pods
+            .enroll(capture, defaults, &e)
+            .map(Answer::Enrolled)
+            .map_err(|e| e.to_string()),
+        Request::Unenroll(r) => pods
+            .unenroll(capture, defaults, &r)
+            .map(Answer::Unenrolled)
+            .map_err(|e| e.to_string()),
+        Request::Pods => Ok(Answer::Pods(pods.list())),
+    }
+}

@@ -1,0 +1,212 @@
+//! The node agent's requests and answers, one line of JSON each way on its
+//! unix socket, and the client that `enroll`, `unenroll` and `pods` use.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::rules::{CaptureRules, RuleArgs};
+
+/// Where the node agent listens, by default.
+pub const DEFAULT_SOCKET: &str = "/run/mesh-redirect/node.sock";
+
+/// The longest request line the agent reads (a rule list of 4096 ports or
+/// CIDRs fits many times over).
+pub const MAX_REQUEST: u64 = 1 << 20;
+
+/// How long a client waits for the agent's answer.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request to the node agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    /// Serve a pod: capture its namespace's connects with a proxy of its
+    /// own inside it. Enrolling an enrolled namespace again answers what is
+    /// in force (idempotent).
+    Enroll(Enrollment),
+    /// Stop serving a pod, found by namespace or container; an unknown one
+    /// is not an error (it may never have been enrolled).
+    Unenroll(PodRef),
+    /// Every pod served.
+    Pods,
+}
+
+/// Which pod, and what to capture of it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Enrollment {
+    /// The pod's network namespace (a bind mount such as
+    /// `/var/run/netns/NAME`, or `/proc/PID/ns/net`).
+    pub netns: PathBuf,
+    /// `namespace/name` of a Kubernetes pod, for `pods` and the logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// The runtime's container (sandbox) id, to unenroll by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// The capture rules, as `run` takes them (istio's pod annotations).
+    #[serde(default)]
+    pub rules: RuleArgs,
+}
+
+/// A pod, by namespace or by container id.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PodRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+}
+
+/// A pod the node agent serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodInfo {
+    pub netns: PathBuf,
+    pub netns_cookie: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// Where its proxy listens, inside its namespace (127.0.0.1).
+    pub outbound_port: u16,
+    pub rules: CaptureRules,
+    /// Connections its proxy has accepted so far.
+    pub connections: u64,
+    /// Of those, still open.
+    pub open: u64,
+}
+
+impl PodInfo {
+    /// One line for a table.
+    #[must_use]
+    pub fn render_line(&self) -> String {
+        format!(
+            "{:<24} {:<40} netns {:<12} {} connections ({} open)",
+            self.pod.as_deref().unwrap_or("-"),
+            self.netns.display(),
+            self.netns_cookie,
+            self.connections,
+            self.open
+        )
+    }
+}
+
+/// What the agent answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Answer {
+    /// The pod enrolled (or already enrolled) and what is in force.
+    Enrolled(PodInfo),
+    /// The pod unenrolled; `None`: it was not enrolled.
+    Unenrolled(Option<PodInfo>),
+    Pods(Vec<PodInfo>),
+}
+
+impl Answer {
+    /// As lines for a terminal.
+    #[must_use]
+    pub fn render(&self) -> String {
+        match self {
+            Self::Enrolled(p) => format!("enrolled {}\n", p.render_line()),
+            Self::Unenrolled(Some(p)) => format!("unenrolled {}\n", p.render_line()),
+            Self::Unenrolled(None) => "not enrolled: nothing to do\n".to_owned(),
+            Self::Pods(pods) if pods.is_empty() => "no pods enrolled\n".to_owned(),
+            Self::Pods(pods) => pods.iter().map(|p| p.render_line() + "\n").collect(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("node agent socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("node agent socket {path}: unreadable answer {answer:?}: {reason}")]
+    Unreadable {
+        path: PathBuf,
+        answer: String,
+        reason: String,
+    },
+    /// The agent refused the request, saying why.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Sends `request` to the node agent at `socket`; its answer.
+pub fn ask(socket: &Path, request: &Request) -> Result<Answer, ApiError> {
+    let io_err = |source| ApiError::Io {
+        path: socket.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(io_err)?;
+    stream
+        .set_read_timeout(Some(ANSWER_TIMEOUT))
+        .map_err(io_err)?;
+    let line = serde_json::to_string(request).expect("requests serialize");
+    // An agent that refuses the caller answers without reading: its answer
+    // says why, even if our request could not be written.
+    let sent = stream.write_all(format!("{line}\n").as_bytes());
+    let mut answer = String::new();
+    let read = BufReader::new(&stream).read_line(&mut answer);
+    match (sent, read) {
+        (_, Ok(n)) if n > 0 => {}
+        (Err(e), _) | (Ok(()), Err(e)) => return Err(io_err(e)),
+        (Ok(()), Ok(_)) => {
+            return Err(io_err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the agent closed the connection without an answer",
+            )));
+        }
+    }
+    let reply: Result<Answer, String> =
+        serde_json::from_str(answer.trim()).map_err(|e| ApiError::Unreadable {
+            path: socket.to_owned(),
+            answer: answer.trim().to_owned(),
+            reason: e.to_string(),
+        })?;
+    reply.map_err(ApiError::Refused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_one_tagged_json_line() {
+        let r = Request::Enroll(Enrollment {
+            netns: "/var/run/netns/a".into(),
+            pod: Some("default/a".into()),
+            ..Enrollment::default()
+        });
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(
+            line.starts_with(r#"{"op":"enroll","netns":"/var/run/netns/a""#),
+            "{line}"
+        );
+        assert!(!line.contains('\n'));
+        let back: Request = serde_json::from_str(&line).unwrap();
+        assert!(matches!(back, Request::Enroll(e) if e.pod.as_deref() == Some("default/a")));
+        let pods: Request = serde_json::from_str(r#"{"op":"pods"}"#).unwrap();
+        assert!(matches!(pods, Request::Pods));
+        let by_id: Request =
+            serde_json::from_str(r#"{"op":"unenroll","container_id":"abc"}"#).unwrap();
+        assert!(matches!(by_id, Request::Unenroll(p) if p.container_id.as_deref() == Some("abc")));
+        // Rules as `run` takes them.
+        let with_rules: Request = serde_json::from_str(
+            r#"{"op":"enroll","netns":"/x","rules":{"outbound-ports-exclude":"9000"}}"#,
+        )
+        .unwrap();
+        let Request::Enroll(e) = with_rules else {
+            panic!("an enrollment")
+        };
+        let rules = e.rules.apply_to(&CaptureRules::default()).unwrap();
+        assert_eq!(rules.outbound_exclude_ports, vec![9000]);
+    }
+}

@@ -1,0 +1,297 @@
+//! The pods a node agent serves: for each, its namespace, its entry in the
+//! datapath's maps, and a built-in proxy whose listeners and upstream
+//! sockets live inside that namespace (one process, many namespaces, as
+//! ztunnel's in-pod mode).
+
+use std::{
+    collections::BTreeMap,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use tracing::{info, warn};
+
+use super::api::{Enrollment, PodInfo, PodRef};
+use crate::{
+    capture::{ProxyIdentity, Settings, ebpf::EbpfCapture},
+    iptables::istio::pod,
+    netns::Netns,
+    proxy::{Direction, Listeners, ProxyConfig, ProxyHandle},
+    rules::CaptureRules,
+};
+
+/// Why a pod could not be enrolled. Each names the thing at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("netns {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        source: crate::netns::NetnsError,
+    },
+    #[error("netns {path}: telling whether it has IPv6: {reason}")]
+    Ipv6 { path: PathBuf, reason: String },
+    #[error("rules: {0}")]
+    Rules(#[from] crate::rules::RuleError),
+    #[error("netns {path}: the proxy's listeners: {source}")]
+    Proxy {
+        path: PathBuf,
+        source: crate::proxy::ProxyError,
+    },
+    #[error("netns {path}: the datapath's maps: {source}")]
+    Maps {
+        path: PathBuf,
+        source: Box<crate::ebpf::EbpfError>,
+    },
+    #[error("netns {path}: keeping a handle on the proxy's listeners: {source}")]
+    Keep {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("unenroll: name the pod by netns or container id")]
+    NoPod,
+}
+
+/// What every pod of this node gets, whatever its rules.
+#[derive(Debug, Clone)]
+pub struct PodDefaults {
+    pub proxy: ProxyConfig,
+    pub sockmap: bool,
+    pub sockmap_queue_limit: u64,
+    /// The cgroup the hooks are attached to (every pod's processes are
+    /// below it).
+    pub cgroup: PathBuf,
+    /// How long an unenrolled pod's open connections may take to finish.
+    pub drain: Duration,
+}
+
+/// One served pod.
+struct Pod {
+    info: PodInfo,
+    proxy: ProxyHandle,
+}
+
+/// Every pod served, by netns cookie.
+#[derive(Default)]
+pub struct Pods {
+    by_cookie: BTreeMap<u64, Pod>,
+}
+
+impl Pods {
+    /// Serves the pod `e` names: its proxy starts listening inside its
+    /// namespace, then the maps say to capture it. Enrolling a served
+    /// namespace again answers what is in force. On any failure nothing of
+    /// the pod is left (no listener, no map entry).
+    pub fn enroll(
+        &mut self,
+        capture: &mut EbpfCapture,
+        defaults: &PodDefaults,
+        e: &Enrollment,
+    ) -> Result<PodInfo, PodError> {
+        let netns_err = |source| PodError::Netns {
+            path: e.netns.clone(),
+            source,
+        };
+        let netns = Netns::open(&e.netns).map_err(netns_err)?;
+        let cookie = netns.cookie().map_err(netns_err)?;
+        if let Some(p) = self.by_cookie.get_mut(&cookie) {
+            if p.info.container_id.is_none() {
+                p.info.container_id.clone_from(&e.container_id);
+            }
+            return Ok(current(p));
+        }
+        let rules = e.rules.apply_to(&CaptureRules::default())?;
+        let ipv6 =
+            pod::has_global_ipv6(&|p: &str| netns.command(p)).map_err(|err| PodError::Ipv6 {
+                path: e.netns.clone(),
+                reason: err.to_string(),
+            })?;
+        let proxy_err = |source| PodError::Proxy {
+            path: e.netns.clone(),
+            source,
+        };
+        let listeners = Listeners::bind(&netns, &defaults.proxy).map_err(proxy_err)?;
+        let kept = listeners.try_clone().map_err(|source| PodError::Keep {
+            path: e.netns.clone(),
+            source,
+        })?;
+        let proxy =
+            ProxyHandle::start(&netns, defaults.proxy.clone(), listeners).map_err(proxy_err)?;
+        let settings = settings(netns, cookie, defaults, rules.clone(), ipv6);
+        let ours: Vec<&TcpListener> = kept.all().map(|(l, _)| l).collect();
+        if let Err(source) = capture.enroll(&settings, &ours) {
+            // Nothing half-enrolled: whatever was written goes again.
+            let _ = capture.unenroll(cookie);
+            proxy.stop();
+            return Err(PodError::Maps {
+                path: e.netns.clone(),
+                source: Box::new(source),
+            });
+        }
+        let info = PodInfo {
+            netns: e.netns.clone(),
+            netns_cookie: cookie,
+            pod: e.pod.clone(),
+            container_id: e.container_id.clone(),
+            outbound_port: defaults.proxy.outbound_port,
+            rules,
+            connections: 0,
+            open: 0,
+        };
+        info!(
+            pod = info.pod.as_deref().unwrap_or("-"),
+            netns = %info.netns.display(),
+            netns_cookie = cookie,
+            "pod enrolled"
+        );
+        self.by_cookie.insert(cookie, Pod { info, proxy });
+        Ok(current(&self.by_cookie[&cookie]))
+    }
+
+    /// Stops serving the pod `r` names: its map entries go first (new
+    /// connects there go direct), then its proxy stops accepting and its
+    /// open connections get `defaults.drain` to finish. `None`: no such pod.
+    pub fn unenroll(
+        &mut self,
+        capture: &mut EbpfCapture,
+        defaults: &PodDefaults,
+        r: &PodRef,
+    ) -> Result<Option<PodInfo>, PodError> {
+        let cookie = match (&r.container_id, &r.netns) {
+            (Some(id), _) => self
+                .by_cookie
+                .iter()
+                .find(|(_, p)| p.info.container_id.as_ref() == Some(id))
+                .map(|(c, _)| *c),
+            (None, Some(path)) => self
+                .by_cookie
+                .iter()
+                .find(|(_, p)| p.info.netns == *path)
+                .map(|(c, _)| *c)
+                .or_else(|| Netns::open(path).and_then(|n| n.cookie()).ok()),
+            (None, None) => return Err(PodError::NoPod),
+        };
+        let Some(pod) = cookie.and_then(|c| self.by_cookie.remove(&c)) else {
+            return Ok(None);
+        };
+        let info = current(&pod);
+        if let Err(source) = capture.unenroll(info.netns_cookie) {
+            warn!(netns = %info.netns.display(), error = %source, "removing the pod's map entries");
+        }
+        retire(pod.proxy, defaults.drain);
+        info!(
+            pod = info.pod.as_deref().unwrap_or("-"),
+            netns = %info.netns.display(),
+            "pod unenrolled"
+        );
+        Ok(Some(info))
+    }
+
+    /// Every pod, with its counters now.
+    #[must_use]
+    pub fn list(&self) -> Vec<PodInfo> {
+        self.by_cookie.values().map(current).collect()
+    }
+
+    /// Unenrolls every pod (the node agent stops).
+    pub fn clear(&mut self, capture: &mut EbpfCapture, defaults: &PodDefaults) {
+        let refs: Vec<PodRef> = self
+            .by_cookie
+            .values()
+            .map(|p| PodRef {
+                netns: Some(p.info.netns.clone()),
+                container_id: None,
+            })
+            .collect();
+        for r in &refs {
+            let _ = self.unenroll(capture, defaults, r);
+        }
+    }
+
+    /// Pods whose namespace is gone from where it was enrolled (its bind
+    /// mount removed, and no `DEL` came): they are unenrolled.
+    pub fn collect_garbage(&mut self, capture: &mut EbpfCapture, defaults: &PodDefaults) {
+        let gone: Vec<PodRef> = self
+            .by_cookie
+            .iter()
+            .filter(|(cookie, p)| !still_there(&p.info.netns, **cookie))
+            .map(|(_, p)| PodRef {
+                netns: Some(p.info.netns.clone()),
+                container_id: None,
+            })
+            .collect();
+        for r in &gone {
+            info!(netns = %r.netns.as_deref().unwrap_or(Path::new("")).display(), "the pod's namespace is gone: unenrolling it");
+            let _ = self.unenroll(capture, defaults, r);
+        }
+    }
+}
+
+/// Whether `path` still names the namespace with `cookie`.
+fn still_there(path: &Path, cookie: u64) -> bool {
+    Netns::open(path)
+        .and_then(|n| n.cookie())
+        .is_ok_and(|c| c == cookie)
+}
+
+/// A pod's info with its proxy's counters now.
+fn current(p: &Pod) -> PodInfo {
+    let mut info = p.info.clone();
+    let (mut total, mut open) = (0, 0);
+    for d in [Direction::Outbound, Direction::Inbound] {
+        let s = p.proxy.stats.direction(d);
+        total += s.connections_total.load(Ordering::Relaxed);
+        open += s.connections_open.load(Ordering::Relaxed);
+    }
+    info.connections = total;
+    info.open = open;
+    info
+}
+
+/// Stops a pod's proxy in the background: no more accepts at once, open
+/// connections until `drain`.
+fn retire(proxy: ProxyHandle, drain: Duration) {
+    proxy.stop_accepting();
+    std::thread::spawn(move || {
+        let left = proxy.drain(Instant::now() + drain);
+        if left > 0 {
+            warn!(
+                connections = left,
+                "unenrolled pod: drain deadline passed, closing its connections"
+            );
+        }
+        proxy.stop();
+    });
+}
+
+/// The capture settings of one pod.
+fn settings(
+    netns: Netns,
+    netns_cookie: u64,
+    d: &PodDefaults,
+    rules: CaptureRules,
+    ipv6: bool,
+) -> Settings {
+    Settings {
+        netns,
+        netns_cookie,
+        cgroup: d.cgroup.clone(),
+        socket_hook_cgroups: vec![d.cgroup.clone()],
+        outbound_port: d.proxy.outbound_port,
+        inbound_port: d.proxy.inbound_port.unwrap_or(0),
+        inbound: false,
+        proxy: ProxyIdentity {
+            mark: d.proxy.mark,
+            uid: None,
+            gid: None,
+        },
+        sockmap: d.sockmap,
+        sockmap_queue_limit: d.sockmap_queue_limit,
+        fail_open: false,
+        rules,
+        dns: None,
+        ipv6,
+        passthrough_marker: PathBuf::new(),
+    }
+}

@@ -1,0 +1,273 @@
+//! Node mode: one `mesh-redirect node` serving several pods (plain network
+//! namespaces and cgroups here), enrolled and unenrolled over its socket
+//! with `mesh-redirect enroll|unenroll|pods`.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::Command,
+    time::Duration,
+};
+
+use agent::inspect;
+use rstest::rstest;
+use tests::{
+    Agent, PollStream, Topology, agent_bin,
+    agent_proc::run_to_end,
+    require_root,
+    servers::{Behaviour, Server},
+    topology::{SRV_IP, lo_tx_packets},
+    unique,
+};
+
+/// Round trips per connection, for the loopback packet count.
+const ROUND_TRIPS: u32 = 200;
+
+/// A node agent on a socket of its own, attached at the cgroup2 root.
+struct Node {
+    agent: Agent,
+    socket: PathBuf,
+}
+
+impl Node {
+    fn start() -> Self {
+        let socket = std::env::temp_dir()
+            .join(unique("mr-node"))
+            .join("node.sock");
+        let agent = Agent::start(
+            &["node", "--socket", socket.to_str().unwrap()],
+            None,
+            "info",
+        );
+        assert!(
+            agent.log_text().contains("role=\"node\""),
+            "{}",
+            agent.log_text()
+        );
+        Self { agent, socket }
+    }
+
+    /// `mesh-redirect <command> --socket S <args> --json`, which must work;
+    /// its JSON answer.
+    fn ask(&self, command: &str, args: &[&str]) -> serde_json::Value {
+        let mut all = vec![command, "--socket", self.socket.to_str().unwrap(), "--json"];
+        all.extend(args);
+        let out = run_to_end(&all);
+        assert!(
+            out.status.success(),
+            "mesh-redirect {}: {}",
+            all.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn enroll(&self, topo: &Topology, pod: &str) -> serde_json::Value {
+        self.ask("enroll", &["--netns", topo.pod.path_str(), "--pod", pod])["enrolled"].clone()
+    }
+
+    /// Connections each pod's proxy accepted, by pod name.
+    fn connections(&self) -> Vec<(String, u64)> {
+        let pods = self.ask("pods", &[]);
+        pods["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["pod"].as_str().unwrap().to_owned(),
+                    p["connections"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// From inside `topo`'s pod (its namespace and cgroup): one connection to
+/// `dst`, `ROUND_TRIPS` echoes of 64 bytes, each byte-exact. The loopback
+/// packets the pod's namespace sent meanwhile, per round trip.
+fn echo_from_pod(topo: &Topology, dst: SocketAddr) -> f64 {
+    let _in_pod = topo.enter_pod_cgroup();
+    topo.pod.run(|| {
+        let s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).unwrap();
+        let mut s = PollStream::new(s, Duration::from_secs(10)).unwrap();
+        let mut buf = [0u8; 64];
+        // The first exchange sets the connection up (both halves in the
+        // SOCKHASH); the count starts after it.
+        s.write_all(&[0xa5; 64]).unwrap();
+        s.read_exact(&mut buf).unwrap();
+        let before = lo_tx_packets();
+        for i in 0..ROUND_TRIPS {
+            let msg = [u8::try_from(i % 251).unwrap(); 64];
+            s.write_all(&msg).unwrap();
+            s.read_exact(&mut buf).unwrap();
+            assert_eq!(buf, msg, "round trip {i}: not byte-exact");
+        }
+        let packets = lo_tx_packets() - before;
+        f64::from(u32::try_from(packets).unwrap()) / f64::from(ROUND_TRIPS)
+    })
+}
+
+/// Ours, attached on the cgroup2 root.
+fn ours_on_root() -> Vec<String> {
+    let root = agent::cgroup::cgroup2_root().unwrap();
+    inspect::attached(&root)
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.ours)
+        .map(|p| p.name)
+        .collect()
+}
+
+#[rstest]
+fn one_node_agent_serves_each_enrolled_pod_through_its_own_proxy_and_nothing_else() {
+    require_root!();
+    let (a, b, outside) = (Topology::new(), Topology::new(), Topology::new());
+    let echo =
+        |t: &Topology| Server::start(&t.srv, SRV_IP, 9000, Behaviour::Echo { write_size: 64 });
+    let (echo_a, echo_b, echo_out) = (echo(&a), echo(&b), echo(&outside));
+    let node = Node::start();
+    assert!(!ours_on_root().is_empty(), "the hooks attach at the root");
+    let enrolled_a = node.enroll(&a, "default/a");
+    let enrolled_b = node.enroll(&b, "default/b");
+    assert_ne!(enrolled_a["netns_cookie"], enrolled_b["netns_cookie"]);
+    // Enrolling again is idempotent: the same pod, nothing added.
+    assert_eq!(
+        node.enroll(&a, "default/a")["netns_cookie"],
+        enrolled_a["netns_cookie"]
+    );
+    assert_eq!(
+        node.connections(),
+        vec![("default/a".to_owned(), 0), ("default/b".to_owned(), 0)]
+    );
+
+    let short_circuit = node.agent.short_circuits() != "none";
+    let lo_a = echo_from_pod(&a, echo_a.addr);
+    assert_eq!(
+        node.connections(),
+        vec![("default/a".to_owned(), 1), ("default/b".to_owned(), 0)],
+        "pod A's connection went through pod A's proxy only"
+    );
+    let lo_b = echo_from_pod(&b, echo_b.addr);
+    assert_eq!(
+        node.connections(),
+        vec![("default/a".to_owned(), 1), ("default/b".to_owned(), 1)]
+    );
+    eprintln!("loopback packets per round trip: pod A {lo_a:.2}, pod B {lo_b:.2}");
+    if short_circuit {
+        for (pod, lo) in [("A", lo_a), ("B", lo_b)] {
+            assert!(
+                lo < 0.1,
+                "pod {pod}: {lo:.2} loopback packets per round trip: not short-circuited"
+            );
+        }
+    }
+    // The proxy's upstream leaves from the pod: the server sees the pod.
+    assert_eq!(echo_a.peers().len(), 1);
+    assert_eq!(echo_b.peers().len(), 1);
+
+    // A namespace that is not enrolled, and the host, go direct.
+    let lo_out = echo_from_pod(&outside, echo_out.addr);
+    assert!(
+        lo_out < 0.01,
+        "an unenrolled pod used loopback: {lo_out:.2}"
+    );
+    let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host_addr = host.local_addr().unwrap();
+    let c = TcpStream::connect(host_addr).unwrap();
+    let (s, peer) = host.accept().unwrap();
+    assert_eq!(
+        peer,
+        c.local_addr().unwrap(),
+        "the host's connect went direct"
+    );
+    drop((c, s));
+    assert_eq!(
+        node.connections(),
+        vec![("default/a".to_owned(), 1), ("default/b".to_owned(), 1)],
+        "neither the unenrolled pod nor the host was captured"
+    );
+
+    // Unenrolled, pod A goes direct; pod B is still served.
+    let gone = node.ask("unenroll", &["--netns", a.pod.path_str()]);
+    assert_eq!(gone["unenrolled"]["pod"], "default/a");
+    let again = node.ask("unenroll", &["--netns", a.pod.path_str()]);
+    assert!(
+        again["unenrolled"].is_null(),
+        "an unknown pod is not an error"
+    );
+    let lo_a = echo_from_pod(&a, echo_a.addr);
+    assert!(lo_a < 0.01, "an unenrolled pod used loopback: {lo_a:.2}");
+    echo_from_pod(&b, echo_b.addr);
+    assert_eq!(node.connections(), vec![("default/b".to_owned(), 2)]);
+
+    let Node { agent, socket } = node;
+    assert!(agent.stop_with(libc::SIGTERM).success());
+    assert!(ours_on_root().is_empty(), "SIGTERM detaches everything");
+    assert!(!socket.exists(), "the socket file goes too");
+}
+
+#[rstest]
+fn only_root_may_talk_to_the_node_agent() {
+    require_root!();
+    let node = Node::start();
+    // Even with the file's mode opened up, the caller's credentials decide.
+    let dir = node.socket.parent().unwrap();
+    for (path, mode) in [(dir, 0o755), (node.socket.as_path(), 0o666)] {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let out = Command::new(agent_bin())
+        .args(["pods", "--socket", node.socket.to_str().unwrap()])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("only root may talk to the node agent (caller uid 65534)"),
+        "{stderr}"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        node.agent.log_text().contains("refused: only root"),
+        "the refusal is logged:\n{}",
+        node.agent.log_text()
+    );
+    assert!(node.ask("pods", &[])["pods"].as_array().unwrap().is_empty());
+}
+
+#[rstest]
+#[case::missing_netns(&["enroll", "--netns", "/nonexistent/netns"], "netns /nonexistent/netns")]
+#[case::bad_rule(&["enroll", "--netns", "/proc/self/ns/net", "-o", "99999"], "-o/--outbound-ports-exclude")]
+fn bad_enrollments_are_refused_by_name_and_leave_nothing(
+    #[case] args: &[&str],
+    #[case] names: &str,
+) {
+    require_root!();
+    let node = Node::start();
+    let mut all = args.to_vec();
+    all.extend(["--socket", node.socket.to_str().unwrap()]);
+    let out = run_to_end(&all);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(names), "names {names}: {stderr}");
+    assert!(node.ask("pods", &[])["pods"].as_array().unwrap().is_empty());
+}
+
+#[rstest]
+fn a_malformed_request_gets_an_error_naming_it() {
+    use std::io::BufRead as _;
+    require_root!();
+    let node = Node::start();
+    let mut s = std::os::unix::net::UnixStream::connect(&node.socket).unwrap();
+    s.write_all(b"{\"op\":\"enrol\"}\n").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+    assert!(line.contains("unreadable request"), "{line}");
+    assert!(line.contains("enrol"), "{line}");
+    assert!(node.ask("pods", &[])["pods"].as_array().unwrap().is_empty());
+}
