@@ -58,6 +58,9 @@ enum Command {
     /// Node mode: one agent serving every pod enrolled with it (`enroll`,
     /// or the CNI plugin), each with its own proxy inside its namespace.
     Node(Box<agent::node::NodeArgs>),
+    /// The CNI plugin (also run as `mesh-redirect-cni`): `CNI_COMMAND` and
+    /// friends in the environment, the network configuration on stdin.
+    Cni,
     /// Ask the node agent to serve a pod (idempotent).
     Enroll {
         /// The pod's network namespace.
@@ -145,6 +148,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Run by a container runtime as a CNI plugin: no arguments, the
+    // protocol in the environment and on stdin.
+    let argv0 = std::env::args_os().next().map(PathBuf::from);
+    if argv0
+        .as_deref()
+        .and_then(|p| p.file_name())
+        .is_some_and(|n| n == "mesh-redirect-cni")
+    {
+        return cni();
+    }
     init_tracing();
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
@@ -177,6 +190,7 @@ fn main() -> ExitCode {
         ),
         Command::Iptables(args) => report(agent::iptables::cli::main(&args)),
         Command::Node(args) => report(agent::node::run(&args)),
+        Command::Cni => cni(),
         Command::Enroll {
             netns,
             pod,
@@ -227,6 +241,18 @@ fn main() -> ExitCode {
             status::collect(cgroup.as_deref(), &bpffs, &control_dir)
                 .map(|s| print(&s, json, status::Status::render)),
         ),
+    }
+}
+
+/// One CNI command: its result (or error result) on stdout.
+fn cni() -> ExitCode {
+    let env = agent::node::cni::Env::from_process();
+    let (out, failed) = agent::node::cni::main(&env, &mut std::io::stdin());
+    println!("{out}");
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

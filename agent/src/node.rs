@@ -17,6 +17,7 @@
 //! gone and the hooks detach).
 
 pub mod api;
+pub mod cni;
 pub mod pods;
 
 use std::{path::PathBuf, time::Duration};
@@ -63,6 +64,10 @@ pub struct NodeArgs {
     /// KiB a short-circuited reader may fall behind.
     #[arg(long, default_value_t = 4096)]
     pub sockmap_queue_kib: u32,
+    /// Where the CNI plugin queues enrollments while this agent is down
+    /// (`failPolicy: open`): enrolled at start-up and as they arrive.
+    #[arg(long, value_name = "PATH", default_value = cni::DEFAULT_PENDING_DIR)]
+    pub pending_dir: PathBuf,
     /// Seconds an unenrolled pod's open connections get to finish.
     #[arg(long, default_value_t = 5)]
     pub drain_timeout_secs: u64,
@@ -122,7 +127,10 @@ pub fn run(args: &NodeArgs) -> Result<()> {
             tokio::select! {
                 _ = term.recv() => break "SIGTERM",
                 _ = int.recv() => break "SIGINT",
-                _ = garbage.tick() => pods.collect_garbage(&mut capture, &defaults),
+                _ = garbage.tick() => {
+                    pods.collect_garbage(&mut capture, &defaults);
+                    enroll_pending(&args.pending_dir, &mut pods, &mut capture, &defaults);
+                }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => serve(stream, &mut pods, &mut capture, &defaults).await,
                     Err(e) => warn!(error = %e, "node socket: accept failed"),
@@ -136,6 +144,26 @@ pub fn run(args: &NodeArgs) -> Result<()> {
     drop(capture);
     info!("detached and stopped");
     Ok(())
+}
+
+/// Enrolls what the CNI plugin queued while we were down; a queued pod
+/// whose namespace is gone by now is dropped.
+fn enroll_pending(
+    dir: &std::path::Path,
+    pods: &mut Pods,
+    capture: &mut EbpfCapture,
+    defaults: &PodDefaults,
+) {
+    for (file, e) in cni::pending(dir) {
+        match pods.enroll(capture, defaults, &e) {
+            Ok(p) => info!(
+                pod = p.pod.as_deref().unwrap_or("-"),
+                "enrolled a pod the CNI plugin queued while the node agent was down"
+            ),
+            Err(err) => warn!(error = %err, file = %file.display(), "dropping a queued enrollment"),
+        }
+        let _ = std::fs::remove_file(&file);
+    }
 }
 
 /// The node socket: its directory 0700, the socket 0600, a stale file

@@ -68,10 +68,10 @@ impl Node {
         self.ask("enroll", &["--netns", topo.pod.path_str(), "--pod", pod])["enrolled"].clone()
     }
 
-    /// Connections each pod's proxy accepted, by pod name.
+    /// Connections each pod's proxy accepted, by pod name (sorted).
     fn connections(&self) -> Vec<(String, u64)> {
         let pods = self.ask("pods", &[]);
-        pods["pods"]
+        let mut v: Vec<(String, u64)> = pods["pods"]
             .as_array()
             .unwrap()
             .iter()
@@ -81,7 +81,9 @@ impl Node {
                     p["connections"].as_u64().unwrap(),
                 )
             })
-            .collect()
+            .collect();
+        v.sort();
+        v
     }
 }
 
@@ -270,4 +272,191 @@ fn a_malformed_request_gets_an_error_naming_it() {
     assert!(line.contains("unreadable request"), "{line}");
     assert!(line.contains("enrol"), "{line}");
     assert!(node.ask("pods", &[])["pods"].as_array().unwrap().is_empty());
+}
+
+/// Runs the CNI plugin (`mesh-redirect cni`) as a runtime does; its stdout
+/// as JSON (`Null` when empty) and whether it succeeded.
+fn cni(
+    command: &str,
+    container: &str,
+    netns: &str,
+    args: &str,
+    config: &serde_json::Value,
+) -> (serde_json::Value, bool) {
+    use std::process::Stdio;
+    let mut child = Command::new(agent_bin())
+        .arg("cni")
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container)
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_ARGS", args)
+        .env("CNI_PATH", "/opt/cni/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(config.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let value = if stdout.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    };
+    (value, out.status.success())
+}
+
+fn cni_config(socket: &std::path::Path, extra: &serde_json::Value) -> serde_json::Value {
+    let mut c = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "podman",
+        "type": "mesh-redirect",
+        "socket": socket,
+        "prevResult": {
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/x"}],
+            "ips": [{"address": "10.77.0.1/24", "interface": 0}],
+        },
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    c
+}
+
+#[rstest]
+fn the_cni_plugin_enrolls_on_add_checks_and_removes_on_del() {
+    require_root!();
+    let topo = Topology::new();
+    let echo = Server::start(&topo.srv, SRV_IP, 9000, Behaviour::Echo { write_size: 64 });
+    let node = Node::start();
+    let config = cni_config(&node.socket, &serde_json::json!({}));
+    let args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-1";
+    let netns = topo.pod.path_str();
+    for _ in 0..2 {
+        let (out, ok) = cni("ADD", "sandbox-1", netns, args, &config);
+        assert!(ok, "{out}");
+        assert_eq!(
+            out, config["prevResult"],
+            "prevResult passes through unchanged"
+        );
+    }
+    assert_eq!(node.connections(), vec![("default/web-1".to_owned(), 0)]);
+    echo_from_pod(&topo, echo.addr);
+    assert_eq!(
+        node.connections(),
+        vec![("default/web-1".to_owned(), 1)],
+        "the pod's first connection is captured"
+    );
+    let (out, ok) = cni("CHECK", "sandbox-1", netns, args, &config);
+    assert!(ok, "{out}");
+    // Removed behind the plugin's back: CHECK says so.
+    node.ask("unenroll", &["--container-id", "sandbox-1"]);
+    let (out, ok) = cni("CHECK", "sandbox-1", netns, args, &config);
+    assert!(!ok);
+    assert_eq!(out["code"], 3, "{out}");
+    assert!(out["msg"].as_str().unwrap().contains("sandbox-1"), "{out}");
+    cni("ADD", "sandbox-1", netns, args, &config);
+    // DEL of a container never enrolled succeeds, as the spec says.
+    let (out, ok) = cni("DEL", "never-seen", "", args, &config);
+    assert!(ok, "{out}");
+    let (out, ok) = cni("DEL", "sandbox-1", "", args, &config);
+    assert!(ok, "{out}");
+    assert!(node.connections().is_empty());
+    // Malformed input: an error result with a code and a message.
+    let mut child_cfg = config.clone();
+    child_cfg["cniVersion"] = serde_json::json!(42);
+    let (out, ok) = cni("ADD", "sandbox-2", netns, args, &child_cfg);
+    assert!(!ok);
+    assert_eq!(out["code"], 6, "{out}");
+    assert!(!out["msg"].as_str().unwrap().is_empty());
+    assert!(node.connections().is_empty(), "nothing half-enrolled");
+    // An opted-out pod is left alone.
+    let (out, ok) = cni(
+        "ADD",
+        "sandbox-3",
+        netns,
+        &format!("{args};MESH_REDIRECT=off"),
+        &config,
+    );
+    assert!(ok, "{out}");
+    assert!(node.connections().is_empty());
+}
+
+#[rstest]
+fn with_the_node_agent_down_add_fails_closed_or_the_pod_is_enrolled_when_it_returns() {
+    require_root!();
+    let topo = Topology::new();
+    let dir = std::env::temp_dir().join(unique("mr-node-down"));
+    let socket = dir.join("node.sock");
+    let pending = dir.join("pending");
+    let args = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=late";
+    let closed = cni_config(&socket, &serde_json::json!({}));
+    let (out, ok) = cni("ADD", "sandbox-late", topo.pod.path_str(), args, &closed);
+    assert!(!ok, "fail closed by default: {out}");
+    assert_eq!(out["code"], 11, "{out}");
+    let open = cni_config(
+        &socket,
+        &serde_json::json!({"failPolicy": "open", "pendingDir": pending}),
+    );
+    let (out, ok) = cni("ADD", "sandbox-late", topo.pod.path_str(), args, &open);
+    assert!(ok, "fail open: the pod starts: {out}");
+    let agent = Agent::start(
+        &[
+            "node",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--pending-dir",
+            pending.to_str().unwrap(),
+        ],
+        None,
+        "info",
+    );
+    let node = Node { agent, socket };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while node.connections().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queued pod was not enrolled:\n{}",
+            node.agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(node.connections(), vec![("default/late".to_owned(), 0)]);
+    assert_eq!(std::fs::read_dir(&pending).unwrap().count(), 0);
+}
+
+#[rstest]
+fn a_pod_whose_namespace_disappears_is_unenrolled_without_a_del() {
+    require_root!();
+    let node = Node::start();
+    let name = unique("mrgc");
+    tests::sh(&format!(
+        "ip netns add {name} && ip -n {name} link set lo up"
+    ));
+    let path = format!("/var/run/netns/{name}");
+    node.ask("enroll", &["--netns", &path, "--pod", "default/gone"]);
+    assert_eq!(node.connections().len(), 1);
+    tests::sh(&format!("ip netns del {name}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !node.connections().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still enrolled:\n{}",
+            node.agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        node.agent
+            .log_text()
+            .contains("the pod's namespace is gone")
+    );
 }

@@ -141,14 +141,22 @@ pub enum ApiError {
 
 /// Sends `request` to the node agent at `socket`; its answer.
 pub fn ask(socket: &Path, request: &Request) -> Result<Answer, ApiError> {
+    ask_with_timeout(socket, request, ANSWER_TIMEOUT)
+}
+
+/// [`ask`], waiting at most `timeout` for the answer.
+pub fn ask_with_timeout(
+    socket: &Path,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Answer, ApiError> {
     let io_err = |source| ApiError::Io {
         path: socket.to_owned(),
         source,
     };
     let mut stream = UnixStream::connect(socket).map_err(io_err)?;
-    stream
-        .set_read_timeout(Some(ANSWER_TIMEOUT))
-        .map_err(io_err)?;
+    stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
     let line = serde_json::to_string(request).expect("requests serialize");
     // An agent that refuses the caller answers without reading: its answer
     // says why, even if our request could not be written.
