@@ -97,7 +97,11 @@ pub fn run(
 ) -> Result<Report> {
     let mut report = Report::default();
     for dir in pins::all_instances(bpffs) {
-        let live = pins::instance_cookie(&dir).is_some_and(|c| alive(control_dir, c));
+        let live = if pins::is_node_instance(&dir) {
+            UnixStream::connect(control_dir.join(crate::node::api::SOCKET_NAME)).is_ok()
+        } else {
+            pins::instance_cookie(&dir).is_some_and(|c| alive(control_dir, c))
+        };
         if live && !force {
             report.live.push(dir);
             continue;

@@ -12,9 +12,15 @@
 //! `pods`), which answers root only (checked by the caller's credentials,
 //! not only by the file's mode) and refuses, and logs, anyone else.
 //!
-//! Not yet: inbound capture and DNS capture in node mode, and a datapath
-//! that outlives the node agent (while it is down, its pods' proxies are
-//! gone and the hooks detach).
+//! The datapath is pinned (`<bpffs>/mesh-redirect/layout-*/node/`) and the
+//! enrolled pods are written next to the socket ([`api::STATE_NAME`]):
+//! while the agent is down its hooks stay attached, so a pod's connects are
+//! still captured and, with its proxy gone, refused (nothing escapes the
+//! mesh); a restarted agent adopts the pins (links updated in place, none
+//! added) and enrolls every pod again. SIGTERM unenrolls every pod, then
+//! detaches and unpins everything.
+//!
+//! Not yet: inbound capture and DNS capture in node mode.
 
 pub mod api;
 pub mod cni;
@@ -33,7 +39,11 @@ use self::{
     api::{Answer, MAX_REQUEST, Request},
     pods::{PodDefaults, Pods},
 };
-use crate::{capture::ebpf::EbpfCapture, cgroup, proxy::ProxyConfig};
+use crate::{
+    capture::ebpf::{EbpfCapture, node_pin_dir},
+    cgroup,
+    proxy::ProxyConfig,
+};
 
 /// `mesh-redirect node`.
 #[derive(Debug, Clone, clap::Args)]
@@ -64,6 +74,9 @@ pub struct NodeArgs {
     /// KiB a short-circuited reader may fall behind.
     #[arg(long, default_value_t = 4096)]
     pub sockmap_queue_kib: u32,
+    /// The bpffs mount the datapath is pinned under.
+    #[arg(long, value_name = "PATH", default_value = crate::mounts::DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
     /// Where the CNI plugin queues enrollments while this agent is down
     /// (`failPolicy: open`): enrolled at start-up and as they arrive.
     #[arg(long, value_name = "PATH", default_value = cni::DEFAULT_PENDING_DIR)]
@@ -109,10 +122,17 @@ pub fn run(args: &NodeArgs) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let listener = bind(&args.socket)?;
-    let mut capture = EbpfCapture::load_with(defaults.sockmap, defaults.sockmap_queue_limit, None)?;
+    let state = State::next_to(&args.socket);
+    let pins = node_pin_dir(&args.bpffs).context("--bpffs")?;
+    let mut capture =
+        EbpfCapture::load_with(defaults.sockmap, defaults.sockmap_queue_limit, Some(pins))?;
     // The agent's own proxies may live outside the pods' cgroup: their
     // sockets need sockops and getsockopt too.
     capture.attach(&cgroup, &cgroup::covering_set(&cgroup, &own), false)?;
+    let mut pods = Pods::default();
+    if capture.adopted() {
+        readopt(&state, &mut pods, &mut capture, &defaults)?;
+    }
     info!(
         role = "node",
         cgroup = %cgroup.display(),
@@ -120,7 +140,6 @@ pub fn run(args: &NodeArgs) -> Result<()> {
         short_circuits = capture.short_circuits(),
         "mesh-redirect ready"
     );
-    let mut pods = Pods::default();
     let mut garbage = tokio::time::interval(GARBAGE_EVERY);
     let signal = rt.block_on(async {
         loop {
@@ -130,9 +149,13 @@ pub fn run(args: &NodeArgs) -> Result<()> {
                 _ = garbage.tick() => {
                     pods.collect_garbage(&mut capture, &defaults);
                     enroll_pending(&args.pending_dir, &mut pods, &mut capture, &defaults);
+                    state.save(&pods);
                 }
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => serve(stream, &mut pods, &mut capture, &defaults).await,
+                    Ok((stream, _)) => {
+                        serve(stream, &mut pods, &mut capture, &defaults).await;
+                        state.save(&pods);
+                    }
                     Err(e) => warn!(error = %e, "node socket: accept failed"),
                 },
             }
@@ -140,9 +163,72 @@ pub fn run(args: &NodeArgs) -> Result<()> {
     });
     info!(signal, "stopping: unenrolling every pod");
     pods.clear(&mut capture, &defaults);
+    state.remove();
     let _ = std::fs::remove_file(&args.socket);
-    drop(capture);
+    capture.remove();
     info!("detached and stopped");
+    Ok(())
+}
+
+/// The enrolled pods, as a file next to the socket.
+struct State(PathBuf);
+
+impl State {
+    fn next_to(socket: &std::path::Path) -> Self {
+        Self(socket.with_file_name(api::STATE_NAME))
+    }
+
+    /// Written whole, then renamed over the old one.
+    fn save(&self, pods: &Pods) {
+        let tmp = self.0.with_extension("tmp");
+        let body = serde_json::to_vec(&pods.enrollments()).expect("enrollments serialize");
+        if let Err(e) = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, &self.0)) {
+            warn!(file = %self.0.display(), error = %e, "saving the enrolled pods");
+        }
+    }
+
+    fn load(&self) -> Vec<api::Enrollment> {
+        match std::fs::read(&self.0) {
+            Ok(body) => serde_json::from_slice(&body).unwrap_or_else(|e| {
+                warn!(file = %self.0.display(), error = %e, "unreadable list of enrolled pods");
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn remove(&self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// After a restart: every pod the last agent served is enrolled again (its
+/// proxy listens anew in its namespace); namespaces in the maps that are
+/// not (gone meanwhile) are taken out.
+fn readopt(
+    state: &State,
+    pods: &mut Pods,
+    capture: &mut EbpfCapture,
+    defaults: &PodDefaults,
+) -> Result<()> {
+    for e in state.load() {
+        match pods.enroll(capture, defaults, &e) {
+            Ok(p) => {
+                info!(pod = p.pod.as_deref().unwrap_or("-"), netns = %p.netns.display(), "re-adopted a pod the earlier node agent served");
+            }
+            Err(err) => warn!(error = %err, "a pod the earlier node agent served is gone"),
+        }
+    }
+    for (cookie, _) in capture.maps().netns_configs()? {
+        if !pods.serves(cookie) {
+            info!(
+                netns_cookie = cookie,
+                "unenrolling a namespace no pod holds any more"
+            );
+            capture.unenroll(cookie)?;
+        }
+    }
+    state.save(pods);
     Ok(())
 }
 

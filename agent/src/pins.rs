@@ -212,6 +212,39 @@ pub fn remove_instance(dir: &Path) -> Result<(), PinError> {
     Ok(())
 }
 
+/// The directory name of a node agent's datapath (one per host, serving
+/// every enrolled namespace), next to the per-namespace ones.
+pub const NODE_INSTANCE: &str = "node";
+
+/// The pin directory of the node agent's datapath under one layout.
+#[must_use]
+pub fn node_dir(bpffs: &Path, fingerprint: &str) -> PathBuf {
+    root(bpffs)
+        .join(format!("layout-{fingerprint}"))
+        .join(NODE_INSTANCE)
+}
+
+/// Whether an instance directory is a node agent's.
+#[must_use]
+pub fn is_node_instance(dir: &Path) -> bool {
+    dir.file_name().is_some_and(|n| n == NODE_INSTANCE)
+}
+
+/// The node agent's directories under *other* layouts: stale, to remove.
+#[must_use]
+pub fn stale_node_instances(bpffs: &Path, fingerprint: &str) -> Vec<PathBuf> {
+    let current = format!("layout-{fingerprint}");
+    let Ok(layouts) = fs::read_dir(root(bpffs)) else {
+        return Vec::new();
+    };
+    layouts
+        .flatten()
+        .filter(|l| l.file_name() != current.as_str())
+        .map(|l| l.path().join(NODE_INSTANCE))
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
 /// The netns cookie an instance directory is for.
 #[must_use]
 pub fn instance_cookie(dir: &Path) -> Option<u64> {

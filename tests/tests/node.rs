@@ -33,9 +33,14 @@ struct Node {
 
 impl Node {
     fn start() -> Self {
-        let socket = std::env::temp_dir()
-            .join(unique("mr-node"))
-            .join("node.sock");
+        Self::start_on(
+            std::env::temp_dir()
+                .join(unique("mr-node"))
+                .join("node.sock"),
+        )
+    }
+
+    fn start_on(socket: PathBuf) -> Self {
         let agent = Agent::start(
             &["node", "--socket", socket.to_str().unwrap()],
             None,
@@ -458,5 +463,78 @@ fn a_pod_whose_namespace_disappears_is_unenrolled_without_a_del() {
         node.agent
             .log_text()
             .contains("the pod's namespace is gone")
+    );
+}
+
+#[rstest]
+fn after_a_sigkill_pods_stay_captured_and_a_new_node_agent_readopts_them() {
+    require_root!();
+    let (a, b) = (Topology::new(), Topology::new());
+    let echo =
+        |t: &Topology| Server::start(&t.srv, SRV_IP, 9000, Behaviour::Echo { write_size: 64 });
+    let (echo_a, echo_b) = (echo(&a), echo(&b));
+    let node = Node::start();
+    let hooks = {
+        let mut h = ours_on_root();
+        h.sort();
+        h
+    };
+    node.enroll(&a, "default/a");
+    node.enroll(&b, "default/b");
+    echo_from_pod(&a, echo_a.addr);
+    let Node { agent, socket } = node;
+    let _ = agent.stop_with(libc::SIGKILL);
+    // Down: the pinned hooks still capture, and with no proxy listening the
+    // connect is refused. Nothing goes around the mesh.
+    let refused = {
+        let _in_pod = a.enter_pod_cgroup();
+        a.pod
+            .run(|| TcpStream::connect_timeout(&echo_a.addr, Duration::from_secs(5)))
+            .unwrap_err()
+    };
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{refused}"
+    );
+    assert_eq!(
+        echo_a.peers().len(),
+        1,
+        "no connection reached the server directly"
+    );
+
+    let node = Node::start_on(socket);
+    let log = node.agent.log_text();
+    assert!(log.contains("adopting the pinned datapath"), "{log}");
+    assert_eq!(log.matches("re-adopted a pod").count(), 2, "{log}");
+    assert_eq!(
+        node.connections(),
+        vec![("default/a".to_owned(), 0), ("default/b".to_owned(), 0)]
+    );
+    let short_circuit = node.agent.short_circuits() != "none";
+    for (t, e) in [(&a, &echo_a), (&b, &echo_b)] {
+        let lo = echo_from_pod(t, e.addr);
+        if short_circuit {
+            assert!(
+                lo < 0.1,
+                "{lo:.2} loopback packets per round trip after the restart"
+            );
+        }
+    }
+    assert_eq!(
+        node.connections(),
+        vec![("default/a".to_owned(), 1), ("default/b".to_owned(), 1)]
+    );
+    let mut now = ours_on_root();
+    now.sort();
+    assert_eq!(now, hooks, "the same hooks, once each: no duplicate links");
+    let Node { agent, .. } = node;
+    assert!(agent.stop_with(libc::SIGTERM).success());
+    assert!(ours_on_root().is_empty());
+    assert!(
+        agent::pins::all_instances(std::path::Path::new("/sys/fs/bpf"))
+            .iter()
+            .all(|d| !agent::pins::is_node_instance(d)),
+        "SIGTERM unpins the node datapath"
     );
 }

@@ -78,6 +78,21 @@ pub fn pin_dir(bpffs: &Path, netns_cookie: u64) -> Result<PathBuf, EbpfError> {
     Ok(pins::instance_dir(bpffs, &fingerprint, netns_cookie))
 }
 
+/// Where the node agent's datapath is pinned under `bpffs` (mounted there
+/// if nothing is): its pins of older map layouts are removed first.
+pub fn node_pin_dir(bpffs: &Path) -> Result<PathBuf, EbpfError> {
+    if OBJECT.is_empty() {
+        return Err(EbpfError::NoObject);
+    }
+    pins::ensure_bpffs(bpffs)?;
+    let fingerprint = pins::layout_fingerprint(OBJECT)?;
+    for stale in pins::stale_node_instances(bpffs, &fingerprint) {
+        warn!(pins = %stale.display(), "removing pins of an older datapath layout");
+        pins::remove_instance(&stale)?;
+    }
+    Ok(pins::node_dir(bpffs, &fingerprint))
+}
+
 /// A loaded datapath for one namespace.
 pub struct EbpfCapture {
     datapath: Datapath,
@@ -287,6 +302,19 @@ impl EbpfCapture {
 
     /// Stops capturing first (new connects go direct), then detaches and
     /// unpins everything.
+    /// Whether the maps were adopted from an earlier agent's pins.
+    #[must_use]
+    pub fn adopted(&self) -> bool {
+        self.datapath.adopted()
+    }
+
+    /// Detaches and unpins everything, whatever namespaces the maps hold.
+    pub fn remove(self) {
+        if let Err(e) = self.datapath.teardown() {
+            warn!(error = %e, "removing the pinned datapath");
+        }
+    }
+
     pub fn teardown(mut self, netns_cookie: u64) {
         if let Err(e) = self.datapath.maps_mut().remove_netns_config(netns_cookie) {
             warn!(error = %e, "unenrolling the namespace");

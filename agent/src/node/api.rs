@@ -12,8 +12,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::rules::{CaptureRules, RuleArgs};
 
-/// Where the node agent listens, by default.
+/// Where the node agent listens, by default: [`SOCKET_NAME`] in the
+/// control directory (`cleanup` looks there to tell a live node agent's
+/// pins from a dead one's).
 pub const DEFAULT_SOCKET: &str = "/run/mesh-redirect/node.sock";
+/// The node socket's file name.
+pub const SOCKET_NAME: &str = "node.sock";
+/// The enrolled pods, next to the socket: what a restarted agent re-adopts.
+pub const STATE_NAME: &str = "node-pods.json";
 
 /// The longest request line the agent reads (a rule list of 4096 ports or
 /// CIDRs fits many times over).

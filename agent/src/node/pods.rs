@@ -69,6 +69,8 @@ pub struct PodDefaults {
 /// One served pod.
 struct Pod {
     info: PodInfo,
+    /// As asked: what a restarted agent enrolls again.
+    asked: Enrollment,
     proxy: ProxyHandle,
 }
 
@@ -98,6 +100,7 @@ impl Pods {
         if let Some(p) = self.by_cookie.get_mut(&cookie) {
             if p.info.container_id.is_none() {
                 p.info.container_id.clone_from(&e.container_id);
+                p.asked.container_id.clone_from(&e.container_id);
             }
             return Ok(current(p));
         }
@@ -145,7 +148,14 @@ impl Pods {
             netns_cookie = cookie,
             "pod enrolled"
         );
-        self.by_cookie.insert(cookie, Pod { info, proxy });
+        self.by_cookie.insert(
+            cookie,
+            Pod {
+                info,
+                asked: e.clone(),
+                proxy,
+            },
+        );
         Ok(current(&self.by_cookie[&cookie]))
     }
 
@@ -186,6 +196,18 @@ impl Pods {
             "pod unenrolled"
         );
         Ok(Some(info))
+    }
+
+    /// What each pod was enrolled with, to enroll it again after a restart.
+    #[must_use]
+    pub fn enrollments(&self) -> Vec<Enrollment> {
+        self.by_cookie.values().map(|p| p.asked.clone()).collect()
+    }
+
+    /// Whether the namespace with this cookie is served.
+    #[must_use]
+    pub fn serves(&self, netns_cookie: u64) -> bool {
+        self.by_cookie.contains_key(&netns_cookie)
     }
 
     /// Every pod, with its counters now.
