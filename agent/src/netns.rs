@@ -25,6 +25,8 @@ pub enum NetnsError {
     Enter { path: PathBuf, source: io::Error },
     #[error("netns {path}: reading its cookie (SO_NETNS_COOKIE, Linux 5.14+): {source}")]
     Cookie { path: PathBuf, source: io::Error },
+    #[error("netns {path}: listing its IPv6 addresses: {source}")]
+    Addresses { path: PathBuf, source: io::Error },
 }
 
 /// An open network namespace.
@@ -110,6 +112,27 @@ impl Netns {
                 path: self.path.clone(),
                 source,
             })
+    }
+
+    /// Whether an interface of the namespace has a global IPv6 address
+    /// (what istio's IPv6 detection looks for), from the kernel's own list
+    /// (`if_inet6`, scope 00), without running a program.
+    pub fn has_global_ipv6(&self) -> Result<bool, NetnsError> {
+        self.run(|| {
+            std::fs::read_to_string("/proc/thread-self/net/if_inet6")
+                .map(|t| t.lines().any(|l| l.split_whitespace().nth(3) == Some("00")))
+        })?
+        .or_else(|e| {
+            // No IPv6 in this kernel at all.
+            if e.kind() == io::ErrorKind::NotFound {
+                Ok(false)
+            } else {
+                Err(NetnsError::Addresses {
+                    path: self.path.clone(),
+                    source: e,
+                })
+            }
+        })
     }
 
     /// A command that runs inside this namespace (it enters it between fork

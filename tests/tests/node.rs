@@ -4,17 +4,18 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     os::unix::process::CommandExt as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     time::Duration,
 };
 
 use agent::inspect;
+use agent::node::api::{self, Enrollment, Request};
 use rstest::rstest;
 use tests::{
-    Agent, PollStream, Topology, agent_bin,
+    Agent, InCgroup, PollStream, TestCgroup, TestNetns, Topology, agent_bin,
     agent_proc::run_to_end,
     require_root,
     servers::{Behaviour, Server},
@@ -96,8 +97,13 @@ impl Node {
 /// `dst`, `ROUND_TRIPS` echoes of 64 bytes, each byte-exact. The loopback
 /// packets the pod's namespace sent meanwhile, per round trip.
 fn echo_from_pod(topo: &Topology, dst: SocketAddr) -> f64 {
-    let _in_pod = topo.enter_pod_cgroup();
-    topo.pod.run(|| {
+    echo_in(&topo.pod, topo.cgroup.path(), dst, ROUND_TRIPS)
+}
+
+/// [`echo_from_pod`] from any namespace and cgroup, `round_trips` echoes.
+fn echo_in(netns: &TestNetns, cgroup: &Path, dst: SocketAddr, round_trips: u32) -> f64 {
+    let _in_pod = InCgroup::enter(cgroup);
+    netns.run(|| {
         let s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).unwrap();
         let mut s = PollStream::new(s, Duration::from_secs(10)).unwrap();
         let mut buf = [0u8; 64];
@@ -106,14 +112,14 @@ fn echo_from_pod(topo: &Topology, dst: SocketAddr) -> f64 {
         s.write_all(&[0xa5; 64]).unwrap();
         s.read_exact(&mut buf).unwrap();
         let before = lo_tx_packets();
-        for i in 0..ROUND_TRIPS {
+        for i in 0..round_trips {
             let msg = [u8::try_from(i % 251).unwrap(); 64];
             s.write_all(&msg).unwrap();
             s.read_exact(&mut buf).unwrap();
             assert_eq!(buf, msg, "round trip {i}: not byte-exact");
         }
         let packets = lo_tx_packets() - before;
-        f64::from(u32::try_from(packets).unwrap()) / f64::from(ROUND_TRIPS)
+        f64::from(u32::try_from(packets).unwrap()) / f64::from(round_trips)
     })
 }
 
@@ -537,4 +543,211 @@ fn after_a_sigkill_pods_stay_captured_and_a_new_node_agent_readopts_them() {
             .all(|d| !agent::pins::is_node_instance(d)),
         "SIGTERM unpins the node datapath"
     );
+}
+
+/// Pods on one bridge: a server namespace with `br0` (10.99.255.254/16)
+/// and an echo server on it; each pod a namespace with a veth on the
+/// bridge, 10.99.x.y/16, routed via the server.
+struct Farm {
+    srv: TestNetns,
+    echo: Server,
+    cgroup: TestCgroup,
+    /// Veth names on the bridge are never reused (a gone pod's may linger).
+    links: std::sync::atomic::AtomicUsize,
+}
+
+const FARM_SRV: Ipv4Addr = Ipv4Addr::new(10, 99, 255, 254);
+
+impl Farm {
+    fn new() -> Self {
+        let srv = TestNetns::new();
+        srv.sh(&format!(
+            "ip link add br0 type bridge && ip addr add {FARM_SRV}/16 dev br0 && ip link set br0 up"
+        ));
+        let echo = Server::start(&srv, FARM_SRV, 9000, Behaviour::Echo { write_size: 64 });
+        Self {
+            srv,
+            echo,
+            cgroup: TestCgroup::new(),
+            links: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Pod `i`'s namespace, on the bridge as 10.99.(i/250).(i%250+1).
+    fn pod(&self, i: usize) -> TestNetns {
+        let ns = TestNetns::new();
+        let link = self
+            .links
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ip = Ipv4Addr::new(
+            10,
+            99,
+            u8::try_from(i / 250).unwrap(),
+            u8::try_from(i % 250 + 1).unwrap(),
+        );
+        tests::sh(&format!(
+            "ip -n {p} link add a0 type veth peer name v{link} netns {s} && \
+             ip -n {s} link set v{link} master br0 && ip -n {s} link set v{link} up && \
+             ip -n {p} addr add {ip}/16 dev a0 && ip -n {p} link set a0 up && \
+             ip -n {p} route add default via {FARM_SRV}",
+            p = ns.name(),
+            s = self.srv.name()
+        ));
+        ns
+    }
+}
+
+/// Resident memory (KiB) and open descriptors of a process.
+fn rss_and_fds(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    (rss, fds)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "an index into a short list"
+    )]
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+/// Kubernetes' default maximum per node: 110 pods on one node agent, each
+/// captured and short-circuited through its own proxy.
+#[rstest]
+fn one_node_agent_serves_110_pods() {
+    const PODS: usize = 110;
+    require_root!();
+    tests::raise_fd_limit();
+    let farm = Farm::new();
+    let node = Node::start();
+    let pid = node.agent.pid();
+    let (rss0, fds0) = rss_and_fds(pid);
+    let mut pods = Vec::new();
+    let mut took = Vec::new();
+    for i in 0..PODS {
+        let ns = farm.pod(i);
+        let t0 = std::time::Instant::now();
+        api::ask(
+            &node.socket,
+            &Request::Enroll(Enrollment {
+                netns: ns.path(),
+                pod: Some(format!("default/p{i:03}")),
+                ..Enrollment::default()
+            }),
+        )
+        .unwrap();
+        took.push(t0.elapsed());
+        pods.push(ns);
+    }
+    let (rss1, fds1) = rss_and_fds(pid);
+    let short_circuit = node.agent.short_circuits() != "none";
+    let mut worst = 0f64;
+    for ns in &pods {
+        let lo = echo_in(ns, farm.cgroup.path(), farm.echo.addr, 20);
+        worst = worst.max(lo);
+    }
+    let connections = node.connections();
+    assert_eq!(connections.len(), PODS);
+    assert!(
+        connections.iter().all(|(_, n)| *n == 1),
+        "each pod's connection went through its own proxy: {connections:?}"
+    );
+    assert_eq!(farm.echo.peers().len(), PODS);
+    took.sort();
+    let (p50, p99) = (percentile(&took, 0.5), percentile(&took, 0.99));
+    #[expect(clippy::cast_precision_loss, reason = "a report")]
+    let per_pod_kib = rss1.saturating_sub(rss0) as f64 / PODS as f64;
+    #[expect(clippy::cast_precision_loss, reason = "a report")]
+    let fds_per_pod = (fds1 - fds0) as f64 / PODS as f64;
+    eprintln!(
+        "{PODS} pods: enroll p50 {p50:?} p99 {p99:?}; agent RSS {rss0} -> {rss1} KiB ({per_pod_kib:.0} KiB per pod); \
+         descriptors {fds0} -> {fds1} ({fds_per_pod:.1} per pod); worst loopback packets per round trip {worst:.2}"
+    );
+    if short_circuit {
+        assert!(
+            worst < 0.1,
+            "a pod was not short-circuited: {worst:.2} loopback packets per round trip"
+        );
+    }
+    assert!(p99 < Duration::from_millis(50), "enroll p99 {p99:?}");
+    assert!(per_pod_kib < 1024.0, "{per_pod_kib:.0} KiB per pod");
+}
+
+/// 200 pod create/delete cycles, addresses reused: a connection always
+/// reaches the destination it asked for (the original destination is never
+/// a stale one), and the maps are back to where they started.
+#[rstest]
+fn pod_churn_never_returns_a_stale_destination_and_leaves_the_maps_as_they_were() {
+    const CYCLES: usize = 200;
+    require_root!();
+    let farm = Farm::new();
+    // A second server on the bridge, on another port: half the cycles go there.
+    let other = Server::start(
+        &farm.srv,
+        FARM_SRV,
+        9001,
+        Behaviour::Echo { write_size: 64 },
+    );
+    let node = Node::start();
+    let maps = || {
+        let mut usage: Vec<(&str, usize)> = agent::ebpf::DatapathMaps::from_pins(&node_pins())
+            .unwrap()
+            .usage()
+            .unwrap()
+            .into_iter()
+            .map(|u| (u.name, u.entries))
+            .collect();
+        usage.sort_unstable();
+        usage
+    };
+    let before = maps();
+    for i in 0..CYCLES {
+        // The same address every cycle (pod 0 of the bridge).
+        let ns = farm.pod(0);
+        node.ask(
+            "enroll",
+            &["--netns", ns.path_str(), "--pod", "default/churn"],
+        );
+        let dst = if i % 2 == 0 {
+            farm.echo.addr
+        } else {
+            other.addr
+        };
+        echo_in(&ns, farm.cgroup.path(), dst, 1);
+        node.ask("unenroll", &["--netns", ns.path_str()]);
+        drop(ns);
+    }
+    assert_eq!(
+        farm.echo.peers().len(),
+        CYCLES / 2,
+        "every connection reached the server it asked for"
+    );
+    assert_eq!(other.peers().len(), CYCLES / 2);
+    assert!(node.connections().is_empty());
+    // Connections close asynchronously: give the maps a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while maps() != before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(maps(), before, "the maps are back to baseline");
+}
+
+/// The node datapath's pin directory.
+fn node_pins() -> PathBuf {
+    agent::pins::all_instances(Path::new("/sys/fs/bpf"))
+        .into_iter()
+        .find(|d| agent::pins::is_node_instance(d))
+        .expect("a node datapath is pinned")
 }

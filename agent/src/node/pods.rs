@@ -16,7 +16,6 @@ use tracing::{info, warn};
 use super::api::{Enrollment, PodInfo, PodRef};
 use crate::{
     capture::{ProxyIdentity, Settings, ebpf::EbpfCapture},
-    iptables::istio::pod,
     netns::Netns,
     proxy::{Direction, Listeners, ProxyConfig, ProxyHandle},
     rules::CaptureRules,
@@ -30,8 +29,6 @@ pub enum PodError {
         path: PathBuf,
         source: crate::netns::NetnsError,
     },
-    #[error("netns {path}: telling whether it has IPv6: {reason}")]
-    Ipv6 { path: PathBuf, reason: String },
     #[error("rules: {0}")]
     Rules(#[from] crate::rules::RuleError),
     #[error("netns {path}: the proxy's listeners: {source}")]
@@ -105,11 +102,7 @@ impl Pods {
             return Ok(current(p));
         }
         let rules = e.rules.apply_to(&CaptureRules::default())?;
-        let ipv6 =
-            pod::has_global_ipv6(&|p: &str| netns.command(p)).map_err(|err| PodError::Ipv6 {
-                path: e.netns.clone(),
-                reason: err.to_string(),
-            })?;
+        let ipv6 = netns.has_global_ipv6().map_err(netns_err)?;
         let proxy_err = |source| PodError::Proxy {
             path: e.netns.clone(),
             source,
