@@ -141,6 +141,7 @@ pub fn run(args: &NodeArgs) -> Result<()> {
         "mesh-redirect ready"
     );
     let mut garbage = tokio::time::interval(GARBAGE_EVERY);
+    let (requests_tx, mut requests) = tokio::sync::mpsc::channel::<Pending>(64);
     let signal = rt.block_on(async {
         loop {
             tokio::select! {
@@ -151,13 +152,18 @@ pub fn run(args: &NodeArgs) -> Result<()> {
                     enroll_pending(&args.pending_dir, &mut pods, &mut capture, &defaults);
                     state.save(&pods);
                 }
+                // Each caller is read on a task of its own (a slow one
+                // stalls nobody); its request is carried out here, in turn.
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        serve(stream, &mut pods, &mut capture, &defaults).await;
-                        state.save(&pods);
+                        tokio::spawn(serve(stream, requests_tx.clone()));
                     }
                     Err(e) => warn!(error = %e, "node socket: accept failed"),
                 },
+                Some((line, reply)) = requests.recv() => {
+                    let _ = reply.send(answer(&line, &mut pods, &mut capture, &defaults));
+                    state.save(&pods);
+                }
             }
         }
     });
@@ -277,13 +283,12 @@ fn bind(path: &std::path::Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// Answers one caller: root only, one request line, one answer line.
-async fn serve(
-    stream: UnixStream,
-    pods: &mut Pods,
-    capture: &mut EbpfCapture,
-    defaults: &PodDefaults,
-) {
+/// A request line read, and where its answer goes.
+type Pending = (String, tokio::sync::oneshot::Sender<Result<Answer, String>>);
+
+/// Answers one caller: root only, one request line (handed to the agent's
+/// loop through `requests`), one answer line.
+async fn serve(stream: UnixStream, requests: tokio::sync::mpsc::Sender<Pending>) {
     let cred = stream.peer_cred().ok();
     let (uid, pid) = (cred.map(|c| c.uid()), cred.and_then(|c| c.pid()));
     let span = info_span!("request", uid = ?uid, pid = ?pid);
@@ -293,7 +298,15 @@ async fn serve(
             let mut line = String::new();
             let mut reader = BufReader::new(read.take(MAX_REQUEST));
             match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
-                Ok(Ok(_)) => answer(&line, pods, capture, defaults),
+                Ok(Ok(_)) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    match requests.send((line, tx)).await {
+                        Ok(()) => rx
+                            .await
+                            .unwrap_or_else(|_| Err("the node agent is stopping".to_owned())),
+                        Err(_) => Err("the node agent is stopping".to_owned()),
+                    }
+                }
                 Ok(Err(e)) => Err(format!("reading the request: {e}")),
                 Err(_) => Err(format!(
                     "no request line within {} s",

@@ -751,3 +751,17 @@ fn node_pins() -> PathBuf {
         .find(|d| agent::pins::is_node_instance(d))
         .expect("a node datapath is pinned")
 }
+
+#[rstest]
+fn a_caller_that_sends_nothing_stalls_nobody() {
+    require_root!();
+    let node = Node::start();
+    let _silent = std::os::unix::net::UnixStream::connect(&node.socket).unwrap();
+    let t0 = std::time::Instant::now();
+    assert!(node.ask("pods", &[])["pods"].as_array().unwrap().is_empty());
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "answered only after {:?}",
+        t0.elapsed()
+    );
+}
