@@ -107,6 +107,10 @@ pub fn run(
             continue;
         }
         pins::remove_instance(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        if pins::is_node_instance(&dir) {
+            // The pods it served are served by nobody now.
+            let _ = std::fs::remove_file(control_dir.join(crate::node::api::STATE_NAME));
+        }
         report.removed.push(dir);
     }
     let own = [PathBuf::from("/proc/thread-self/ns/net")];

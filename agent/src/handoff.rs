@@ -293,12 +293,14 @@ impl ControlServer {
         &self.listener
     }
 
-    /// Answers a pending request, if any: a takeover with `listeners`, the
+    /// Answers a pending request, if any: a takeover with `listeners`
+    /// (refused while `busy`: another successor is getting ready), the
     /// others through `agent`.
     pub fn serve_one(
         &self,
         listeners: Option<&Listeners>,
         agent: &mut dyn Requests,
+        busy: bool,
     ) -> Result<Served, HandoffError> {
         let io_err = |source| HandoffError::Io {
             path: self.path.clone(),
@@ -306,7 +308,7 @@ impl ControlServer {
         };
         let (mut stream, _) = match self.listener.accept() {
             Ok(s) => s,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Served::Answered),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Served::Idle),
             Err(e) => return Err(io_err(e)),
         };
         stream.set_nonblocking(false).map_err(io_err)?;
@@ -344,6 +346,10 @@ impl ControlServer {
         }
         if !req.starts_with(REQUEST) {
             let _ = stream.write_all(b"ERR unknown request\n");
+            return Ok(Served::Answered);
+        }
+        if busy {
+            let _ = stream.write_all(b"ERR busy: a handover to another agent is under way\n");
             return Ok(Served::Answered);
         }
         let (asked, confirm) = match req.trim().strip_suffix(CONFIRM) {
@@ -410,7 +416,9 @@ fn listen(path: &Path) -> Result<std::os::unix::net::UnixListener, HandoffError>
 /// What [`ControlServer::serve_one`] did.
 #[derive(Debug)]
 pub enum Served {
-    /// Nothing pending, or a request answered.
+    /// Nothing was waiting.
+    Idle,
+    /// A request answered (more may be waiting).
     Answered,
     /// An agent of before the confirmation took the listeners: stop
     /// accepting, drain and exit without tearing down.
@@ -584,8 +592,11 @@ mod tests {
     fn serve_until_takeover(server: &ControlServer, listeners: &Listeners) -> Option<Successor> {
         let mut agent = Fake("{\"pid\":1}", CaptureRules::default());
         loop {
-            match server.serve_one(Some(listeners), &mut agent).unwrap() {
-                Served::Answered => std::thread::sleep(Duration::from_millis(5)),
+            match server
+                .serve_one(Some(listeners), &mut agent, false)
+                .unwrap()
+            {
+                Served::Idle | Served::Answered => std::thread::sleep(Duration::from_millis(5)),
                 Served::HandedOver => return None,
                 Served::Pending(mut p) => loop {
                     match p.poll() {
@@ -685,7 +696,9 @@ mod tests {
             let handle = s.spawn(|| {
                 let mut agent = Fake("{\"pid\":2}", CaptureRules::default());
                 for _ in 0..400 {
-                    server.serve_one(Some(&listeners), &mut agent).unwrap();
+                    server
+                        .serve_one(Some(&listeners), &mut agent, false)
+                        .unwrap();
                     std::thread::sleep(Duration::from_millis(5));
                 }
             });
@@ -714,6 +727,29 @@ mod tests {
     }
 
     #[test]
+    fn a_second_takeover_while_one_is_pending_is_refused() {
+        let dir = std::env::temp_dir().join(format!("mr-handoff-busy-{}", std::process::id()));
+        let path = control_path(&dir, 11);
+        let server = ControlServer::bind(&path).unwrap();
+        let (listeners, port) = one_listener();
+        std::thread::scope(|s| {
+            let handle = s.spawn(|| {
+                let mut agent = Fake("", CaptureRules::default());
+                for _ in 0..400 {
+                    server
+                        .serve_one(Some(&listeners), &mut agent, true)
+                        .unwrap();
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+            let err = take_over(&path, Some(port), None).unwrap_err();
+            assert!(err.to_string().contains("busy"), "{err}");
+            handle.join().unwrap();
+        });
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_port_mismatch_is_refused() {
         let dir = std::env::temp_dir().join(format!("mr-handoff-mm-{}", std::process::id()));
         let path = control_path(&dir, 8);
@@ -728,8 +764,10 @@ mod tests {
                 for _ in 0..400 {
                     assert!(
                         matches!(
-                            server.serve_one(Some(&listeners), &mut agent).unwrap(),
-                            Served::Answered
+                            server
+                                .serve_one(Some(&listeners), &mut agent, false)
+                                .unwrap(),
+                            Served::Idle | Served::Answered
                         ),
                         "handed over on a mismatch"
                     );

@@ -17,8 +17,9 @@
 //! while the agent is down its hooks stay attached, so a pod's connects are
 //! still captured and, with its proxy gone, refused (nothing escapes the
 //! mesh); a restarted agent adopts the pins (links updated in place, none
-//! added) and enrolls every pod again. SIGTERM unenrolls every pod, then
-//! detaches and unpins everything.
+//! added) and enrolls every pod again. SIGTERM (a `DaemonSet` rollout) is the
+//! same, after a drain: the pods stay enrolled for the next node agent.
+//! `mesh-redirect cleanup` removes a node datapath whose agent is gone.
 //!
 //! Not yet: inbound capture and DNS capture in node mode.
 
@@ -91,8 +92,8 @@ const GARBAGE_EVERY: Duration = Duration::from_secs(2);
 /// How long a caller may take to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Runs the node agent until SIGTERM or SIGINT, then unenrolls every pod
-/// and detaches.
+/// Runs the node agent until SIGTERM or SIGINT, then drains and stops,
+/// leaving the pods enrolled for the next one.
 pub fn run(args: &NodeArgs) -> Result<()> {
     let cgroup = match &args.cgroup {
         Some(p) => cgroup::validate(p).context("--cgroup")?,
@@ -123,15 +124,19 @@ pub fn run(args: &NodeArgs) -> Result<()> {
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let listener = bind(&args.socket)?;
     let state = State::next_to(&args.socket);
-    let pins = node_pin_dir(&args.bpffs).context("--bpffs")?;
+    let (pins, older) = node_pin_dir(&args.bpffs).context("--bpffs")?;
     let mut capture =
         EbpfCapture::load_with(defaults.sockmap, defaults.sockmap_queue_limit, Some(pins))?;
     // The agent's own proxies may live outside the pods' cgroup: their
     // sockets need sockops and getsockopt too.
     capture.attach(&cgroup, &cgroup::covering_set(&cgroup, &own), false)?;
     let mut pods = Pods::default();
-    if capture.adopted() {
-        readopt(&state, &mut pods, &mut capture, &defaults)?;
+    readopt(&state, &mut pods, &mut capture, &defaults)?;
+    // An upgrade to a new map layout: the old datapath goes only once the
+    // pods are captured by the new one.
+    for dir in older {
+        warn!(pins = %dir.display(), "removing the node datapath of an older map layout");
+        crate::pins::remove_instance(&dir)?;
     }
     info!(
         role = "node",
@@ -167,12 +172,25 @@ pub fn run(args: &NodeArgs) -> Result<()> {
             }
         }
     });
-    info!(signal, "stopping: unenrolling every pod");
-    pods.clear(&mut capture, &defaults);
-    state.remove();
+    // Pods stay enrolled (pins and the list of pods stay): their connects
+    // are refused, not let around the mesh, until the next node agent
+    // re-adopts them. `mesh-redirect cleanup` removes everything.
+    info!(
+        signal,
+        pods = pods.list().len(),
+        "stopping: the pods stay enrolled for the next node agent; their open connections get --drain-timeout-secs"
+    );
+    drop(listener);
     let _ = std::fs::remove_file(&args.socket);
-    capture.remove();
-    info!("detached and stopped");
+    let left = pods.stop_serving(std::time::Instant::now() + defaults.drain);
+    if left > 0 {
+        warn!(
+            connections = left,
+            "drain deadline passed: closing the connections still open"
+        );
+    }
+    drop(capture);
+    info!("stopped; the datapath stays pinned");
     Ok(())
 }
 
@@ -201,10 +219,6 @@ impl State {
             }),
             Err(_) => Vec::new(),
         }
-    }
-
-    fn remove(&self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }
 

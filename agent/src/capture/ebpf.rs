@@ -79,18 +79,18 @@ pub fn pin_dir(bpffs: &Path, netns_cookie: u64) -> Result<PathBuf, EbpfError> {
 }
 
 /// Where the node agent's datapath is pinned under `bpffs` (mounted there
-/// if nothing is): its pins of older map layouts are removed first.
-pub fn node_pin_dir(bpffs: &Path) -> Result<PathBuf, EbpfError> {
+/// if nothing is), and the node datapaths of older map layouts, to remove
+/// once the new one is in place.
+pub fn node_pin_dir(bpffs: &Path) -> Result<(PathBuf, Vec<PathBuf>), EbpfError> {
     if OBJECT.is_empty() {
         return Err(EbpfError::NoObject);
     }
     pins::ensure_bpffs(bpffs)?;
     let fingerprint = pins::layout_fingerprint(OBJECT)?;
-    for stale in pins::stale_node_instances(bpffs, &fingerprint) {
-        warn!(pins = %stale.display(), "removing pins of an older datapath layout");
-        pins::remove_instance(&stale)?;
-    }
-    Ok(pins::node_dir(bpffs, &fingerprint))
+    Ok((
+        pins::node_dir(bpffs, &fingerprint),
+        pins::stale_node_instances(bpffs, &fingerprint),
+    ))
 }
 
 /// A loaded datapath for one namespace.
@@ -306,13 +306,6 @@ impl EbpfCapture {
     #[must_use]
     pub fn adopted(&self) -> bool {
         self.datapath.adopted()
-    }
-
-    /// Detaches and unpins everything, whatever namespaces the maps hold.
-    pub fn remove(self) {
-        if let Err(e) = self.datapath.teardown() {
-            warn!(error = %e, "removing the pinned datapath");
-        }
     }
 
     pub fn teardown(mut self, netns_cookie: u64) {

@@ -51,6 +51,8 @@ mod code {
     pub const INVALID_CONFIG: u32 = 7;
     pub const TRY_AGAIN: u32 = 11;
     pub const NOT_AVAILABLE: u32 = 50;
+    /// Ours (100 and up are the plugin's): the node agent refused the pod.
+    pub const REFUSED: u32 = 100;
 }
 
 /// A CNI error result.
@@ -124,7 +126,12 @@ fn run(env: &Env, stdin: &mut dyn std::io::Read) -> Result<String, CniError> {
     let mut input = String::new();
     if env.command == "VERSION" {
         let _ = stdin.read_to_string(&mut input);
-        return Ok(version());
+        let asked = serde_json::from_str::<Value>(&input)
+            .ok()
+            .and_then(|v| v["cniVersion"].as_str().map(str::to_owned))
+            .filter(|v| SUPPORTED.contains(&v.as_str()))
+            .unwrap_or_else(|| "1.1.0".to_owned());
+        return Ok(version(&asked));
     }
     stdin
         .read_to_string(&mut input)
@@ -154,59 +161,27 @@ fn run(env: &Env, stdin: &mut dyn std::io::Read) -> Result<String, CniError> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
     let timeout = Duration::from_secs(config.timeout_seconds.unwrap_or(5));
+    let newer = |min: &str| {
+        error(
+            &v,
+            code::INCOMPATIBLE_VERSION,
+            &format!("{} needs cniVersion {min} or newer, not {v}", env.command),
+            &"",
+        )
+    };
     match env.command.as_str() {
         "ADD" => add(env, &config, &socket, timeout),
-        "DEL" => {
-            require(&v, "CNI_CONTAINERID", &env.container_id)?;
-            let r = PodRef {
-                netns: None,
-                container_id: Some(env.container_id.clone()),
-            };
-            // The spec: DEL of what is not there succeeds; with the agent
-            // down there is nothing of the pod in it to remove, only a
-            // queued enrollment.
-            remove_pending(&config, &env.container_id);
-            match ask_within(&socket, &Request::Unenroll(r), timeout) {
-                Ok(_) | Err(ApiError::Io { .. }) => Ok(String::new()),
-                Err(e) => Err(error(&v, code::IO, "unenrolling the pod", &e)),
-            }
-        }
-        "CHECK" => {
-            require(&v, "CNI_CONTAINERID", &env.container_id)?;
-            if parse_args(&env.args)
-                .get("MESH_REDIRECT")
-                .map(String::as_str)
-                == Some("off")
-            {
-                return Ok(String::new());
-            }
-            match ask_within(&socket, &Request::Pods, timeout) {
-                Ok(Answer::Pods(pods))
-                    if pods
-                        .iter()
-                        .any(|p| p.container_id.as_deref() == Some(env.container_id.as_str())) =>
-                {
-                    Ok(String::new())
-                }
-                Ok(_) => Err(error(
-                    &v,
-                    code::UNKNOWN_CONTAINER,
-                    &format!(
-                        "container {} is not enrolled with the node agent",
-                        env.container_id
-                    ),
-                    &"",
-                )),
-                Err(e) => Err(error(
-                    &v,
-                    code::TRY_AGAIN,
-                    "the node agent does not answer",
-                    &e,
-                )),
-            }
-        }
+        "DEL" => del(env, &config, &socket, timeout),
+        "CHECK" if !at_least(&v, "0.4.0") => Err(newer("0.4.0")),
+        "STATUS" | "GC" if !at_least(&v, "1.1.0") => Err(newer("1.1.0")),
+        "CHECK" => check(env, &v, &socket, timeout),
+        // Nothing of ours outlives a pod's DEL but its enrollment, and the
+        // node agent collects those of namespaces that are gone.
+        "GC" => Ok(String::new()),
         "STATUS" => match ask_within(&socket, &Request::Pods, timeout) {
             Ok(_) => Ok(String::new()),
+            // Failing open, pods may start while the agent is down.
+            Err(_) if config.fail_policy == FailPolicy::Open => Ok(String::new()),
             Err(e) => Err(error(
                 &v,
                 code::NOT_AVAILABLE,
@@ -217,8 +192,60 @@ fn run(env: &Env, stdin: &mut dyn std::io::Read) -> Result<String, CniError> {
         other => Err(error(
             &v,
             code::INVALID_ENV,
-            &format!("CNI_COMMAND {other:?} is not ADD, DEL, CHECK, STATUS or VERSION"),
+            &format!("CNI_COMMAND {other:?} is not ADD, DEL, CHECK, STATUS, GC or VERSION"),
             &"",
+        )),
+    }
+}
+
+/// `DEL`: what is not there succeeds (the spec); with the agent down there
+/// is nothing of the pod in it to remove, only a queued enrollment.
+fn del(env: &Env, config: &Config, socket: &Path, timeout: Duration) -> Result<String, CniError> {
+    let v = &config.cni_version;
+    require(v, "CNI_CONTAINERID", &env.container_id)?;
+    remove_pending(config, &env.container_id);
+    let r = PodRef {
+        netns: None,
+        container_id: Some(env.container_id.clone()),
+    };
+    match ask_within(socket, &Request::Unenroll(r), timeout) {
+        Ok(_) | Err(ApiError::Io { .. }) => Ok(String::new()),
+        Err(e) => Err(error(v, code::IO, "unenrolling the pod", &e)),
+    }
+}
+
+/// `CHECK`: the pod must still be enrolled (unless it opted out).
+fn check(env: &Env, v: &str, socket: &Path, timeout: Duration) -> Result<String, CniError> {
+    require(v, "CNI_CONTAINERID", &env.container_id)?;
+    if parse_args(&env.args)
+        .get("MESH_REDIRECT")
+        .map(String::as_str)
+        == Some("off")
+    {
+        return Ok(String::new());
+    }
+    match ask_within(socket, &Request::Pods, timeout) {
+        Ok(Answer::Pods(pods))
+            if pods
+                .iter()
+                .any(|p| p.container_id.as_deref() == Some(env.container_id.as_str())) =>
+        {
+            Ok(String::new())
+        }
+        Ok(_) => Err(error(
+            v,
+            code::UNKNOWN_CONTAINER,
+            &format!(
+                "container {} is not enrolled with the node agent",
+                env.container_id
+            ),
+            &"",
+        )),
+        Err(e) => Err(error(
+            v,
+            code::TRY_AGAIN,
+            "the node agent does not answer",
+            &e,
         )),
     }
 }
@@ -257,7 +284,7 @@ fn add(env: &Env, config: &Config, socket: &Path, timeout: Duration) -> Result<S
         )),
         Err(e) => Err(error(
             v,
-            code::INVALID_CONFIG,
+            code::REFUSED,
             "the node agent refused the pod",
             &e,
         )),
@@ -280,8 +307,14 @@ fn pass_through(config: &Config) -> String {
     serde_json::to_string(&result).expect("results serialize")
 }
 
-fn version() -> String {
-    json!({"cniVersion": "1.1.0", "supportedVersions": SUPPORTED}).to_string()
+fn version(cni_version: &str) -> String {
+    json!({"cniVersion": cni_version, "supportedVersions": SUPPORTED}).to_string()
+}
+
+/// Whether spec version `v` (one of [`SUPPORTED`]) is at least `min`.
+fn at_least(v: &str, min: &str) -> bool {
+    let parse = |s: &str| -> Vec<u32> { s.split('.').filter_map(|p| p.parse().ok()).collect() };
+    parse(v) >= parse(min)
 }
 
 /// `KEY=VALUE;KEY=VALUE`.
@@ -378,9 +411,20 @@ fn remove_pending(config: &Config, container_id: &str) {
 }
 
 /// The enrollments queued in `dir` while the node agent was down, with
-/// their files.
-#[must_use]
+/// their files. Only root's: the directory must be root's and writable by
+/// no one else, each file a regular file of root's (not a link), or it is
+/// ignored (enrolling is what the node socket allows root only).
 pub fn pending(dir: &Path) -> Vec<(PathBuf, Enrollment)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let trusted = |m: &std::fs::Metadata| m.uid() == 0 && m.mode() & 0o022 == 0;
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() && trusted(&m) => {}
+        Ok(_) => {
+            tracing::warn!(dir = %dir.display(), "ignoring queued enrollments: the directory is not root's alone");
+            return Vec::new();
+        }
+        Err(_) => return Vec::new(),
+    }
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -388,6 +432,7 @@ pub fn pending(dir: &Path) -> Vec<(PathBuf, Enrollment)> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file() && trusted(&m)))
         .filter_map(|p| {
             let e = serde_json::from_slice(&std::fs::read(&p).ok()?).ok()?;
             Some((p, e))
@@ -415,8 +460,9 @@ mod tests {
 
     #[test]
     fn version_lists_the_spec_versions() {
-        let (v, failed) = run_str(&env("VERSION"), "");
+        let (v, failed) = run_str(&env("VERSION"), r#"{"cniVersion":"0.4.0"}"#);
         assert!(!failed);
+        assert_eq!(v["cniVersion"], "0.4.0", "the caller's version, echoed");
         assert_eq!(
             v["supportedVersions"].as_array().unwrap().len(),
             SUPPORTED.len()
@@ -452,6 +498,25 @@ mod tests {
         let (v, failed) = run_str(&no_netns, r#"{"cniVersion":"1.0.0","name":"n","type":"t"}"#);
         assert!(failed);
         assert!(v["msg"].as_str().unwrap().contains("CNI_NETNS"));
+    }
+
+    #[test]
+    fn commands_newer_than_the_configured_version_are_refused_and_gc_succeeds() {
+        let old = r#"{"cniVersion":"0.3.1","name":"n","type":"t","socket":"/nonexistent"}"#;
+        for command in ["CHECK", "STATUS", "GC"] {
+            let (v, failed) = run_str(&env(command), old);
+            assert!(failed, "{command}");
+            assert_eq!(v["code"], code::INCOMPATIBLE_VERSION, "{command}");
+        }
+        let new = r#"{"cniVersion":"1.1.0","name":"n","type":"t","socket":"/nonexistent"}"#;
+        let (_, failed) = run_str(&env("GC"), new);
+        assert!(!failed);
+        let (v, failed) = run_str(&env("STATUS"), new);
+        assert!(failed, "fail closed: the network is not ready");
+        assert_eq!(v["code"], code::NOT_AVAILABLE);
+        let open = r#"{"cniVersion":"1.1.0","name":"n","type":"t","socket":"/nonexistent","failPolicy":"open"}"#;
+        let (_, failed) = run_str(&env("STATUS"), open);
+        assert!(!failed, "fail open: pods may start");
     }
 
     #[test]

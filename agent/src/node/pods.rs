@@ -209,19 +209,21 @@ impl Pods {
         self.by_cookie.values().map(current).collect()
     }
 
-    /// Unenrolls every pod (the node agent stops).
-    pub fn clear(&mut self, capture: &mut EbpfCapture, defaults: &PodDefaults) {
-        let refs: Vec<PodRef> = self
-            .by_cookie
-            .values()
-            .map(|p| PodRef {
-                netns: Some(p.info.netns.clone()),
-                container_id: None,
-            })
-            .collect();
-        for r in &refs {
-            let _ = self.unenroll(capture, defaults, r);
+    /// The node agent stops: every proxy stops accepting and its open
+    /// connections get until `deadline`; the pods stay enrolled in the maps
+    /// (their connects are refused until a node agent serves them again).
+    /// How many connections were still open at the deadline.
+    pub fn stop_serving(&mut self, deadline: Instant) -> u64 {
+        let pods = std::mem::take(&mut self.by_cookie);
+        for p in pods.values() {
+            p.proxy.stop_accepting();
         }
+        let mut left = 0;
+        for (_, p) in pods {
+            left += p.proxy.drain(deadline);
+            p.proxy.stop();
+        }
+        left
     }
 
     /// Pods whose namespace is gone from where it was enrolled (its bind

@@ -80,18 +80,24 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // attached) before the proxy starts: a kernel that refuses it stops us
     // before anything listens.
     let mut capture = Capture::prepare(mode, settings, pins.clone())?;
-    let proxy = match (plan.proxy.clone(), listeners) {
-        (Some(config), Some(listeners)) => {
-            Some(ProxyHandle::start(&settings.netns, config, listeners)?)
-        }
-        _ => None,
+    // Taking over, the old agent accepts until we confirm: our proxy starts
+    // once capture is in place, so a step that fails before that loses no
+    // connection we accepted.
+    let mut listeners = listeners;
+    let mut proxy = if took_over {
+        None
+    } else {
+        start_proxy(&plan, listeners.take())?
     };
-    ready.set_listeners();
     let proxy_listeners: Vec<&std::net::TcpListener> = kept
         .iter()
         .flat_map(|l| l.outbound.iter().chain(&l.inbound))
         .collect();
     capture.install(settings, &proxy_listeners)?;
+    if took_over {
+        proxy = start_proxy(&plan, listeners.take())?;
+    }
+    ready.set_listeners();
     ready.set_capture();
     let state = Arc::new(AdminState::new(
         mode,
@@ -107,10 +113,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .map(|l| AdminHandle::start(l, Arc::clone(&state)))
         .transpose()?;
     let mut control = ControlServer::bind(&control_path)?;
-    if let Some(t) = taken
-        && let Err(e) = t.confirm()
-    {
-        warn!(error = %e, "telling the agent we replace that we serve now");
+    if let Some(t) = taken {
+        confirm(t);
     }
     info!(
         mode = mode.name(),
@@ -142,6 +146,22 @@ pub fn run(args: &RunArgs) -> Result<()> {
     ));
     ready.set_draining();
     shut_down(args, &plan, stop, capture, proxy, kept)
+}
+
+/// The built-in proxy on `listeners`, if there is one.
+fn start_proxy(plan: &Plan, listeners: Option<Listeners>) -> Result<Option<ProxyHandle>> {
+    Ok(match (plan.proxy.clone(), listeners) {
+        (Some(config), Some(l)) => Some(ProxyHandle::start(&plan.capture.netns, config, l)?),
+        _ => None,
+    })
+}
+
+/// Tells the agent we replace that we serve now (it stops accepting and
+/// exits); if it is gone already, we serve alone anyway.
+fn confirm(taken: handoff::Takeover) {
+    if let Err(e) = taken.confirm() {
+        warn!(error = %e, "telling the agent we replace that we serve now");
+    }
 }
 
 /// The proxy's listeners: those taken over (an older agent may have had
@@ -272,33 +292,54 @@ async fn wait(
     let mut control_fd = watch_control(control)?;
     // A successor that has our listeners and is getting ready.
     let mut pending: Option<(PendingHandover, AsyncFd<std::os::unix::net::UnixStream>)> = None;
+    // A signal that came while a successor was getting ready: it gets this
+    // long to say whether it serves.
+    let mut stopping: Option<(&'static str, tokio::time::Instant)> = None;
     let stop = loop {
-        let signal = tokio::select! {
-            _ = term.recv() => Some("SIGTERM"),
-            _ = int.recv() => Some("SIGINT"),
+        tokio::select! {
+            _ = term.recv() => if let Some(s) = signalled("SIGTERM", pending.is_some(), &mut stopping) { break s },
+            _ = int.recv() => if let Some(s) = signalled("SIGINT", pending.is_some(), &mut stopping) { break s },
+            () = tokio::time::sleep_until(stopping.map_or_else(tokio::time::Instant::now, |(_, at)| at)), if stopping.is_some() => {
+                warn!("the new agent did not say it was ready in time: leaving everything to it");
+                control.handed_over();
+                break Stop::HandedOver;
+            }
             guard = control_fd.readable() => {
                 guard?.clear_ready();
                 // With an external proxy there are no sockets to hand over,
-                // but a successor still takes the pins over.
-                match control.serve_one(listeners, agent) {
-                    Ok(Served::HandedOver) => break Stop::HandedOver,
-                    Ok(Served::Pending(p)) => {
-                        info!("a new agent has the listeners and is getting ready: serving on until it is");
-                        // SAFETY: an owned clone of the connection, open and
-                        // unchanged for as long as the AsyncFd owns it.
-                        let fd = unsafe {
-                            AsyncFd::register_with_interest(
-                                p.stream().try_clone()?,
-                                tokio::io::Interest::READABLE,
-                            )
+                // but a successor still takes the pins over. Every
+                // connection waiting is answered.
+                let mut handed_over = false;
+                loop {
+                    match control.serve_one(listeners, agent, pending.is_some()) {
+                        Ok(Served::Idle) => break,
+                        Ok(Served::Answered) => {}
+                        Ok(Served::HandedOver) => {
+                            handed_over = true;
+                            break;
                         }
-                        .map_err(|e| anyhow::anyhow!("watching the new agent: {e}"))?;
-                        pending = Some((p, fd));
+                        Ok(Served::Pending(p)) => {
+                            info!("a new agent has the listeners and is getting ready: serving on until it is");
+                            // SAFETY: an owned clone of the connection, open and
+                            // unchanged for as long as the AsyncFd owns it.
+                            let fd = unsafe {
+                                AsyncFd::register_with_interest(
+                                    p.stream().try_clone()?,
+                                    tokio::io::Interest::READABLE,
+                                )
+                            }
+                            .map_err(|e| anyhow::anyhow!("watching the new agent: {e}"))?;
+                            pending = Some((p, fd));
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "control request failed");
+                            break;
+                        }
                     }
-                    Ok(Served::Answered) => {}
-                    Err(e) => warn!(error = %e, "control request failed"),
                 }
-                None
+                if handed_over {
+                    break Stop::HandedOver;
+                }
             }
             guard = async { pending.as_ref().expect("guarded by the if").1.readable().await }, if pending.is_some() => {
                 guard?.clear_ready();
@@ -310,32 +351,24 @@ async fn wait(
                         break Stop::HandedOver;
                     }
                     Successor::GaveUp => {
-                        warn!("the new agent went away before it was ready: serving on");
                         pending = None;
-                        control.rebind()?;
-                        control_fd = watch_control(control)?;
+                        if let Some((name, _)) = stopping {
+                            warn!(signal = name, "the new agent went away before it was ready: stopping as the signal asked");
+                            break Stop::Signal(name);
+                        }
+                        warn!("the new agent went away before it was ready: serving on");
+                        match control.rebind() {
+                            Ok(()) => control_fd = watch_control(control)?,
+                            Err(e) => warn!(error = %e, "listening on the control socket again"),
+                        }
                     }
                 }
-                None
             }
             guard = async { logs.as_mut().expect("guarded by the if").readable_mut().await }, if logs.is_some() => {
                 let mut guard = guard?;
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
-                None
             }
-        };
-        if let Some(name) = signal {
-            if pending.is_some() {
-                // Tearing down now would pull the datapath from under it.
-                info!(
-                    signal = name,
-                    "a new agent is taking over: leaving everything to it"
-                );
-                control.handed_over();
-                break Stop::HandedOver;
-            }
-            break Stop::Signal(name);
         }
     };
     if let Some(l) = logs.as_mut() {
@@ -349,6 +382,31 @@ async fn wait(
         "shutting down"
     );
     Ok(stop)
+}
+
+/// How long a successor that is getting ready may take to say so once we
+/// are asked to stop.
+const SUCCESSOR_GRACE: Duration = Duration::from_secs(30);
+
+/// A signal: the stop it means now, or `None` while a successor gets ready
+/// (then `stopping` says since when; tearing down would pull the datapath
+/// from under it).
+fn signalled(
+    name: &'static str,
+    pending: bool,
+    stopping: &mut Option<(&'static str, tokio::time::Instant)>,
+) -> Option<Stop> {
+    if !pending {
+        return Some(Stop::Signal(name));
+    }
+    if stopping.is_none() {
+        info!(
+            signal = name,
+            "a new agent is taking over: waiting for it before stopping"
+        );
+        *stopping = Some((name, tokio::time::Instant::now() + SUCCESSOR_GRACE));
+    }
+    None
 }
 
 /// Readiness of the control socket (`serve_one` accepts on the original).
