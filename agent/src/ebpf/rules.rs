@@ -110,14 +110,21 @@ impl DatapathMaps {
     /// Takes namespace `netns` out of every map: its configuration first
     /// (new connects there go direct), then its rules, resolvers and
     /// listeners.
+    /// Every step is tried; the first error is returned. Without the
+    /// configuration nothing of the namespace is captured any more, so a
+    /// failed one stops the rest (its entries must stay consistent).
     pub fn forget_netns(&mut self, netns: u64) -> Result<(), EbpfError> {
         self.remove_netns_config(netns)?;
-        self.replace_ports(MapId::OutPorts, netns, &[])?;
-        self.replace_ports(MapId::InPorts, netns, &[])?;
-        self.replace_cidrs(MapId::OutCidrInclude, netns, &[])?;
-        self.replace_cidrs(MapId::OutCidrExclude, netns, &[])?;
-        self.set_dns_servers(netns, &[])?;
-        self.remove_listeners(netns)
+        [
+            self.replace_ports(MapId::OutPorts, netns, &[]),
+            self.replace_ports(MapId::InPorts, netns, &[]),
+            self.replace_cidrs(MapId::OutCidrInclude, netns, &[]),
+            self.replace_cidrs(MapId::OutCidrExclude, netns, &[]),
+            self.set_dns_servers(netns, &[]),
+            self.remove_listeners(netns),
+        ]
+        .into_iter()
+        .collect()
     }
 
     /// The rules of namespace `netns` (its configuration holds the `*`

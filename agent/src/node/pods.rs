@@ -175,13 +175,19 @@ impl Pods {
                 .or_else(|| Netns::open(path).and_then(|n| n.cookie()).ok()),
             (None, None) => return Err(PodError::NoPod),
         };
-        let Some(pod) = cookie.and_then(|c| self.by_cookie.remove(&c)) else {
+        let Some(cookie) = cookie.filter(|c| self.by_cookie.contains_key(c)) else {
             return Ok(None);
         };
-        let info = current(&pod);
-        if let Err(source) = capture.unenroll(info.netns_cookie) {
-            warn!(netns = %info.netns.display(), error = %source, "removing the pod's map entries");
+        // Out of the maps first; if that fails the pod stays served (its
+        // connects still reach its proxy) and the caller hears why.
+        if let Err(source) = capture.unenroll(cookie) {
+            return Err(PodError::Maps {
+                path: self.by_cookie[&cookie].info.netns.clone(),
+                source: Box::new(source),
+            });
         }
+        let pod = self.by_cookie.remove(&cookie).expect("checked above");
+        let info = current(&pod);
         retire(pod.proxy, defaults.drain);
         info!(
             pod = info.pod.as_deref().unwrap_or("-"),
