@@ -159,7 +159,12 @@ pub fn create_dir(dir: &Path) -> Result<(), PinError> {
 /// The namespace's directories under *other* layouts: stale, to remove.
 #[must_use]
 pub fn stale_instances(bpffs: &Path, fingerprint: &str, netns_cookie: u64) -> Vec<PathBuf> {
-    let want = format!("netns-{netns_cookie}");
+    stale(bpffs, fingerprint, &format!("netns-{netns_cookie}"))
+}
+
+/// Instance directories called `name` under layouts other than
+/// `fingerprint`'s.
+fn stale(bpffs: &Path, fingerprint: &str, name: &str) -> Vec<PathBuf> {
     let current = format!("layout-{fingerprint}");
     let Ok(layouts) = fs::read_dir(root(bpffs)) else {
         return Vec::new();
@@ -167,7 +172,7 @@ pub fn stale_instances(bpffs: &Path, fingerprint: &str, netns_cookie: u64) -> Ve
     layouts
         .flatten()
         .filter(|l| l.file_name() != current.as_str())
-        .map(|l| l.path().join(&want))
+        .map(|l| l.path().join(name))
         .filter(|p| p.is_dir())
         .collect()
 }
@@ -233,16 +238,7 @@ pub fn is_node_instance(dir: &Path) -> bool {
 /// The node agent's directories under *other* layouts: stale, to remove.
 #[must_use]
 pub fn stale_node_instances(bpffs: &Path, fingerprint: &str) -> Vec<PathBuf> {
-    let current = format!("layout-{fingerprint}");
-    let Ok(layouts) = fs::read_dir(root(bpffs)) else {
-        return Vec::new();
-    };
-    layouts
-        .flatten()
-        .filter(|l| l.file_name() != current.as_str())
-        .map(|l| l.path().join(NODE_INSTANCE))
-        .filter(|p| p.is_dir())
-        .collect()
+    stale(bpffs, fingerprint, NODE_INSTANCE)
 }
 
 /// The netns cookie an instance directory is for.

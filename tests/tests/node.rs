@@ -657,21 +657,6 @@ impl Farm {
     }
 }
 
-/// Resident memory (KiB) and open descriptors of a process.
-fn rss_and_fds(pid: u32) -> (u64, usize) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count();
-    (rss, fds)
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     #[expect(
         clippy::cast_possible_truncation,
@@ -694,7 +679,7 @@ fn one_node_agent_serves_110_pods() {
     let farm = Farm::new();
     let node = Node::start();
     let pid = node.agent().pid();
-    let (rss0, fds0) = rss_and_fds(pid);
+    let (rss0, fds0) = tests::agent_footprint(pid);
     let mut pods = Vec::new();
     let mut took = Vec::new();
     for i in 0..PODS {
@@ -712,7 +697,7 @@ fn one_node_agent_serves_110_pods() {
         took.push(t0.elapsed());
         pods.push(ns);
     }
-    let (rss1, fds1) = rss_and_fds(pid);
+    let (rss1, fds1) = tests::agent_footprint(pid);
     let short_circuit = node.agent().short_circuits() != "none";
     let mut worst = 0f64;
     for ns in &pods {

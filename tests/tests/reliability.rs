@@ -1009,24 +1009,9 @@ fn heavy_five_thousand_slowloris_clients_do_not_starve_new_ones() {
     let took = start.elapsed();
     assert!(took < Duration::from_secs(1), "a new client took {took:?}");
     // Bounded: a buffer only while data flows, two fds per connection.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap();
-    // The proxy's workers each have a descriptor table of their own: count
-    // the main one and every worker's.
-    let count = |dir: String| std::fs::read_dir(dir).map_or(0, Iterator::count);
-    let workers: usize = std::fs::read_dir(format!("/proc/{}/task", agent.pid()))
-        .unwrap()
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("proxy-"))
-        })
-        .map(|t| count(t.path().join("fd").display().to_string()))
-        .sum();
-    let fds = count(format!("/proc/{}/fd", agent.pid())) + workers;
+    // The proxy's workers each have a descriptor table of their own: both
+    // are counted.
+    let (rss_kib, fds) = tests::agent_footprint(agent.pid());
     eprintln!(
         "agent with 5,000 slowloris clients: RSS {} MiB, {fds} fds",
         rss_kib / 1024
