@@ -116,9 +116,7 @@ pub fn run(args: &NodeArgs) -> Result<()> {
         cgroup: cgroup.clone(),
         drain: Duration::from_secs(args.drain_timeout_secs),
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = crate::proxy::worker::main_runtime()?;
     let _rt = rt.enter();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;

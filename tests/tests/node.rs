@@ -727,7 +727,14 @@ fn one_node_agent_serves_110_pods() {
             "a pod was not short-circuited: {worst:.2} loopback packets per round trip"
         );
     }
-    // Speed and memory are figures to report, not gates of a kernel test.
+    // Speed and memory are figures to report, not gates of a kernel test;
+    // descriptors are not a speed: a pod's cost must not grow with the
+    // number of pods (each proxy worker's table holds its own pod's
+    // listeners and runtime, nothing of the others).
+    assert!(
+        fds_per_pod < 24.0,
+        "descriptors {fds0} -> {fds1}: {fds_per_pod:.1} per pod"
+    );
 }
 
 /// 200 pod create/delete cycles, addresses reused: a connection always
@@ -758,6 +765,8 @@ fn pod_churn_never_returns_a_stale_destination_and_leaves_the_maps_as_they_were(
         usage
     };
     let before = maps();
+    let pid = node.agent().pid();
+    let (_, fds_before) = tests::agent_footprint(pid);
     for i in 0..CYCLES {
         // The same address every cycle (pod 0 of the bridge).
         let ns = farm.pod(0);
@@ -787,6 +796,16 @@ fn pod_churn_never_returns_a_stale_destination_and_leaves_the_maps_as_they_were(
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(maps(), before, "the maps are back to baseline");
+    // Nothing of a pod is left open in the agent once it is gone.
+    let fds = || tests::agent_footprint(pid).1;
+    while fds() != fds_before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        fds(),
+        fds_before,
+        "the agent's descriptors are back to baseline"
+    );
 }
 
 /// The node datapath's pin directory.

@@ -28,13 +28,15 @@ use crate::netns::Netns;
 /// dies on the worker that accepted it; every worker accepts on the same
 /// listening sockets.
 ///
-/// The rule that keeps this sound: a descriptor number means the same file
-/// in every table for everything that existed when the worker started (its
-/// table is a copy), and nothing made later crosses between threads. So a
-/// worker's runtime is built before it unshares (a waker from another
-/// thread writes its eventfd by number), a worker may wake only runtimes
-/// older than itself (tokio's signal broadcast wakes the main one), and
-/// the control from [`ProxyHandle`] is an atomic it polls.
+/// The rule that keeps this sound: a worker's table starts as a copy of the
+/// process's and keeps only the standard streams, the descriptors of the
+/// process's own runtime (see [`main_runtime`]) and its listeners; its
+/// runtime is built after, in its table alone. Nothing else crosses between
+/// threads by descriptor number: the control from [`ProxyHandle`] is an
+/// atomic the worker polls, and no other thread wakes a worker's runtime.
+/// So a worker holds nothing of other pods or other workers (a node agent's
+/// tables stay the same size per pod however many pods it serves), and
+/// nothing of a worker is left in the process's table when it ends.
 pub(super) struct Worker {
     netns: Netns,
     listeners: Listeners,
@@ -47,8 +49,8 @@ pub(super) struct Worker {
 }
 
 /// Descriptors a worker keeps beside two per connection: its runtime's,
-/// the listeners, the copies of the table it started from, one accepted
-/// socket not yet counted.
+/// the process runtime's, the listeners, one accepted socket not yet
+/// counted.
 const WORKER_FD_MARGIN: u64 = 64;
 
 impl Worker {
@@ -68,32 +70,26 @@ impl Worker {
             phase,
             accepting,
         } = self;
-        // The runtime is built before the table is unshared (see
-        // `Worker`): its epoll, eventfd and signal-pipe descriptors stay
-        // open in the shared table too until the process exits, a few per
-        // worker. Copies of everything else the process had open stay in
-        // our table, but for other listening sockets: the agent's own
-        // handles on the listeners must close when it says so, not when
-        // this worker exits.
         let setup = (|| {
             netns.enter()?;
             drop(netns);
-            let inherited = open_fds().map_err(ProxyError::Runtime)?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(ProxyError::Runtime)?;
-            let now = open_fds().map_err(ProxyError::Runtime)?;
             isolate_thread().map_err(ProxyError::Runtime)?;
             let ours: Vec<RawFd> = listeners.raw_fds().collect();
-            for fd in now {
-                if inherited.contains(&fd) && !ours.contains(&fd) && is_listening(fd) {
+            let shared = SHARED_RUNTIME_FDS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            for fd in open_fds().map_err(ProxyError::Runtime)? {
+                if fd > libc::STDERR_FILENO && !ours.contains(&fd) && !shared.contains(&fd) {
                     // SAFETY: a copy in this thread's own table of a
-                    // listening socket this thread neither owns nor uses.
+                    // descriptor this thread neither owns nor uses.
                     unsafe { libc::close(fd) };
                 }
             }
-            Ok(rt)
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(ProxyError::Runtime)
         })();
         let rt = match setup {
             Ok(rt) => rt,
@@ -299,6 +295,32 @@ fn isolate_thread() -> io::Result<()> {
     Ok(())
 }
 
+/// Descriptors of the runtimes made on the process's own table, which
+/// every worker's table keeps: tokio reads the signal pipe on whichever
+/// runtime polls it first, a worker's included, and its broadcast then
+/// wakes the main runtime's tasks by descriptor number.
+static SHARED_RUNTIME_FDS: std::sync::Mutex<Vec<RawFd>> = std::sync::Mutex::new(Vec::new());
+
+/// The runtime of the process's main thread, for a process that starts
+/// proxies: made before any other thread, so the descriptors it (and
+/// tokio's signal pipe) opened are told apart exactly, and every worker's
+/// table keeps them (see [`Worker`]).
+///
+/// # Errors
+/// When the runtime cannot be built or `/proc/thread-self/fd` read.
+pub fn main_runtime() -> io::Result<tokio::runtime::Runtime> {
+    let before = open_fds()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let made = open_fds()?.into_iter().filter(|fd| !before.contains(fd));
+    SHARED_RUNTIME_FDS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .extend(made);
+    Ok(rt)
+}
+
 /// The descriptors open in this thread's table (not counting the one the
 /// listing itself uses).
 fn open_fds() -> io::Result<Vec<RawFd>> {
@@ -315,24 +337,6 @@ fn open_fds() -> io::Result<Vec<RawFd>> {
         fds.push(fd);
     }
     Ok(fds)
-}
-
-/// Whether `fd` is a listening socket.
-fn is_listening(fd: RawFd) -> bool {
-    let mut on: libc::c_int = 0;
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
-    // SAFETY: getsockopt into a c_int of the given length; a descriptor that
-    // is not a socket fails with ENOTSOCK.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&raw mut on).cast(),
-            &raw mut len,
-        )
-    };
-    rc == 0 && on != 0
 }
 
 /// How many connections (two descriptors each) this thread's descriptor

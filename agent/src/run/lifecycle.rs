@@ -35,9 +35,7 @@ enum Stop {
 pub fn run(args: &RunArgs) -> Result<()> {
     // Signals are caught from the very start: one that arrives while we set
     // up (or right after the ready line) still ends in a clean teardown.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = crate::proxy::worker::main_runtime()?;
     let signals = {
         let _rt = rt.enter();
         Signals::new()?
