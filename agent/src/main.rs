@@ -74,6 +74,18 @@ enum Command {
         container_id: Option<String>,
         #[command(flatten)]
         rules: agent::rules::RuleArgs,
+        /// The pod runs its own proxy on the outbound port: the agent opens
+        /// none there.
+        #[arg(long)]
+        external_proxy: bool,
+        /// The pod's own proxy runs as this uid (its connects are not
+        /// captured).
+        #[arg(long, value_name = "UID", requires = "external_proxy")]
+        proxy_uid: Option<u32>,
+        /// The pod's own proxy runs with this gid (its connects are not
+        /// captured).
+        #[arg(long, value_name = "GID", requires = "external_proxy")]
+        proxy_gid: Option<u32>,
         #[arg(long, value_name = "PATH", default_value = agent::node::api::DEFAULT_SOCKET)]
         socket: PathBuf,
         /// Print JSON instead of a line.
@@ -196,6 +208,9 @@ fn main() -> ExitCode {
             pod,
             container_id,
             rules,
+            external_proxy,
+            proxy_uid,
+            proxy_gid,
             socket,
             json,
         } => ask_node(
@@ -205,6 +220,10 @@ fn main() -> ExitCode {
                 pod,
                 container_id,
                 rules,
+                external_proxy: external_proxy.then_some(agent::node::api::ExternalProxy {
+                    uid: proxy_uid,
+                    gid: proxy_gid,
+                }),
             }),
             json,
         ),

@@ -2,11 +2,12 @@
 
 use std::{
     fs,
+    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use crate::Topology;
+use crate::{TestNetns, Topology};
 
 /// HAProxy as a transparent proxy on the outbound and inbound ports, as
 /// uid 1337, in the pod's namespace and cgroup: original destinations via
@@ -20,7 +21,13 @@ impl Haproxy {
     /// Starts it in the pod's namespace and cgroup; returns once it listens.
     #[must_use]
     pub fn start(topo: &Topology) -> Self {
-        let config = std::env::temp_dir().join(format!("mrt-haproxy-{}.cfg", std::process::id()));
+        Self::start_in(&topo.pod, topo.cgroup.path())
+    }
+
+    /// [`Self::start`] in any namespace and cgroup.
+    #[must_use]
+    pub fn start_in(netns: &TestNetns, cgroup: &Path) -> Self {
+        let config = std::env::temp_dir().join(format!("{}.cfg", crate::unique("mrt-haproxy")));
         fs::write(
             &config,
             "global\n  nbthread 1\n  uid 1337\n  gid 1337\n\
@@ -37,13 +44,12 @@ impl Haproxy {
             .arg(&config)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        let child = crate::spawn_in(&mut cmd, Some(&topo.pod), Some(&topo.cgroup));
+        let child = crate::spawn_in_cgroup(&mut cmd, Some(netns), Some(cgroup));
         let proxy = Self { child, config };
         // Ready once both ports listen. (Not by connecting: a transparent
         // proxy reached directly forwards to its own address, forever.)
         let deadline = Instant::now() + Duration::from_secs(10);
-        while topo
-            .pod
+        while netns
             .sh("ss -Hltn '( sport = :15001 or sport = :15006 )'")
             .lines()
             .count()

@@ -13,10 +13,12 @@ use std::{
 
 use agent::inspect;
 use agent::node::api::{self, Enrollment, Request};
+use agent_common::Counter;
 use rstest::rstest;
 use tests::{
     Agent, InCgroup, PollStream, TestCgroup, TestNetns, Topology, agent_bin,
     agent_proc::run_to_end,
+    haproxy::Haproxy,
     require_root,
     servers::{Behaviour, Server},
     topology::{SRV_IP, lo_tx_packets},
@@ -603,6 +605,111 @@ fn after_a_sigkill_pods_stay_captured_and_a_new_node_agent_readopts_them() {
     let mut now = ours_on_root();
     now.sort();
     assert_eq!(now, hooks);
+}
+
+/// SIGKILL of the node agent while 10 pods, each running its own proxy
+/// (HAProxy as uid 1337, enrolled with `--external-proxy`), transfer: every
+/// transfer completes byte-exact, as the pinned datapath and the pods'
+/// proxies carry on without the agent; the next agent re-adopts every pod
+/// with each hook attached once, and their connects are still captured.
+#[rstest]
+fn a_sigkilled_node_agent_loses_no_byte_of_ten_pods_with_their_own_proxies() {
+    const PODS: usize = 10;
+    require_root!();
+    let farm = Farm::new();
+    let bulk = Server::start(
+        &farm.srv,
+        FARM_SRV,
+        9002,
+        Behaviour::Echo {
+            write_size: 16 * 1024,
+        },
+    );
+    let node = Node::start();
+    let hooks = {
+        let mut h = ours_on_root();
+        h.sort();
+        h
+    };
+    let pods: Vec<TestNetns> = (0..PODS).map(|i| farm.pod(i)).collect();
+    for (i, ns) in pods.iter().enumerate() {
+        let enrolled = node.ask(
+            "enroll",
+            &[
+                "--netns",
+                ns.path_str(),
+                "--pod",
+                &format!("default/t{i}"),
+                "--external-proxy",
+                "--proxy-uid",
+                "1337",
+            ],
+        );
+        assert_eq!(enrolled["enrolled"]["external_proxy"]["uid"], 1337);
+    }
+    let _proxies: Vec<Haproxy> = pods
+        .iter()
+        .map(|ns| Haproxy::start_in(ns, farm.cgroup.path()))
+        .collect();
+    let counter = |c: Counter| {
+        inspect::snapshot_from_pins(&node_pins())
+            .unwrap()
+            .counter(c)
+    };
+    let redirected = counter(Counter::ConnectRedirected);
+    let _in_pods = InCgroup::enter(farm.cgroup.path());
+    let transfers: Vec<_> = pods
+        .iter()
+        .map(|ns| {
+            let s = ns
+                .run(|| TcpStream::connect_timeout(&bulk.addr, Duration::from_secs(5)))
+                .unwrap();
+            let mut s = PollStream::new(s, Duration::from_secs(30)).unwrap();
+            std::thread::spawn(move || {
+                tests::transfer::echo_round_trip(&mut s, tests::bulk_bytes(32 << 20), 16 * 1024)
+            })
+        })
+        .collect();
+    assert_eq!(
+        counter(Counter::ConnectRedirected) - redirected,
+        PODS as u64,
+        "each pod's connect was captured"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        transfers.iter().all(|t| !t.is_finished()),
+        "every transfer is still running when the agent is killed"
+    );
+    let mut node = node;
+    let _ = node.stop_with(libc::SIGKILL);
+    for t in transfers {
+        let sent = t.join().expect("a transfer survives the SIGKILL");
+        assert!(
+            bulk.seen.lock().unwrap().received_sha256.contains(&sent),
+            "byte-exact"
+        );
+    }
+    assert_eq!(bulk.peers().len(), PODS, "one upstream connection per pod");
+
+    let node = Node::start_on(node.socket.clone());
+    let log = node.agent().log_text();
+    assert_eq!(log.matches("re-adopted a pod").count(), PODS, "{log}");
+    let mut now = ours_on_root();
+    now.sort();
+    assert_eq!(now, hooks, "the same hooks, once each: no duplicate links");
+    let listed = node.ask("pods", &[]);
+    let listed = listed["pods"].as_array().unwrap();
+    assert_eq!(listed.len(), PODS);
+    assert!(listed.iter().all(|p| p["external_proxy"]["uid"] == 1337));
+    let redirected = counter(Counter::ConnectRedirected);
+    for ns in &pods {
+        echo_in(ns, farm.cgroup.path(), farm.echo.addr, 1);
+    }
+    assert_eq!(
+        counter(Counter::ConnectRedirected) - redirected,
+        PODS as u64,
+        "every pod is captured after the restart"
+    );
 }
 
 /// Pods on one bridge: a server namespace with `br0` (10.99.255.254/16)

@@ -58,6 +58,22 @@ pub struct Enrollment {
     /// The capture rules, as `run` takes them (istio's pod annotations).
     #[serde(default)]
     pub rules: RuleArgs,
+    /// The pod runs its own proxy (as `run --proxy external`): the agent
+    /// opens no listener there, and captured connects reach whatever
+    /// listens on the outbound port inside the pod. It keeps serving them
+    /// while the node agent is down or restarting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_proxy: Option<ExternalProxy>,
+}
+
+/// How a pod's own proxy is told apart: its connections are never
+/// captured (nor are those with the node's proxy mark).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalProxy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
 }
 
 /// A pod, by namespace or by container id.
@@ -81,6 +97,10 @@ pub struct PodInfo {
     /// Where its proxy listens, inside its namespace (127.0.0.1).
     pub outbound_port: u16,
     pub rules: CaptureRules,
+    /// Its own proxy, if it runs one (the counters are then the agent's
+    /// none: 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_proxy: Option<ExternalProxy>,
     /// Connections its proxy has accepted so far.
     pub connections: u64,
     /// Of those, still open.
@@ -91,13 +111,15 @@ impl PodInfo {
     /// One line for a table.
     #[must_use]
     pub fn render_line(&self) -> String {
+        let served = match self.external_proxy {
+            Some(_) => "its own proxy".to_owned(),
+            None => format!("{} connections ({} open)", self.connections, self.open),
+        };
         format!(
-            "{:<24} {:<40} netns {:<12} {} connections ({} open)",
+            "{:<24} {:<40} netns {:<12} {served}",
             self.pod.as_deref().unwrap_or("-"),
             self.netns.display(),
             self.netns_cookie,
-            self.connections,
-            self.open
         )
     }
 }

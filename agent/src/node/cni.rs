@@ -20,7 +20,9 @@
 //! Per pod, like istio's annotations, from `CNI_ARGS` (`KEY=VALUE;...`):
 //! `MESH_REDIRECT=off` leaves the pod alone; `INCLUDE_OUTBOUND_IP_RANGES`,
 //! `EXCLUDE_OUTBOUND_IP_RANGES`, `INCLUDE_OUTBOUND_PORTS`,
-//! `EXCLUDE_OUTBOUND_PORTS` (comma-separated, as `-i`/`-x`/`-q`/`-o`).
+//! `EXCLUDE_OUTBOUND_PORTS` (comma-separated, as `-i`/`-x`/`-q`/`-o`);
+//! `MESH_REDIRECT_PROXY=external` with `MESH_REDIRECT_PROXY_UID`/`_GID`:
+//! the pod runs its own proxy, as `run --proxy external`.
 //! `K8S_POD_NAMESPACE`/`K8S_POD_NAME` name the pod.
 
 use std::{
@@ -32,7 +34,9 @@ use std::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::api::{self, Answer, ApiError, DEFAULT_SOCKET, Enrollment, PodRef, Request};
+use super::api::{
+    self, Answer, ApiError, DEFAULT_SOCKET, Enrollment, ExternalProxy, PodRef, Request,
+};
 use crate::rules::{List, RuleArgs, Selection};
 
 /// Where enrollments wait while the node agent is down (`failPolicy: open`).
@@ -268,6 +272,8 @@ fn add(env: &Env, config: &Config, socket: &Path, timeout: Duration) -> Result<S
         },
         container_id: Some(env.container_id.clone()),
         rules: rules(&args).map_err(|msg| error(v, code::INVALID_CONFIG, &msg, &""))?,
+        external_proxy: external_proxy(&args)
+            .map_err(|msg| error(v, code::INVALID_CONFIG, &msg, &""))?,
     };
     match ask_within(socket, &Request::Enroll(enrollment.clone()), timeout) {
         Ok(_) => Ok(result),
@@ -344,6 +350,34 @@ fn rules(args: &BTreeMap<String, String>) -> Result<RuleArgs, String> {
             .transpose()?,
         ..RuleArgs::default()
     })
+}
+
+/// `MESH_REDIRECT_PROXY=external` (with `MESH_REDIRECT_PROXY_UID`,
+/// `MESH_REDIRECT_PROXY_GID`): the pod runs its own proxy.
+fn external_proxy(args: &BTreeMap<String, String>) -> Result<Option<ExternalProxy>, String> {
+    let id = |k: &str| {
+        args.get(k)
+            .filter(|v| !v.is_empty())
+            .map(|v| {
+                v.parse::<u32>()
+                    .map_err(|e| format!("CNI_ARGS {k}: {v:?} is not an id: {e}"))
+            })
+            .transpose()
+    };
+    let (uid, gid) = (
+        id("MESH_REDIRECT_PROXY_UID")?,
+        id("MESH_REDIRECT_PROXY_GID")?,
+    );
+    match args.get("MESH_REDIRECT_PROXY").map(String::as_str) {
+        Some("external") => Ok(Some(ExternalProxy { uid, gid })),
+        None | Some("" | "builtin") if uid.is_none() && gid.is_none() => Ok(None),
+        None | Some("" | "builtin") => Err(
+            "CNI_ARGS MESH_REDIRECT_PROXY_UID/GID name the pod's own proxy: set MESH_REDIRECT_PROXY=external".into(),
+        ),
+        Some(other) => Err(format!(
+            "CNI_ARGS MESH_REDIRECT_PROXY: {other:?} is neither builtin nor external"
+        )),
+    }
 }
 
 fn require(v: &str, name: &str, value: &str) -> Result<(), CniError> {
@@ -560,6 +594,33 @@ mod tests {
         assert_eq!(rules.outbound_exclude_ports, vec![9000, 9001]);
         let bad = parse_args("EXCLUDE_OUTBOUND_PORTS=99999");
         assert!(rules_err(&bad).contains("EXCLUDE_OUTBOUND_PORTS"));
+    }
+
+    #[test]
+    fn a_pod_with_its_own_proxy_is_named_in_cni_args() {
+        let own = parse_args("MESH_REDIRECT_PROXY=external;MESH_REDIRECT_PROXY_UID=1337");
+        assert_eq!(
+            external_proxy(&own).unwrap(),
+            Some(ExternalProxy {
+                uid: Some(1337),
+                gid: None
+            })
+        );
+        assert_eq!(external_proxy(&parse_args("K8S_POD_NAME=a")).unwrap(), None);
+        for (bad, named) in [
+            ("MESH_REDIRECT_PROXY=sidecar", "MESH_REDIRECT_PROXY"),
+            (
+                "MESH_REDIRECT_PROXY=external;MESH_REDIRECT_PROXY_GID=x",
+                "MESH_REDIRECT_PROXY_GID",
+            ),
+            (
+                "MESH_REDIRECT_PROXY_UID=1337",
+                "MESH_REDIRECT_PROXY=external",
+            ),
+        ] {
+            let err = external_proxy(&parse_args(bad)).unwrap_err();
+            assert!(err.contains(named), "{bad}: {err}");
+        }
     }
 
     fn rules_err(args: &BTreeMap<String, String>) -> String {

@@ -1,7 +1,7 @@
 //! The pods a node agent serves: for each, its namespace, its entry in the
 //! datapath's maps, and a built-in proxy whose listeners and upstream
 //! sockets live inside that namespace (one process, many namespaces, as
-//! ztunnel's in-pod mode).
+//! ztunnel's in-pod mode), or the pod's own proxy.
 
 use std::{
     collections::BTreeMap,
@@ -13,7 +13,7 @@ use std::{
 
 use tracing::{info, warn};
 
-use super::api::{Enrollment, PodInfo, PodRef};
+use super::api::{Enrollment, ExternalProxy, PodInfo, PodRef};
 use crate::{
     capture::{ProxyIdentity, Settings, ebpf::EbpfCapture},
     netns::Netns,
@@ -68,7 +68,8 @@ struct Pod {
     info: PodInfo,
     /// As asked: what a restarted agent enrolls again.
     asked: Enrollment,
-    proxy: ProxyHandle,
+    /// The built-in proxy (none: the pod runs its own).
+    proxy: Option<ProxyHandle>,
 }
 
 /// Every pod served, by netns cookie.
@@ -107,19 +108,35 @@ impl Pods {
             path: e.netns.clone(),
             source,
         };
-        let listeners = Listeners::bind(&netns, &defaults.proxy).map_err(proxy_err)?;
-        let kept = listeners.try_clone().map_err(|source| PodError::Keep {
-            path: e.netns.clone(),
-            source,
-        })?;
-        let proxy =
-            ProxyHandle::start(&netns, defaults.proxy.clone(), listeners).map_err(proxy_err)?;
-        let settings = settings(netns, cookie, defaults, rules.clone(), ipv6);
-        let ours: Vec<&TcpListener> = kept.all().map(|(l, _)| l).collect();
+        // The built-in proxy listens before the maps say to capture; a
+        // pod's own proxy is its business.
+        let (proxy, kept) = if e.external_proxy.is_some() {
+            (None, None)
+        } else {
+            let listeners = Listeners::bind(&netns, &defaults.proxy).map_err(proxy_err)?;
+            let kept = listeners.try_clone().map_err(|source| PodError::Keep {
+                path: e.netns.clone(),
+                source,
+            })?;
+            let proxy =
+                ProxyHandle::start(&netns, defaults.proxy.clone(), listeners).map_err(proxy_err)?;
+            (Some(proxy), Some(kept))
+        };
+        let settings = settings(
+            netns,
+            cookie,
+            defaults,
+            rules.clone(),
+            ipv6,
+            e.external_proxy,
+        );
+        let ours: Vec<&TcpListener> = kept.iter().flat_map(|k| k.all().map(|(l, _)| l)).collect();
         if let Err(source) = capture.enroll(&settings, &ours) {
             // Nothing half-enrolled: whatever was written goes again.
             let _ = capture.unenroll(cookie);
-            proxy.stop();
+            if let Some(proxy) = proxy {
+                proxy.stop();
+            }
             return Err(PodError::Maps {
                 path: e.netns.clone(),
                 source: Box::new(source),
@@ -132,6 +149,7 @@ impl Pods {
             container_id: e.container_id.clone(),
             outbound_port: defaults.proxy.outbound_port,
             rules,
+            external_proxy: e.external_proxy,
             connections: 0,
             open: 0,
         };
@@ -188,7 +206,9 @@ impl Pods {
         }
         let pod = self.by_cookie.remove(&cookie).expect("checked above");
         let info = current(&pod);
-        retire(pod.proxy, defaults.drain);
+        if let Some(proxy) = pod.proxy {
+            retire(proxy, defaults.drain);
+        }
         info!(
             pod = info.pod.as_deref().unwrap_or("-"),
             netns = %info.netns.display(),
@@ -221,13 +241,14 @@ impl Pods {
     /// How many connections were still open at the deadline.
     pub fn stop_serving(&mut self, deadline: Instant) -> u64 {
         let pods = std::mem::take(&mut self.by_cookie);
-        for p in pods.values() {
-            p.proxy.stop_accepting();
+        let proxies: Vec<ProxyHandle> = pods.into_values().filter_map(|p| p.proxy).collect();
+        for p in &proxies {
+            p.stop_accepting();
         }
         let mut left = 0;
-        for (_, p) in pods {
-            left += p.proxy.drain(deadline);
-            p.proxy.stop();
+        for p in proxies {
+            left += p.drain(deadline);
+            p.stop();
         }
         left
     }
@@ -263,7 +284,8 @@ fn current(p: &Pod) -> PodInfo {
     let mut info = p.info.clone();
     let (mut total, mut open) = (0, 0);
     for d in [Direction::Outbound, Direction::Inbound] {
-        let s = p.proxy.stats.direction(d);
+        let Some(proxy) = &p.proxy else { break };
+        let s = proxy.stats.direction(d);
         total += s.connections_total.load(Ordering::Relaxed);
         open += s.connections_open.load(Ordering::Relaxed);
     }
@@ -295,7 +317,9 @@ fn settings(
     d: &PodDefaults,
     rules: CaptureRules,
     ipv6: bool,
+    external: Option<ExternalProxy>,
 ) -> Settings {
+    let own = external.unwrap_or_default();
     Settings {
         netns,
         netns_cookie,
@@ -306,8 +330,8 @@ fn settings(
         inbound: false,
         proxy: ProxyIdentity {
             mark: d.proxy.mark,
-            uid: None,
-            gid: None,
+            uid: own.uid,
+            gid: own.gid,
         },
         sockmap: d.sockmap,
         sockmap_queue_limit: d.sockmap_queue_limit,
