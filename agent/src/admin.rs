@@ -108,13 +108,37 @@ impl AdminState {
                 ready: Arc::clone(&ready),
             },
             datapath,
-            proxy.clone(),
+            proxy.clone().map(metrics::Proxies::One),
         );
         Self {
             mode,
             fail_open,
             ready,
             proxy,
+            registry,
+        }
+    }
+
+    /// A node agent's: its datapath, and each pod's proxy labelled `pod`.
+    #[must_use]
+    pub fn node(ready: Arc<Readiness>, datapath: DatapathMaps, pods: metrics::NodePods) -> Self {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(metrics::Node(Arc::clone(&pods))));
+        metrics::register(
+            &mut registry,
+            metrics::Agent {
+                mode: Mode::Ebpf,
+                fail_open: false,
+                ready: Arc::clone(&ready),
+            },
+            Some(datapath),
+            Some(metrics::Proxies::Pods(pods)),
+        );
+        Self {
+            mode: Mode::Ebpf,
+            fail_open: false,
+            ready,
+            proxy: None,
             registry,
         }
     }

@@ -27,7 +27,7 @@ pub mod api;
 pub mod cni;
 pub mod pods;
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use tokio::{
@@ -41,6 +41,7 @@ use self::{
     pods::{PodDefaults, Pods},
 };
 use crate::{
+    admin::{AdminHandle, AdminState, Readiness},
     capture::ebpf::{EbpfCapture, node_pin_dir},
     cgroup,
     proxy::ProxyConfig,
@@ -85,12 +86,43 @@ pub struct NodeArgs {
     /// Seconds an unenrolled pod's open connections get to finish.
     #[arg(long, default_value_t = 5)]
     pub drain_timeout_secs: u64,
+    /// The admin server, in the agent's own (the host's) namespace:
+    /// `/metrics` (each pod's proxy labelled `pod`), `/ready`, `/healthz`.
+    /// A `DaemonSet`'s probes reach it on the node's address: set
+    /// `0.0.0.0:15021` there.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15021")]
+    pub admin: std::net::SocketAddrV4,
+    /// No admin server.
+    #[arg(long)]
+    pub no_admin: bool,
 }
 
 /// How often pods whose namespace disappeared are looked for.
 const GARBAGE_EVERY: Duration = Duration::from_secs(2);
 /// How long a caller may take to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl NodeArgs {
+    /// What every pod gets, whatever its rules.
+    fn pod_defaults(&self, cgroup: PathBuf) -> PodDefaults {
+        PodDefaults {
+            proxy: ProxyConfig {
+                outbound_port: self.outbound_port,
+                inbound_port: None,
+                mark: self.proxy_mark,
+                connect_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_hours(1),
+                buffer_size: 64 * 1024,
+                worker_threads: usize::from(self.workers_per_pod),
+                max_connections: self.max_connections_per_pod as usize,
+            },
+            sockmap: !self.no_sockmap,
+            sockmap_queue_limit: u64::from(self.sockmap_queue_kib) * 1024,
+            cgroup,
+            drain: Duration::from_secs(self.drain_timeout_secs),
+        }
+    }
+}
 
 /// Runs the node agent until SIGTERM or SIGINT, then drains and stops,
 /// leaving the pods enrolled for the next one.
@@ -100,26 +132,14 @@ pub fn run(args: &NodeArgs) -> Result<()> {
         None => cgroup::validate(&cgroup::cgroup2_root()?)?,
     };
     let own = cgroup::validate(&cgroup::own()?).context("the agent's own cgroup")?;
-    let defaults = PodDefaults {
-        proxy: ProxyConfig {
-            outbound_port: args.outbound_port,
-            inbound_port: None,
-            mark: args.proxy_mark,
-            connect_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_hours(1),
-            buffer_size: 64 * 1024,
-            worker_threads: usize::from(args.workers_per_pod),
-            max_connections: args.max_connections_per_pod as usize,
-        },
-        sockmap: !args.no_sockmap,
-        sockmap_queue_limit: u64::from(args.sockmap_queue_kib) * 1024,
-        cgroup: cgroup.clone(),
-        drain: Duration::from_secs(args.drain_timeout_secs),
-    };
+    let defaults = args.pod_defaults(cgroup.clone());
     let rt = crate::proxy::worker::main_runtime()?;
     let _rt = rt.enter();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let admin_listener = (!args.no_admin)
+        .then(|| crate::admin::bind(&crate::netns::Netns::current()?, args.admin))
+        .transpose()?;
     let listener = bind(&args.socket)?;
     let state = State::next_to(&args.socket);
     let (pins, older) = node_pin_dir(&args.bpffs).context("--bpffs")?;
@@ -136,6 +156,17 @@ pub fn run(args: &NodeArgs) -> Result<()> {
         warn!(pins = %dir.display(), "removing the node datapath of an older map layout");
         crate::pins::remove_instance(&dir)?;
     }
+    let ready = Arc::new(Readiness::default());
+    ready.set_capture();
+    ready.set_listeners();
+    let _admin = match admin_listener {
+        Some(l) => {
+            let state =
+                AdminState::node(Arc::clone(&ready), capture.maps().reopen()?, pods.metrics());
+            Some(AdminHandle::start(l, Arc::new(state))?)
+        }
+        None => None,
+    };
     info!(
         role = "node",
         cgroup = %cgroup.display(),
@@ -173,6 +204,7 @@ pub fn run(args: &NodeArgs) -> Result<()> {
     // Pods stay enrolled (pins and the list of pods stay): their connects
     // are refused, not let around the mesh, until the next node agent
     // re-adopts them. `mesh-redirect cleanup` removes everything.
+    ready.set_draining();
     info!(
         signal,
         pods = pods.list().len(),

@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
     time::{Duration, Instant},
 };
 
@@ -13,10 +13,21 @@ use crate::Topology;
 /// connection closes: HTTP/1.1 keeps it open unless asked).
 #[must_use]
 pub fn get(topo: &Topology, path: &str) -> (u16, String) {
-    let mut s = topo
+    let s = topo
         .pod
         .run(|| TcpStream::connect((Ipv4Addr::LOCALHOST, 15020)))
         .expect("admin listens");
+    request(s, path)
+}
+
+/// [`get`] from an admin server at `addr` in the test's own namespace (a
+/// node agent's).
+#[must_use]
+pub fn get_at(addr: SocketAddrV4, path: &str) -> (u16, String) {
+    request(TcpStream::connect(addr).expect("admin listens"), path)
+}
+
+fn request(mut s: TcpStream, path: &str) -> (u16, String) {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),

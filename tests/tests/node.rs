@@ -4,7 +4,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::Command,
@@ -34,6 +34,8 @@ const ROUND_TRIPS: u32 = 200;
 struct Node {
     agent: Option<Agent>,
     socket: PathBuf,
+    /// Its admin server, on the host.
+    admin: SocketAddrV4,
 }
 
 impl Drop for Node {
@@ -66,11 +68,29 @@ impl Node {
     }
 
     fn start_on(socket: PathBuf) -> Self {
-        let agent = Agent::start(
-            &["node", "--socket", socket.to_str().unwrap()],
-            None,
-            "info",
-        );
+        Self::start_with(socket, &[])
+    }
+
+    /// [`Self::start_on`] with more arguments.
+    fn start_with(socket: PathBuf, more: &[&str]) -> Self {
+        // A port of its own (a port 0 could not be scraped).
+        let admin = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let SocketAddr::V4(admin) = admin else {
+            unreachable!("bound on 127.0.0.1")
+        };
+        let admin_arg = admin.to_string();
+        let mut args = vec![
+            "node",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--admin",
+            &admin_arg,
+        ];
+        args.extend(more);
+        let agent = Agent::start(&args, None, "info");
         assert!(
             agent.log_text().contains("role=\"node\""),
             "{}",
@@ -79,7 +99,15 @@ impl Node {
         Self {
             agent: Some(agent),
             socket,
+            admin,
         }
+    }
+
+    /// Its `/metrics`.
+    fn metrics(&self) -> String {
+        let (code, text) = tests::admin::get_at(self.admin, "/metrics");
+        assert_eq!(code, 200, "{text}");
+        text
     }
 
     fn agent(&self) -> &Agent {
@@ -238,6 +266,20 @@ fn one_node_agent_serves_each_enrolled_pod_through_its_own_proxy_and_nothing_els
         vec![("default/a".to_owned(), 1), ("default/b".to_owned(), 1)],
         "neither the unenrolled pod nor the host was captured"
     );
+    // The node's admin server: each pod's proxy labelled by pod.
+    assert_eq!(tests::admin::get_at(node.admin, "/ready").0, 200);
+    let text = node.metrics();
+    for pod in ["default/a", "default/b"] {
+        let series = format!(
+            "mesh_redirect_proxy_connections_total{{pod=\"{pod}\",direction=\"outbound\"}}"
+        );
+        assert_eq!(tests::admin::metric(&text, &series), Some(1), "{text}");
+    }
+    assert_eq!(
+        tests::admin::metric(&text, "mesh_redirect_node_pods{proxy=\"builtin\"}"),
+        Some(2),
+        "{text}"
+    );
 
     // Unenrolled, pod A goes direct; pod B is still served.
     let gone = node.ask("unenroll", &["--netns", a.pod.path_str()]);
@@ -251,6 +293,15 @@ fn one_node_agent_serves_each_enrolled_pod_through_its_own_proxy_and_nothing_els
     assert!(lo_a < 0.01, "an unenrolled pod used loopback: {lo_a:.2}");
     echo_from_pod(&b, echo_b.addr);
     assert_eq!(node.connections(), vec![("default/b".to_owned(), 2)]);
+    let text = node.metrics();
+    assert!(
+        !text.contains("pod=\"default/a\""),
+        "an unenrolled pod's series go: {text}"
+    );
+    assert_eq!(
+        tests::admin::metric(&text, "mesh_redirect_node_pods{proxy=\"builtin\"}"),
+        Some(1)
+    );
 
     let mut node = node;
     assert!(node.stop_with(libc::SIGTERM).success());
@@ -472,21 +523,7 @@ fn with_the_node_agent_down_add_fails_closed_or_the_pod_is_enrolled_when_it_retu
     );
     let (out, ok) = cni("ADD", "sandbox-late", topo.pod.path_str(), args, &open);
     assert!(ok, "fail open: the pod starts: {out}");
-    let agent = Agent::start(
-        &[
-            "node",
-            "--socket",
-            socket.to_str().unwrap(),
-            "--pending-dir",
-            pending.to_str().unwrap(),
-        ],
-        None,
-        "info",
-    );
-    let node = Node {
-        agent: Some(agent),
-        socket,
-    };
+    let node = Node::start_with(socket, &["--pending-dir", pending.to_str().unwrap()]);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while node.connections().is_empty() {
         assert!(
@@ -701,6 +738,13 @@ fn a_sigkilled_node_agent_loses_no_byte_of_ten_pods_with_their_own_proxies() {
     let listed = listed["pods"].as_array().unwrap();
     assert_eq!(listed.len(), PODS);
     assert!(listed.iter().all(|p| p["external_proxy"]["uid"] == 1337));
+    assert_eq!(
+        tests::admin::metric(
+            &node.metrics(),
+            "mesh_redirect_node_pods{proxy=\"external\"}"
+        ),
+        Some(PODS as u64)
+    );
     let redirected = counter(Counter::ConnectRedirected);
     for ns in &pods {
         echo_in(ns, farm.cgroup.path(), farm.echo.addr, 1);

@@ -3,7 +3,10 @@
 //! state (the agent's handle on the datapath's maps, the proxy's counters,
 //! which move as bytes do).
 
-use std::sync::{Arc, atomic::Ordering::Relaxed};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock, atomic::Ordering::Relaxed},
+};
 
 use agent_common::Counter;
 use prometheus_client::{
@@ -27,14 +30,82 @@ pub fn register(
     registry: &mut Registry,
     agent: Agent,
     datapath: Option<DatapathMaps>,
-    proxy: Option<Arc<proxy::Stats>>,
+    proxies: Option<Proxies>,
 ) {
     registry.register_collector(Box::new(agent));
     if let Some(maps) = datapath {
         registry.register_collector(Box::new(Datapath(maps)));
     }
-    if let Some(stats) = proxy {
-        registry.register_collector(Box::new(Proxy(stats)));
+    if let Some(proxies) = proxies {
+        registry.register_collector(Box::new(Proxy(proxies)));
+    }
+}
+
+/// A node agent's pods as its metrics see them, by netns cookie: the
+/// `pod` label (`namespace/name`, else `netns:<cookie>`) and the built-in
+/// proxy's counters (none: the pod runs its own proxy). The node agent
+/// updates it as pods come and go, so the series are bounded by the pods
+/// enrolled.
+pub type NodePods = Arc<RwLock<BTreeMap<u64, (String, Option<Arc<proxy::Stats>>)>>>;
+
+/// Whose proxy counters are reported.
+#[derive(Debug)]
+pub enum Proxies {
+    /// The one proxy of an agent serving one pod: no `pod` label.
+    One(Arc<proxy::Stats>),
+    /// A node agent's, one per pod, labelled `pod`.
+    Pods(NodePods),
+}
+
+/// No label for the one pod an agent serves, `pod` for a node agent's.
+type PodLabel = Vec<(&'static str, String)>;
+
+impl Proxies {
+    fn each(&self) -> Vec<(PodLabel, Arc<proxy::Stats>)> {
+        match self {
+            Self::One(s) => vec![(Vec::new(), Arc::clone(s))],
+            Self::Pods(pods) => pods
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .values()
+                .filter_map(|(pod, s)| Some((vec![("pod", pod.clone())], Arc::clone(s.as_ref()?))))
+                .collect(),
+        }
+    }
+}
+
+/// A node agent's pods, by how each is proxied.
+#[derive(Debug)]
+pub struct Node(pub NodePods);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProxyKindLabels {
+    proxy: &'static str,
+}
+
+impl Collector for Node {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (mut builtin, mut own) = (0, 0);
+        for (_, stats) in self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+        {
+            match stats {
+                Some(_) => builtin += 1,
+                None => own += 1,
+            }
+        }
+        gauges(
+            &mut e,
+            "mesh_redirect_node_pods",
+            "Pods the node agent serves, by proxy (builtin: the agent's; external: the pod's own)",
+            &[
+                (ProxyKindLabels { proxy: "builtin" }, builtin),
+                (ProxyKindLabels { proxy: "external" }, own),
+            ],
+        )
     }
 }
 
@@ -359,9 +430,9 @@ fn dns_metrics(e: &mut DescriptorEncoder, c: &Counters) -> Result<(), std::fmt::
     )
 }
 
-/// The built-in proxy's counters.
+/// The built-in proxies' counters.
 #[derive(Debug)]
-struct Proxy(Arc<proxy::Stats>);
+struct Proxy(Proxies);
 
 /// The proxy's error counters, by kind (the metric's `kind` label).
 pub(super) fn proxy_errors(p: &proxy::Stats) -> [(&'static str, u64); 7] {
@@ -378,12 +449,18 @@ pub(super) fn proxy_errors(p: &proxy::Stats) -> [(&'static str, u64); 7] {
 
 impl Collector for Proxy {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let p = &self.0;
-        let per_dir = |f: &dyn Fn(&proxy::DirectionStats) -> u64| -> Vec<(DirectionLabels, u64)> {
-            Direction::ALL
-                .iter()
-                .map(|&direction| (DirectionLabels { direction }, f(p.direction(direction))))
-                .collect()
+        let proxies = self.0.each();
+        let per_dir = |f: &dyn Fn(&proxy::DirectionStats) -> u64| {
+            let mut series = Vec::new();
+            for (pod, p) in &proxies {
+                for &direction in &Direction::ALL {
+                    series.push((
+                        (pod.clone(), DirectionLabels { direction }),
+                        f(p.direction(direction)),
+                    ));
+                }
+            }
+            series
         };
         let open: Vec<_> = per_dir(&|d| d.connections_open.load(Relaxed))
             .into_iter()
@@ -402,22 +479,16 @@ impl Collector for Proxy {
             &per_dir(&|d| d.connections_total.load(Relaxed)),
         )?;
         let mut bytes = Vec::new();
-        for direction in Direction::ALL {
-            let s = p.direction(direction);
-            bytes.push((
-                FlowLabels {
-                    direction,
-                    flow: "to_upstream",
-                },
-                s.bytes_to_upstream.load(Relaxed),
-            ));
-            bytes.push((
-                FlowLabels {
-                    direction,
-                    flow: "to_client",
-                },
-                s.bytes_to_client.load(Relaxed),
-            ));
+        for (pod, p) in &proxies {
+            for direction in Direction::ALL {
+                let s = p.direction(direction);
+                for (flow, v) in [
+                    ("to_upstream", s.bytes_to_upstream.load(Relaxed)),
+                    ("to_client", s.bytes_to_client.load(Relaxed)),
+                ] {
+                    bytes.push(((pod.clone(), FlowLabels { direction, flow }), v));
+                }
+            }
         }
         counters(
             &mut e,
@@ -425,9 +496,13 @@ impl Collector for Proxy {
             "Bytes relayed, by direction and flow (counted as they move)",
             &bytes,
         )?;
-        let errors: Vec<_> = proxy_errors(p)
-            .into_iter()
-            .map(|(kind, v)| (KindLabels { kind }, v))
+        let errors: Vec<_> = proxies
+            .iter()
+            .flat_map(|(pod, p)| {
+                proxy_errors(p)
+                    .into_iter()
+                    .map(|(kind, v)| ((pod.clone(), KindLabels { kind }), v))
+            })
             .collect();
         counters(
             &mut e,
@@ -476,5 +551,49 @@ mod tests {
             "mesh_redirect_proxy_bytes_total{direction=\"inbound\",flow=\"to_client\"} 50"
         ));
         assert!(!text.contains("sk_msg"), "no datapath, no datapath metrics");
+    }
+
+    #[test]
+    fn a_node_agents_metrics_label_each_pods_proxy() {
+        let a = Arc::new(proxy::Stats::default());
+        a.direction(Direction::Outbound)
+            .connections_total
+            .store(7, Relaxed);
+        let pods: NodePods = Arc::default();
+        pods.write()
+            .unwrap()
+            .insert(1, ("default/a".into(), Some(Arc::clone(&a))));
+        pods.write().unwrap().insert(2, ("netns:2".into(), None));
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Node(Arc::clone(&pods))));
+        register(
+            &mut registry,
+            Agent {
+                mode: Mode::Ebpf,
+                fail_open: false,
+                ready: Arc::default(),
+            },
+            None,
+            Some(Proxies::Pods(Arc::clone(&pods))),
+        );
+        let text = || {
+            let mut out = String::new();
+            prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+            out
+        };
+        let now = text();
+        for line in [
+            "mesh_redirect_proxy_connections_total{pod=\"default/a\",direction=\"outbound\"} 7",
+            "mesh_redirect_node_pods{proxy=\"builtin\"} 1",
+            "mesh_redirect_node_pods{proxy=\"external\"} 1",
+        ] {
+            assert!(now.contains(line), "missing `{line}` in:\n{now}");
+        }
+        assert!(
+            !now.contains("netns:2"),
+            "a pod's own proxy has no proxy series"
+        );
+        pods.write().unwrap().remove(&1);
+        assert!(!text().contains("default/a"), "a gone pod's series go");
     }
 }

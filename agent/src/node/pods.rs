@@ -7,7 +7,7 @@ use std::{
     collections::BTreeMap,
     net::TcpListener,
     path::{Path, PathBuf},
-    sync::atomic::Ordering,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use super::api::{Enrollment, ExternalProxy, PodInfo, PodRef};
 use crate::{
+    admin::metrics::NodePods,
     capture::{ProxyIdentity, Settings, ebpf::EbpfCapture},
     netns::Netns,
     proxy::{Direction, Listeners, ProxyConfig, ProxyHandle},
@@ -76,6 +77,8 @@ struct Pod {
 #[derive(Default)]
 pub struct Pods {
     by_cookie: BTreeMap<u64, Pod>,
+    /// The same pods, as the admin server's metrics read them.
+    metrics: NodePods,
 }
 
 impl Pods {
@@ -159,6 +162,18 @@ impl Pods {
             netns_cookie = cookie,
             "pod enrolled"
         );
+        self.metrics
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                cookie,
+                (
+                    info.pod
+                        .clone()
+                        .unwrap_or_else(|| format!("netns:{cookie}")),
+                    proxy.as_ref().map(|p| Arc::clone(&p.stats)),
+                ),
+            );
         self.by_cookie.insert(
             cookie,
             Pod {
@@ -205,6 +220,10 @@ impl Pods {
             });
         }
         let pod = self.by_cookie.remove(&cookie).expect("checked above");
+        self.metrics
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&cookie);
         let info = current(&pod);
         if let Some(proxy) = pod.proxy {
             retire(proxy, defaults.drain);
@@ -215,6 +234,12 @@ impl Pods {
             "pod unenrolled"
         );
         Ok(Some(info))
+    }
+
+    /// The pods as the metrics see them (kept up to date).
+    #[must_use]
+    pub fn metrics(&self) -> NodePods {
+        Arc::clone(&self.metrics)
     }
 
     /// What each pod was enrolled with, to enroll it again after a restart.
@@ -241,6 +266,10 @@ impl Pods {
     /// How many connections were still open at the deadline.
     pub fn stop_serving(&mut self, deadline: Instant) -> u64 {
         let pods = std::mem::take(&mut self.by_cookie);
+        self.metrics
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
         let proxies: Vec<ProxyHandle> = pods.into_values().filter_map(|p| p.proxy).collect();
         for p in &proxies {
             p.stop_accepting();
