@@ -19,6 +19,7 @@ use tests::{
     Agent, InCgroup, PollStream, TestCgroup, TestNetns, Topology, agent_bin,
     agent_proc::run_to_end,
     haproxy::Haproxy,
+    podman::{IMAGE, Podman},
     require_root,
     servers::{Behaviour, Server},
     topology::{SRV_IP, lo_tx_packets},
@@ -904,17 +905,7 @@ fn pod_churn_never_returns_a_stale_destination_and_leaves_the_maps_as_they_were(
         Behaviour::Echo { write_size: 64 },
     );
     let node = Node::start();
-    let maps = || {
-        let mut usage: Vec<(&str, usize)> = agent::ebpf::DatapathMaps::from_pins(&node_pins())
-            .unwrap()
-            .usage()
-            .unwrap()
-            .into_iter()
-            .map(|u| (u.name, u.entries))
-            .collect();
-        usage.sort_unstable();
-        usage
-    };
+    let maps = node_map_usage;
     let before = maps();
     let pid = node.agent().pid();
     let (_, fds_before) = tests::agent_footprint(pid);
@@ -956,6 +947,112 @@ fn pod_churn_never_returns_a_stale_destination_and_leaves_the_maps_as_they_were(
         fds(),
         fds_before,
         "the agent's descriptors are back to baseline"
+    );
+}
+
+/// The entries of each of the node datapath's maps.
+fn node_map_usage() -> Vec<(&'static str, usize)> {
+    let mut usage: Vec<(&str, usize)> = agent::ebpf::DatapathMaps::from_pins(&node_pins())
+        .unwrap()
+        .usage()
+        .unwrap()
+        .into_iter()
+        .map(|u| (u.name, u.entries))
+        .collect();
+    usage.sort_unstable();
+    usage
+}
+
+/// A real container runtime: podman with its CNI backend, our plugin
+/// chained after `bridge`. Pods created after the node agent started are
+/// enrolled by the plugin; an app container's download from a server in
+/// another pod is captured by its pod's own proxy from the first
+/// connection, short-circuited and byte-exact; `podman pod rm` takes every
+/// trace of a pod away (maps, pins, the agent's list).
+#[rstest]
+fn podman_pods_are_enrolled_by_the_cni_plugin_and_leave_no_trace() {
+    require_root!();
+    let node = Node::start();
+    let podman = Podman::new(&node.socket);
+    let before = node_map_usage();
+    let up = podman.pod("up");
+    podman.ok(&[
+        "run", "-d", "--pod", "up", "--name", "up-httpd", IMAGE, "/bin/sh", "-c",
+        "mkdir -p /www && dd if=/dev/urandom of=/www/blob bs=1M count=8 2>/dev/null && exec httpd -f -p 8080 -h /www",
+    ]);
+    let up_name = up.file_name().unwrap().to_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while tests::sh(&format!("ip netns exec {up_name} ss -Hltn 'sport = :8080'")).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "httpd did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let want = podman.stdout(&["exec", "up-httpd", "sha256sum", "/www/blob"]);
+    let up_ip = tests::sh(&format!("ip -n {up_name} -4 -o addr show eth0"))
+        .split_whitespace()
+        .nth(3)
+        .and_then(|a| a.split('/').next())
+        .expect("the upstream pod's address")
+        .to_owned();
+    let app = podman.pod("app");
+    assert_eq!(
+        node.connections(),
+        vec![("app".to_owned(), 0), ("up".to_owned(), 0)],
+        "both pods enrolled by the plugin, by their podman names"
+    );
+    let lo = || {
+        agent::netns::Netns::open(&app)
+            .unwrap()
+            .run(lo_tx_packets)
+            .unwrap()
+    };
+    let lo0 = lo();
+    let got = podman.stdout(&[
+        "run",
+        "--rm",
+        "--pod",
+        "app",
+        IMAGE,
+        "/bin/sh",
+        "-c",
+        &format!("curl -sS -o /tmp/blob http://{up_ip}:8080/blob && sha256sum /tmp/blob"),
+    ]);
+    let packets = lo() - lo0;
+    assert_eq!(
+        got.split_whitespace().next(),
+        want.split_whitespace().next(),
+        "byte-exact"
+    );
+    assert_eq!(
+        node.connections(),
+        vec![("app".to_owned(), 1), ("up".to_owned(), 0)],
+        "the app's first connection went through its own pod's proxy"
+    );
+    eprintln!("podman: 8 MiB downloaded by curl in a pod; {packets} loopback packets");
+    if node.agent().short_circuits() != "none" {
+        assert!(
+            packets < 64,
+            "{packets} loopback packets for 8 MiB: not short-circuited"
+        );
+    }
+    podman.ok(&["pod", "rm", "--force", "--time", "0", "app"]);
+    assert_eq!(node.connections(), vec![("up".to_owned(), 0)]);
+    podman.ok(&["pod", "rm", "--force", "--time", "0", "up"]);
+    assert!(
+        node.connections().is_empty(),
+        "podman pod rm unenrolled both"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while node_map_usage() != before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(node_map_usage(), before, "the maps are back to baseline");
+    assert_eq!(
+        agent::pins::all_instances(Path::new("/sys/fs/bpf")),
+        vec![node_pins()],
+        "no pins but the node datapath's"
     );
 }
 

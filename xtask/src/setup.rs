@@ -75,6 +75,23 @@ impl Need {
                     "haproxy",
                     "kernel tests use it as a third-party transparent proxy",
                 ),
+                (
+                    "podman",
+                    "node tests make pods with a real container runtime",
+                ),
+                (
+                    "containernetworking-plugins",
+                    "podman's CNI backend: the bridge plugin ours is chained after",
+                ),
+                (
+                    "runc",
+                    "podman's OCI runtime on a hybrid cgroup host (crun refuses one)",
+                ),
+                (
+                    "busybox-static",
+                    "the node tests' container image, built offline from it and curl",
+                ),
+                ("curl", "the container image's HTTP client"),
             ],
             Self::Clients => &[
                 (
