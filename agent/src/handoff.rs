@@ -492,7 +492,7 @@ impl Drop for ControlServer {
 /// Room for a few fds in a control message.
 const CMSG_SPACE: usize = 64;
 
-fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+pub(crate) fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
     let mut iov = libc::iovec {
         iov_base: data.as_ptr().cast_mut().cast(),
         iov_len: data.len(),
@@ -526,7 +526,7 @@ fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<
     Ok(())
 }
 
-fn recv_with_fds(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+pub(crate) fn recv_with_fds(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
     let mut data = [0u8; 64];
     let mut iov = libc::iovec {
         iov_base: data.as_mut_ptr().cast(),

@@ -21,10 +21,17 @@
 //! same, after a drain: the pods stay enrolled for the next node agent.
 //! `mesh-redirect cleanup` removes a node datapath whose agent is gone.
 //!
+//! A node agent started while another serves on the same socket takes over
+//! from it ([`handover`]): it gets every pod's listening sockets, serves
+//! them, and the old one drains and exits, so no pod sees a refused
+//! connection across an upgrade. A pod may also run its own proxy
+//! (`external_proxy`), which carries on while the node agent is away.
+//!
 //! Not yet: inbound capture and DNS capture in node mode.
 
 pub mod api;
 pub mod cni;
+pub mod handover;
 pub mod pods;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -124,32 +131,58 @@ impl NodeArgs {
     }
 }
 
-/// Runs the node agent until SIGTERM or SIGINT, then drains and stops,
-/// leaving the pods enrolled for the next one.
+/// Runs the node agent until SIGTERM or SIGINT (or a successor takes
+/// over), then drains and stops, leaving the pods enrolled for the next one.
 pub fn run(args: &NodeArgs) -> Result<()> {
     let cgroup = match &args.cgroup {
         Some(p) => cgroup::validate(p).context("--cgroup")?,
         None => cgroup::validate(&cgroup::cgroup2_root()?)?,
     };
     let own = cgroup::validate(&cgroup::own()?).context("the agent's own cgroup")?;
-    let defaults = args.pod_defaults(cgroup.clone());
     let rt = crate::proxy::worker::main_runtime()?;
     let _rt = rt.enter();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut signals = Signals::new()?;
     let admin_listener = (!args.no_admin)
         .then(|| crate::admin::bind(&crate::netns::Netns::current()?, args.admin))
         .transpose()?;
-    let listener = bind(&args.socket)?;
-    let state = State::next_to(&args.socket);
+    // A node agent serving on the socket already hands its pods' listening
+    // sockets over and serves on until we do; our socket is bound beside
+    // its own and moved over it then.
+    let mut takeover = handover::take_over(&args.socket).context("--socket")?;
+    let bound_at = match takeover {
+        Some(_) => args.socket.with_file_name(format!(
+            "{}.next",
+            args.socket
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+        )),
+        None => args.socket.clone(),
+    };
+    let listener = bind(&bound_at)?;
     let (pins, older) = node_pin_dir(&args.bpffs).context("--bpffs")?;
-    let mut capture =
-        EbpfCapture::load_with(defaults.sockmap, defaults.sockmap_queue_limit, Some(pins))?;
+    let mut node = Node {
+        defaults: args.pod_defaults(cgroup.clone()),
+        state: State::next_to(&args.socket),
+        pending_dir: args.pending_dir.clone(),
+        pods: Pods::default(),
+        capture: EbpfCapture::load_with(
+            !args.no_sockmap,
+            u64::from(args.sockmap_queue_kib) * 1024,
+            Some(pins),
+        )?,
+    };
     // The agent's own proxies may live outside the pods' cgroup: their
     // sockets need sockops and getsockopt too.
-    capture.attach(&cgroup, &cgroup::covering_set(&cgroup, &own), false)?;
-    let mut pods = Pods::default();
-    readopt(&state, &mut pods, &mut capture, &defaults)?;
+    node.capture
+        .attach(&cgroup, &cgroup::covering_set(&cgroup, &own), false)?;
+    let mut handed = takeover
+        .as_mut()
+        .map(|t| std::mem::take(&mut t.handed))
+        .unwrap_or_default();
+    node.readopt(&mut handed)?;
+    // Sockets of pods we no longer serve: the old agent's copies remain.
+    drop(handed);
     // An upgrade to a new map layout: the old datapath goes only once the
     // pods are captured by the new one.
     for dir in older {
@@ -161,67 +194,214 @@ pub fn run(args: &NodeArgs) -> Result<()> {
     ready.set_listeners();
     let _admin = match admin_listener {
         Some(l) => {
-            let state =
-                AdminState::node(Arc::clone(&ready), capture.maps().reopen()?, pods.metrics());
+            let maps = node.capture.maps().reopen()?;
+            let state = AdminState::node(Arc::clone(&ready), maps, node.pods.metrics());
             Some(AdminHandle::start(l, Arc::new(state))?)
         }
         None => None,
     };
+    if let Some(t) = takeover {
+        std::fs::rename(&bound_at, &args.socket)
+            .with_context(|| format!("--socket: moving {} over", bound_at.display()))?;
+        if let Err(e) = t.confirm() {
+            warn!(error = %e, "the node agent we take over from went away first");
+        }
+        info!(
+            pods = node.pods.list().len(),
+            "took over from the running node agent"
+        );
+    }
     info!(
         role = "node",
         cgroup = %cgroup.display(),
         socket = %args.socket.display(),
-        short_circuits = capture.short_circuits(),
+        short_circuits = node.capture.short_circuits(),
         "mesh-redirect ready"
     );
-    let mut garbage = tokio::time::interval(GARBAGE_EVERY);
-    let (requests_tx, mut requests) = tokio::sync::mpsc::channel::<Pending>(64);
-    let signal = rt.block_on(async {
+    let stop = rt.block_on(node.serve(&listener, &mut signals));
+    ready.set_draining();
+    drop(listener);
+    node.stop(&stop, &args.socket);
+    Ok(())
+}
+
+/// SIGTERM and SIGINT, caught from the start.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
+/// Why the node agent stops.
+enum Stop {
+    Signal(&'static str),
+    /// A successor serves every pod.
+    HandedOver,
+}
+
+/// What the callers' tasks hand the agent's loop.
+enum Call {
+    /// A request line, and where its answer goes.
+    Request(String, tokio::sync::oneshot::Sender<Result<Answer, String>>),
+    /// A successor asks for every pod's listening sockets.
+    Takeover(tokio::sync::oneshot::Sender<Result<handover::PodSockets, String>>),
+    /// How a takeover ended: `true`, the successor serves now.
+    TakeoverEnded(bool),
+}
+
+/// What `enroll` and `unenroll` get while a successor is getting ready.
+const UPGRADING: &str = "a new node agent is taking over: retry in a moment";
+
+/// The node agent's state, owned by its loop.
+struct Node {
+    pods: Pods,
+    capture: EbpfCapture,
+    defaults: PodDefaults,
+    state: State,
+    pending_dir: PathBuf,
+}
+
+impl Node {
+    /// Serves callers on `listener` until a signal or a successor.
+    async fn serve(&mut self, listener: &UnixListener, signals: &mut Signals) -> Stop {
+        let mut garbage = tokio::time::interval(GARBAGE_EVERY);
+        let (calls_tx, mut calls) = tokio::sync::mpsc::channel::<Call>(64);
+        // A successor is getting ready: nothing changes meanwhile.
+        let mut handing_over = false;
         loop {
             tokio::select! {
-                _ = term.recv() => break "SIGTERM",
-                _ = int.recv() => break "SIGINT",
-                _ = garbage.tick() => {
-                    pods.collect_garbage(&mut capture, &defaults);
-                    enroll_pending(&args.pending_dir, &mut pods, &mut capture, &defaults);
-                    state.save(&pods);
+                _ = signals.term.recv() => return Stop::Signal("SIGTERM"),
+                _ = signals.int.recv() => return Stop::Signal("SIGINT"),
+                _ = garbage.tick(), if !handing_over => {
+                    self.pods.collect_garbage(&mut self.capture, &self.defaults);
+                    enroll_pending(&self.pending_dir, &mut self.pods, &mut self.capture, &self.defaults);
+                    self.state.save(&self.pods);
                 }
                 // Each caller is read on a task of its own (a slow one
                 // stalls nobody); its request is carried out here, in turn.
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        tokio::spawn(serve(stream, requests_tx.clone()));
+                        tokio::spawn(serve(stream, calls_tx.clone()));
                     }
                     Err(e) => warn!(error = %e, "node socket: accept failed"),
                 },
-                Some((line, reply)) = requests.recv() => {
-                    let _ = reply.send(answer(&line, &mut pods, &mut capture, &defaults));
-                    state.save(&pods);
-                }
+                Some(call) = calls.recv() => match call {
+                    Call::Request(line, reply) => {
+                        let _ = reply.send(self.answer(&line, handing_over));
+                        if !handing_over {
+                            self.state.save(&self.pods);
+                        }
+                    }
+                    Call::Takeover(reply) => {
+                        let answer = if handing_over {
+                            Err("busy: another node agent is taking over already".to_owned())
+                        } else {
+                            info!("a new node agent is taking over: handing it every pod's listening sockets");
+                            self.state.save(&self.pods);
+                            self.pods.handover().map_err(|e| e.to_string())
+                        };
+                        handing_over |= answer.is_ok();
+                        let _ = reply.send(answer);
+                    }
+                    Call::TakeoverEnded(true) => return Stop::HandedOver,
+                    Call::TakeoverEnded(false) => {
+                        warn!("the new node agent went away before it served: serving on");
+                        handing_over = false;
+                    }
+                },
             }
         }
-    });
-    // Pods stay enrolled (pins and the list of pods stay): their connects
-    // are refused, not let around the mesh, until the next node agent
-    // re-adopts them. `mesh-redirect cleanup` removes everything.
-    ready.set_draining();
-    info!(
-        signal,
-        pods = pods.list().len(),
-        "stopping: the pods stay enrolled for the next node agent; their open connections get --drain-timeout-secs"
-    );
-    drop(listener);
-    let _ = std::fs::remove_file(&args.socket);
-    let left = pods.stop_serving(std::time::Instant::now() + defaults.drain);
-    if left > 0 {
-        warn!(
-            connections = left,
-            "drain deadline passed: closing the connections still open"
-        );
     }
-    drop(capture);
-    info!("stopped; the datapath stays pinned");
-    Ok(())
+
+    /// Drains and stops: the pods stay enrolled (pins and the list of
+    /// pods stay) and their connects are refused, not let around the mesh,
+    /// until the next node agent re-adopts them (`mesh-redirect cleanup`
+    /// removes everything); after a takeover the socket's path and the list
+    /// are the successor's.
+    fn stop(mut self, why: &Stop, socket: &std::path::Path) {
+        match why {
+            Stop::Signal(signal) => {
+                info!(
+                    signal,
+                    pods = self.pods.list().len(),
+                    "stopping: the pods stay enrolled for the next node agent; their open connections get --drain-timeout-secs"
+                );
+                let _ = std::fs::remove_file(socket);
+            }
+            Stop::HandedOver => info!(
+                pods = self.pods.list().len(),
+                "a new node agent serves every pod: stopping; open connections get --drain-timeout-secs"
+            ),
+        }
+        let left = self
+            .pods
+            .stop_serving(std::time::Instant::now() + self.defaults.drain);
+        if left > 0 {
+            warn!(
+                connections = left,
+                "drain deadline passed: closing the connections still open"
+            );
+        }
+        info!("stopped; the datapath stays pinned");
+    }
+
+    /// What a request line gets.
+    fn answer(&mut self, line: &str, handing_over: bool) -> Result<Answer, String> {
+        let request: Request =
+            serde_json::from_str(line.trim()).map_err(|e| format!("unreadable request: {e}"))?;
+        let (pods, capture, defaults) = (&mut self.pods, &mut self.capture, &self.defaults);
+        match request {
+            Request::Enroll(_) | Request::Unenroll(_) if handing_over => Err(UPGRADING.to_owned()),
+            Request::Enroll(e) => pods
+                .enroll(capture, defaults, &e)
+                .map(Answer::Enrolled)
+                .map_err(|e| e.to_string()),
+            Request::Unenroll(r) => pods
+                .unenroll(capture, defaults, &r)
+                .map(Answer::Unenrolled)
+                .map_err(|e| e.to_string()),
+            Request::Pods => Ok(Answer::Pods(pods.list())),
+            Request::Takeover => Err("takeover: only as the first request of a node agent".into()),
+        }
+    }
+
+    /// After a restart or a takeover: every pod the last agent served is
+    /// enrolled again (its proxy on the sockets `handed` over, else
+    /// listening anew in its namespace); namespaces in the maps that are
+    /// not (gone meanwhile) are taken out.
+    fn readopt(&mut self, handed: &mut pods::Handed) -> Result<()> {
+        for e in self.state.load() {
+            match self
+                .pods
+                .enroll_with(&mut self.capture, &self.defaults, &e, handed)
+            {
+                Ok(p) => {
+                    info!(pod = p.pod.as_deref().unwrap_or("-"), netns = %p.netns.display(), "re-adopted a pod the earlier node agent served");
+                }
+                Err(err) => warn!(error = %err, "a pod the earlier node agent served is gone"),
+            }
+        }
+        for (cookie, _) in self.capture.maps().netns_configs()? {
+            if !self.pods.serves(cookie) {
+                info!(
+                    netns_cookie = cookie,
+                    "unenrolling a namespace no pod holds any more"
+                );
+                self.capture.unenroll(cookie)?;
+            }
+        }
+        self.state.save(&self.pods);
+        Ok(())
+    }
 }
 
 /// The enrolled pods, as a file next to the socket.
@@ -250,36 +430,6 @@ impl State {
             Err(_) => Vec::new(),
         }
     }
-}
-
-/// After a restart: every pod the last agent served is enrolled again (its
-/// proxy listens anew in its namespace); namespaces in the maps that are
-/// not (gone meanwhile) are taken out.
-fn readopt(
-    state: &State,
-    pods: &mut Pods,
-    capture: &mut EbpfCapture,
-    defaults: &PodDefaults,
-) -> Result<()> {
-    for e in state.load() {
-        match pods.enroll(capture, defaults, &e) {
-            Ok(p) => {
-                info!(pod = p.pod.as_deref().unwrap_or("-"), netns = %p.netns.display(), "re-adopted a pod the earlier node agent served");
-            }
-            Err(err) => warn!(error = %err, "a pod the earlier node agent served is gone"),
-        }
-    }
-    for (cookie, _) in capture.maps().netns_configs()? {
-        if !pods.serves(cookie) {
-            info!(
-                netns_cookie = cookie,
-                "unenrolling a namespace no pod holds any more"
-            );
-            capture.unenroll(cookie)?;
-        }
-    }
-    state.save(pods);
-    Ok(())
 }
 
 /// Enrolls what the CNI plugin queued while we were down; a queued pod
@@ -327,28 +477,40 @@ fn bind(path: &std::path::Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// A request line read, and where its answer goes.
-type Pending = (String, tokio::sync::oneshot::Sender<Result<Answer, String>>);
-
 /// Answers one caller: root only, one request line (handed to the agent's
-/// loop through `requests`), one answer line.
-async fn serve(stream: UnixStream, requests: tokio::sync::mpsc::Sender<Pending>) {
+/// loop through `calls`), one answer line; a successor's takeover goes on
+/// on this connection until it says it serves or goes away.
+async fn serve(stream: UnixStream, calls: tokio::sync::mpsc::Sender<Call>) {
     let cred = stream.peer_cred().ok();
     let (uid, pid) = (cred.map(|c| c.uid()), cred.and_then(|c| c.pid()));
     let span = info_span!("request", uid = ?uid, pid = ?pid);
     async move {
         let (read, mut write) = stream.into_split();
+        let stopping = || Err("the node agent is stopping".to_owned());
         let answer = if uid == Some(0) {
             let mut line = String::new();
             let mut reader = BufReader::new(read.take(MAX_REQUEST));
             match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
+                Ok(Ok(_)) if matches!(serde_json::from_str(line.trim()), Ok(Request::Takeover)) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    if calls.send(Call::Takeover(tx)).await.is_err() {
+                        stopping()
+                    } else {
+                        match rx.await {
+                            Ok(Ok(fds)) => {
+                                let read = reader.into_inner().into_inner();
+                                return hand_over(read, write, fds, calls).await;
+                            }
+                            Ok(Err(e)) => Err(e),
+                            Err(_) => stopping(),
+                        }
+                    }
+                }
                 Ok(Ok(_)) => {
                     let (tx, rx) = tokio::sync::oneshot::channel();
-                    match requests.send((line, tx)).await {
-                        Ok(()) => rx
-                            .await
-                            .unwrap_or_else(|_| Err("the node agent is stopping".to_owned())),
-                        Err(_) => Err("the node agent is stopping".to_owned()),
+                    match calls.send(Call::Request(line, tx)).await {
+                        Ok(()) => rx.await.unwrap_or_else(|_| stopping()),
+                        Err(_) => stopping(),
                     }
                 }
                 Ok(Err(e)) => Err(format!("reading the request: {e}")),
@@ -374,24 +536,31 @@ async fn serve(stream: UnixStream, requests: tokio::sync::mpsc::Sender<Pending>)
     .await;
 }
 
-/// What a request line gets.
-fn answer(
-    line: &str,
-    pods: &mut Pods,
-    capture: &mut EbpfCapture,
-    defaults: &PodDefaults,
-) -> Result<Answer, String> {
-    let request: Request =
-        serde_json::from_str(line.trim()).map_err(|e| format!("unreadable request: {e}"))?;
-    match request {
-        Request::Enroll(e) => pods
-            .enroll(capture, defaults, &e)
-            .map(Answer::Enrolled)
-            .map_err(|e| e.to_string()),
-        Request::Unenroll(r) => pods
-            .unenroll(capture, defaults, &r)
-            .map(Answer::Unenrolled)
-            .map_err(|e| e.to_string()),
-        Request::Pods => Ok(Answer::Pods(pods.list())),
+/// Sends every pod's sockets to the successor on this connection and waits
+/// (on a blocking thread) for its `READY`; tells the loop how it ended.
+async fn hand_over(
+    read: tokio::net::unix::OwnedReadHalf,
+    write: tokio::net::unix::OwnedWriteHalf,
+    fds: handover::PodSockets,
+    calls: tokio::sync::mpsc::Sender<Call>,
+) {
+    let stream = read
+        .reunite(write)
+        .expect("the halves of one stream")
+        .into_std()
+        .and_then(|s| s.set_nonblocking(false).map(|()| s));
+    let served = match stream {
+        Ok(stream) => tokio::task::spawn_blocking(move || {
+            handover::hand_over(&stream, &fds, handover::SUCCESSOR_WAIT)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e))),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &served {
+        warn!(error = %e, "handing the pods over");
     }
+    let _ = calls
+        .send(Call::TakeoverEnded(served.unwrap_or(false)))
+        .await;
 }

@@ -136,11 +136,17 @@ impl Agent {
 
     /// Sends `signal` and waits (up to 10 s) for the agent to exit.
     #[must_use = "the agent's exit status"]
-    pub fn stop_with(mut self, signal: i32) -> ExitStatus {
+    pub fn stop_with(self, signal: i32) -> ExitStatus {
         let pid = i32::try_from(self.pid()).unwrap();
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(pid, signal) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        self.wait_exit(Duration::from_secs(10))
+    }
+
+    /// Waits (up to `within`) for the agent to exit by itself.
+    #[must_use = "the agent's exit status"]
+    pub fn wait_exit(mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child_mut().try_wait().unwrap() {
                 self.child = None;
@@ -150,7 +156,7 @@ impl Agent {
             }
             assert!(
                 Instant::now() < deadline,
-                "agent did not exit after signal {signal}:\n{}",
+                "agent did not exit within {within:?}:\n{}",
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(20));

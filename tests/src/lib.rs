@@ -27,6 +27,7 @@ pub mod dns;
 pub mod farm;
 pub mod foreign;
 pub mod haproxy;
+pub mod looping;
 pub mod podman;
 pub mod servers;
 pub mod topology;

@@ -19,6 +19,7 @@ use tests::{
     Agent, InCgroup, PollStream, TestCgroup, TestNetns, Topology, agent_bin,
     agent_proc::run_to_end,
     haproxy::Haproxy,
+    looping::LoopingClient,
     podman::{IMAGE, Podman},
     require_root,
     servers::{Behaviour, Server},
@@ -645,6 +646,74 @@ fn after_a_sigkill_pods_stay_captured_and_a_new_node_agent_readopts_them() {
     assert_eq!(now, hooks);
 }
 
+/// An upgrade of the node agent, the new one started while the old one
+/// serves (a `DaemonSet` with `maxSurge`): the old one hands every pod's
+/// listening sockets over, so a client looping on connects in each pod
+/// sees no refused or failed connection; the old agent exits by itself and
+/// the new one serves every pod, with each hook attached once.
+#[rstest]
+fn a_new_node_agent_takes_over_without_refusing_a_connection() {
+    require_root!();
+    let (a, b) = (Topology::new(), Topology::new());
+    let echo =
+        |t: &Topology| Server::start(&t.srv, SRV_IP, 9000, Behaviour::Echo { write_size: 64 });
+    let (echo_a, echo_b) = (echo(&a), echo(&b));
+    let mut old = Node::start();
+    let hooks = {
+        let mut h = ours_on_root();
+        h.sort();
+        h
+    };
+    old.enroll(&a, "default/a");
+    old.enroll(&b, "default/b");
+    let clients = [
+        LoopingClient::start(&a.pod, echo_a.addr),
+        LoopingClient::start(&b.pod, echo_b.addr),
+    ];
+    let wait_for = |n: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let at: Vec<u64> = clients.iter().map(LoopingClient::ok).collect();
+        while clients.iter().zip(&at).any(|(c, at)| c.ok() < at + n) {
+            assert!(std::time::Instant::now() < deadline, "the clients stalled");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for(20);
+    let new = Node::start_on(old.socket.clone());
+    let status = old
+        .agent
+        .take()
+        .expect("running")
+        .wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "the old agent exits by itself: {status}");
+    let log = new.agent().log_text();
+    assert!(
+        log.contains("took over from the running node agent"),
+        "{log}"
+    );
+    assert_eq!(log.matches("re-adopted a pod").count(), 2, "{log}");
+    // Served by the new agent alone now.
+    wait_for(20);
+    let served = new.connections();
+    for [worked, failed] in clients.map(|c| {
+        let (w, f) = c.stop();
+        [w, f]
+    }) {
+        assert_eq!(
+            failed, 0,
+            "{failed} connections failed across the upgrade ({worked} worked)"
+        );
+    }
+    assert!(
+        served.iter().all(|(_, n)| *n > 0),
+        "each pod's connections reach the new agent's proxies: {served:?}"
+    );
+    let mut now = ours_on_root();
+    now.sort();
+    assert_eq!(now, hooks, "the same hooks, once each");
+    assert!(new.socket.exists(), "the socket is the new agent's");
+}
+
 /// SIGKILL of the node agent while 10 pods, each running its own proxy
 /// (HAProxy as uid 1337, enrolled with `--external-proxy`), transfer: every
 /// transfer completes byte-exact, as the pinned datapath and the pods'
@@ -978,7 +1047,7 @@ fn podman_pods_are_enrolled_by_the_cni_plugin_and_leave_no_trace() {
     let up = podman.pod("up");
     podman.ok(&[
         "run", "-d", "--pod", "up", "--name", "up-httpd", IMAGE, "/bin/sh", "-c",
-        "mkdir -p /www && dd if=/dev/urandom of=/www/blob bs=1M count=8 2>/dev/null && exec httpd -f -p 8080 -h /www",
+        "mkdir -p /www && dd if=/dev/urandom of=/www/blob bs=1M count=3 2>/dev/null && exec httpd -f -p 8080 -h /www",
     ]);
     let up_name = up.file_name().unwrap().to_str().unwrap().to_owned();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -1030,11 +1099,16 @@ fn podman_pods_are_enrolled_by_the_cni_plugin_and_leave_no_trace() {
         vec![("app".to_owned(), 1), ("up".to_owned(), 0)],
         "the app's first connection went through its own pod's proxy"
     );
-    eprintln!("podman: 8 MiB downloaded by curl in a pod; {packets} loopback packets");
+    // 3 MiB stays under the queue limit (4 MiB) however slowly curl
+    // writes its file: a reader that falls further behind is rightly
+    // carried over TCP. Over TCP these bytes take at least 48 packets of
+    // 64 KiB on the loopback, plus acknowledgements.
+    eprintln!("podman: 3 MiB downloaded by curl in a pod; {packets} loopback packets");
     if node.agent().short_circuits() != "none" {
         assert!(
-            packets < 64,
-            "{packets} loopback packets for 8 MiB: not short-circuited"
+            packets < 24,
+            "{packets} loopback packets for 3 MiB: not short-circuited: {:?}",
+            inspect::snapshot_from_pins(&node_pins()).unwrap().counters
         );
     }
     podman.ok(&["pod", "rm", "--force", "--time", "0", "app"]);

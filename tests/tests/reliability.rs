@@ -10,7 +10,7 @@ use std::{
     process::Command,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -23,10 +23,11 @@ use agent_common::Counter;
 use aya_obj::generated::bpf_prog_type;
 use rstest::rstest;
 use tests::{
-    Agent, PollStream, RedirectMode, Topology, admin,
+    Agent, RedirectMode, Topology, admin,
     agent_proc::run_to_end,
     farm::{AsyncEcho, block_on_in, runtime_in},
     haproxy::Haproxy,
+    looping::LoopingClient,
     require_heavy, require_root,
     servers::{Behaviour, Server},
     topology::{POD_IP, SRV_IP},
@@ -397,72 +398,6 @@ fn an_adopting_agent_replaces_every_program_of_the_old_one() {
 
 /// A new agent instance takes the built-in proxy's listeners over: a client
 /// looping on new connections sees no refusal across the switch.
-/// A client in the pod that connects, writes and reads its echo in a loop
-/// until stopped, counting what worked and what failed.
-struct LoopingClient {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl LoopingClient {
-    fn start(topo: &Topology, addr: std::net::SocketAddr) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let thread = {
-            let (stop, ok, failed, pod) = (
-                Arc::clone(&stop),
-                Arc::clone(&ok),
-                Arc::clone(&failed),
-                topo.pod.open(),
-            );
-            std::thread::spawn(move || {
-                pod.run(|| {
-                    while !stop.load(Ordering::Relaxed) {
-                        let attempt = || -> std::io::Result<()> {
-                            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-                            let mut s = PollStream::new(s, Duration::from_secs(5))?;
-                            s.write_all(b"ping")?;
-                            let mut b = [0u8; 4];
-                            s.read_exact(&mut b)
-                        };
-                        match attempt() {
-                            Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                            Err(e) => {
-                                eprintln!("connection failed: {e}");
-                                failed.fetch_add(1, Ordering::Relaxed)
-                            }
-                        };
-                    }
-                })
-                .unwrap();
-            })
-        };
-        Self {
-            stop,
-            ok,
-            failed,
-            thread,
-        }
-    }
-
-    /// How many worked so far.
-    fn ok(&self) -> u64 {
-        self.ok.load(Ordering::Relaxed)
-    }
-
-    /// Stops; (worked, failed).
-    fn stop(self) -> (u64, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap();
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        )
-    }
-}
-
 #[rstest]
 fn a_new_agent_takes_over_without_refusing_a_connection(
     #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
@@ -477,7 +412,7 @@ fn a_new_agent_takes_over_without_refusing_a_connection(
     // test process moves into the pod's cgroup for its client).
     let agent_cgroup = agent::cgroup::own().unwrap();
     let _in_pod = topo.enter_pod_cgroup();
-    let client = LoopingClient::start(&topo, echo.addr);
+    let client = LoopingClient::start(&topo.pod, echo.addr);
     std::thread::sleep(Duration::from_millis(500));
     let new = Agent::run_in(&args, &agent_cgroup);
     assert!(
@@ -526,7 +461,7 @@ fn a_new_agent_that_fails_to_start_leaves_the_old_one_serving(
     let hooks_before = ours_on(topo.cgroup.path());
     let agent_cgroup = agent::cgroup::own().unwrap();
     let _in_pod = topo.enter_pod_cgroup();
-    let client = LoopingClient::start(&topo, echo.addr);
+    let client = LoopingClient::start(&topo.pod, echo.addr);
     std::thread::sleep(Duration::from_millis(300));
     let mut failing = vec!["run"];
     failing.extend(&args);

@@ -41,6 +41,8 @@ pub enum Request {
     Unenroll(PodRef),
     /// Every pod served.
     Pods,
+    /// A new node agent takes over (see [`super::handover`]).
+    Takeover,
 }
 
 /// Which pod, and what to capture of it.

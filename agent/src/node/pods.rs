@@ -6,6 +6,7 @@
 use std::{
     collections::BTreeMap,
     net::TcpListener,
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
@@ -13,7 +14,10 @@ use std::{
 
 use tracing::{info, warn};
 
-use super::api::{Enrollment, ExternalProxy, PodInfo, PodRef};
+use super::{
+    api::{Enrollment, ExternalProxy, PodInfo, PodRef},
+    handover::PodSockets,
+};
 use crate::{
     admin::metrics::NodePods,
     capture::{ProxyIdentity, Settings, ebpf::EbpfCapture},
@@ -71,7 +75,13 @@ struct Pod {
     asked: Enrollment,
     /// The built-in proxy (none: the pod runs its own).
     proxy: Option<ProxyHandle>,
+    /// Our own handle on its listening sockets, for a successor.
+    listeners: Option<Listeners>,
 }
+
+/// Listening sockets handed over by the node agent we take over from, by
+/// the netns cookie of the pod they listen in.
+pub type Handed = std::collections::HashMap<u64, Vec<TcpListener>>;
 
 /// Every pod served, by netns cookie.
 #[derive(Default)]
@@ -91,6 +101,19 @@ impl Pods {
         capture: &mut EbpfCapture,
         defaults: &PodDefaults,
         e: &Enrollment,
+    ) -> Result<PodInfo, PodError> {
+        self.enroll_with(capture, defaults, e, &mut Handed::new())
+    }
+
+    /// [`Self::enroll`], the proxy's listeners taken from `handed` (by the
+    /// pod's netns cookie: a node agent we take over from handed them over)
+    /// where it has them, bound afresh otherwise.
+    pub fn enroll_with(
+        &mut self,
+        capture: &mut EbpfCapture,
+        defaults: &PodDefaults,
+        e: &Enrollment,
+        handed: &mut Handed,
     ) -> Result<PodInfo, PodError> {
         let netns_err = |source| PodError::Netns {
             path: e.netns.clone(),
@@ -116,7 +139,13 @@ impl Pods {
         let (proxy, kept) = if e.external_proxy.is_some() {
             (None, None)
         } else {
-            let listeners = Listeners::bind(&netns, &defaults.proxy).map_err(proxy_err)?;
+            let mut listeners = Listeners {
+                outbound: handed.remove(&cookie).unwrap_or_default(),
+                inbound: Vec::new(),
+            };
+            listeners
+                .bind_missing(&netns, &defaults.proxy)
+                .map_err(proxy_err)?;
             let kept = listeners.try_clone().map_err(|source| PodError::Keep {
                 path: e.netns.clone(),
                 source,
@@ -180,6 +209,7 @@ impl Pods {
                 info,
                 asked: e.clone(),
                 proxy,
+                listeners: kept,
             },
         );
         Ok(current(&self.by_cookie[&cookie]))
@@ -234,6 +264,22 @@ impl Pods {
             "pod unenrolled"
         );
         Ok(Some(info))
+    }
+
+    /// Copies of every pod's listening sockets, by netns cookie, for the
+    /// node agent that takes over from us.
+    pub fn handover(&self) -> std::io::Result<PodSockets> {
+        self.by_cookie
+            .iter()
+            .filter_map(|(cookie, p)| Some((*cookie, p.listeners.as_ref()?)))
+            .map(|(cookie, l)| {
+                let fds = l
+                    .all()
+                    .map(|(l, _)| l.try_clone().map(OwnedFd::from))
+                    .collect::<std::io::Result<Vec<_>>>()?;
+                Ok((cookie, fds))
+            })
+            .collect()
     }
 
     /// The pods as the metrics see them (kept up to date).
