@@ -258,9 +258,6 @@ enum Call {
     TakeoverEnded(bool),
 }
 
-/// What `enroll` and `unenroll` get while a successor is getting ready.
-const UPGRADING: &str = "a new node agent is taking over: retry in a moment";
-
 /// The node agent's state, owned by its loop.
 struct Node {
     pods: Pods,
@@ -360,7 +357,9 @@ impl Node {
             serde_json::from_str(line.trim()).map_err(|e| format!("unreadable request: {e}"))?;
         let (pods, capture, defaults) = (&mut self.pods, &mut self.capture, &self.defaults);
         match request {
-            Request::Enroll(_) | Request::Unenroll(_) if handing_over => Err(UPGRADING.to_owned()),
+            Request::Enroll(_) | Request::Unenroll(_) if handing_over => {
+                Err(api::UPGRADING.to_owned())
+            }
             Request::Enroll(e) => pods
                 .enroll(capture, defaults, &e)
                 .map(Answer::Enrolled)

@@ -25,6 +25,10 @@ pub const STATE_NAME: &str = "node-pods.json";
 /// CIDRs fits many times over).
 pub const MAX_REQUEST: u64 = 1 << 20;
 
+/// What `enroll` and `unenroll` get while a new node agent takes over
+/// (the CNI plugin asks again).
+pub const UPGRADING: &str = "a new node agent is taking over: retry in a moment";
+
 /// How long a client waits for the agent's answer.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 

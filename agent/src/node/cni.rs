@@ -392,8 +392,21 @@ fn require(v: &str, name: &str, value: &str) -> Result<(), CniError> {
     Ok(())
 }
 
+/// Asks the node agent, within `timeout` in all: while a new node agent
+/// takes over, the request is asked again until it is through.
 fn ask_within(socket: &Path, request: &Request, timeout: Duration) -> Result<Answer, ApiError> {
-    api::ask_with_timeout(socket, request, timeout)
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match api::ask_with_timeout(socket, request, left.max(Duration::from_millis(100))) {
+            Err(ApiError::Refused(m))
+                if m == api::UPGRADING && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn error(version: &str, code: u32, msg: &str, details: &dyn std::fmt::Display) -> CniError {
