@@ -8,6 +8,8 @@
 //! M0 direct; M1 iptables + built-in proxy; M2 eBPF connect4 only (no
 //! sockmap) + built-in proxy; M3 eBPF connect4 + sockmap + built-in proxy;
 //! H1 iptables + HAProxy; H3 eBPF connect4 + sockmap + HAProxy.
+//! Then node mode's cost per pod ([`node`]): enroll latency, memory and
+//! descriptors of one node agent as it enrolls 110 pods (20 with --quick).
 //!
 //! The load client and the servers are this same binary, re-executed as
 //! `xtask bench worker JOB` (built in release): the client starts inside the
@@ -16,6 +18,7 @@
 mod chart;
 mod client;
 mod env;
+mod node;
 mod proto;
 mod report;
 mod server;
@@ -521,9 +524,12 @@ pub fn run(opts: &Options) -> Result<()> {
         run_round(&mut env, &plan, round, Some(&mut samples))?;
     }
     drop(env);
+    eprintln!("bench: node mode, the cost of a pod");
+    let node = node::measure(&agent_bin, if plan.quick { 20 } else { 110 })?;
     let system = system.finish(started.elapsed());
     let out = report::write(&plan, &system, &samples)?;
-    println!("{}", out.summary);
+    node.append_to(&out.markdown)?;
+    println!("{}\n{}", out.summary, node.summary());
     println!("bench: report {}", out.markdown.display());
     println!("bench: chart  {}", out.chart.display());
     if plan.quick {

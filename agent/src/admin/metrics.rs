@@ -233,8 +233,47 @@ impl Collector for Agent {
             "mesh_redirect_fail_open",
             "1 when connections go direct while no proxy listens",
             i64::from(self.fail_open),
+        )?;
+        let (resident, descriptors) = own_footprint();
+        gauge(
+            &mut e,
+            "mesh_redirect_resident_memory_bytes",
+            "The agent's resident memory",
+            to_i64(resident),
+        )?;
+        gauge(
+            &mut e,
+            "mesh_redirect_open_descriptors",
+            "Descriptors the agent holds, in every table: the process's and each proxy worker's own",
+            to_i64(descriptors),
         )
     }
+}
+
+/// This process's resident bytes and open descriptors, each proxy worker's
+/// own table (see `proxy::worker`) counted too.
+fn own_footprint() -> (u64, u64) {
+    let count = |dir: &str| std::fs::read_dir(dir).map_or(0, |d| d.count() as u64);
+    let resident = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024;
+    let workers: u64 = std::fs::read_dir("/proc/self/task").map_or(0, |tasks| {
+        tasks
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.starts_with("proxy-"))
+            })
+            .map(|t| count(&t.path().join("fd").to_string_lossy()))
+            .sum()
+    });
+    (resident, count("/proc/self/fd") + workers)
 }
 
 /// The datapath's counters and map usage, from the agent's own handle on
@@ -551,6 +590,12 @@ mod tests {
             "mesh_redirect_proxy_bytes_total{direction=\"inbound\",flow=\"to_client\"} 50"
         ));
         assert!(!text.contains("sk_msg"), "no datapath, no datapath metrics");
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+        };
+        assert!(value("mesh_redirect_resident_memory_bytes").is_some_and(|v| v > 1 << 20));
+        assert!(value("mesh_redirect_open_descriptors").is_some_and(|v| v >= 3));
     }
 
     #[test]
