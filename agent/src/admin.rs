@@ -163,6 +163,15 @@ impl AdminState {
 /// so a port in use fails cleanly). `SO_REUSEPORT`: during a handover the
 /// old and the new agent both hold it for a moment.
 pub fn bind(netns: &Netns, addr: SocketAddrV4) -> anyhow::Result<std::net::TcpListener> {
+    let sock = reserve(netns, addr)?;
+    sock.listen(128)
+        .map_err(|e| anyhow::anyhow!("--admin: cannot listen on {addr}: {e}"))?;
+    Ok(sock.into())
+}
+
+/// [`bind`] without listening yet: the address is ours (a bad one fails
+/// here), but no connection reaches us until [`listen`].
+pub fn reserve(netns: &Netns, addr: SocketAddrV4) -> anyhow::Result<socket2::Socket> {
     use anyhow::Context as _;
     netns
         .run(|| {
@@ -171,10 +180,15 @@ pub fn bind(netns: &Netns, addr: SocketAddrV4) -> anyhow::Result<std::net::TcpLi
             sock.set_reuse_port(true)?;
             sock.set_nonblocking(true)?;
             sock.bind(&std::net::SocketAddr::V4(addr).into())?;
-            sock.listen(128)?;
-            Ok::<std::net::TcpListener, std::io::Error>(sock.into())
+            Ok::<socket2::Socket, std::io::Error>(sock)
         })?
         .with_context(|| format!("--admin: cannot listen on {addr}"))
+}
+
+/// Starts listening on a [`reserve`]d address.
+pub fn listen(sock: socket2::Socket) -> std::io::Result<std::net::TcpListener> {
+    sock.listen(128)?;
+    Ok(sock.into())
 }
 
 /// A running admin server.

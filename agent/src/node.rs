@@ -142,8 +142,10 @@ pub fn run(args: &NodeArgs) -> Result<()> {
     let rt = crate::proxy::worker::main_runtime()?;
     let _rt = rt.enter();
     let mut signals = Signals::new()?;
-    let admin_listener = (!args.no_admin)
-        .then(|| crate::admin::bind(&crate::netns::Netns::current()?, args.admin))
+    // Reserved, not listening: during a takeover the old agent answers
+    // the probes until it lets go.
+    let admin = (!args.no_admin)
+        .then(|| crate::admin::reserve(&crate::netns::Netns::current()?, args.admin))
         .transpose()?;
     // A node agent serving on the socket already hands its pods' listening
     // sockets over and serves on until we do; our socket is bound beside
@@ -171,6 +173,7 @@ pub fn run(args: &NodeArgs) -> Result<()> {
             u64::from(args.sockmap_queue_kib) * 1024,
             Some(pins),
         )?,
+        socket_id: file_id(&bound_at)?,
     };
     // The agent's own proxies may live outside the pods' cgroup: their
     // sockets need sockops and getsockopt too.
@@ -180,9 +183,20 @@ pub fn run(args: &NodeArgs) -> Result<()> {
         .as_mut()
         .map(|t| std::mem::take(&mut t.handed))
         .unwrap_or_default();
-    node.readopt(&mut handed)?;
+    node.readopt(&mut handed);
     // Sockets of pods we no longer serve: the old agent's copies remain.
     drop(handed);
+    // Nothing the old agent uses changes before it lets go.
+    if let Some(t) = takeover {
+        t.confirm(&args.socket).context("taking over")?;
+        std::fs::rename(&bound_at, &args.socket)
+            .with_context(|| format!("--socket: moving {} over", bound_at.display()))?;
+        info!(
+            pods = node.pods.list().len(),
+            "took over from the running node agent"
+        );
+    }
+    node.forget_unserved()?;
     // An upgrade to a new map layout: the old datapath goes only once the
     // pods are captured by the new one.
     for dir in older {
@@ -192,25 +206,15 @@ pub fn run(args: &NodeArgs) -> Result<()> {
     let ready = Arc::new(Readiness::default());
     ready.set_capture();
     ready.set_listeners();
-    let _admin = match admin_listener {
-        Some(l) => {
+    let admin = match admin {
+        Some(sock) => {
             let maps = node.capture.maps().reopen()?;
             let state = AdminState::node(Arc::clone(&ready), maps, node.pods.metrics());
-            Some(AdminHandle::start(l, Arc::new(state))?)
+            let listener = crate::admin::listen(sock).context("--admin")?;
+            Some(AdminHandle::start(listener, Arc::new(state))?)
         }
         None => None,
     };
-    if let Some(t) = takeover {
-        std::fs::rename(&bound_at, &args.socket)
-            .with_context(|| format!("--socket: moving {} over", bound_at.display()))?;
-        if let Err(e) = t.confirm() {
-            warn!(error = %e, "the node agent we take over from went away first");
-        }
-        info!(
-            pods = node.pods.list().len(),
-            "took over from the running node agent"
-        );
-    }
     info!(
         role = "node",
         cgroup = %cgroup.display(),
@@ -221,6 +225,10 @@ pub fn run(args: &NodeArgs) -> Result<()> {
     let stop = rt.block_on(node.serve(&listener, &mut signals));
     ready.set_draining();
     drop(listener);
+    if matches!(stop, Stop::HandedOver) {
+        // The probes and scrapes are the successor's now.
+        drop(admin);
+    }
     node.stop(&stop, &args.socket);
     Ok(())
 }
@@ -265,6 +273,15 @@ struct Node {
     defaults: PodDefaults,
     state: State,
     pending_dir: PathBuf,
+    /// The node socket's file, to remove only if it is still ours.
+    socket_id: (u64, u64),
+}
+
+/// A file's device and inode.
+fn file_id(path: &std::path::Path) -> Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).with_context(|| format!("--socket {}", path.display()))?;
+    Ok((m.dev(), m.ino()))
 }
 
 impl Node {
@@ -274,22 +291,30 @@ impl Node {
         let (calls_tx, mut calls) = tokio::sync::mpsc::channel::<Call>(64);
         // A successor is getting ready: nothing changes meanwhile.
         let mut handing_over = false;
+        // A signal that came meanwhile: we stop once the successor serves
+        // or has gone (it hears within `handover::SUCCESSOR_WAIT`).
+        let mut signalled = None;
         loop {
-            tokio::select! {
-                _ = signals.term.recv() => return Stop::Signal("SIGTERM"),
-                _ = signals.int.recv() => return Stop::Signal("SIGINT"),
+            let signal = tokio::select! {
+                _ = signals.term.recv() => Some("SIGTERM"),
+                _ = signals.int.recv() => Some("SIGINT"),
                 _ = garbage.tick(), if !handing_over => {
                     self.pods.collect_garbage(&mut self.capture, &self.defaults);
                     enroll_pending(&self.pending_dir, &mut self.pods, &mut self.capture, &self.defaults);
                     self.state.save(&self.pods);
+                    None
                 }
                 // Each caller is read on a task of its own (a slow one
                 // stalls nobody); its request is carried out here, in turn.
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         tokio::spawn(serve(stream, calls_tx.clone()));
+                        None
                     }
-                    Err(e) => warn!(error = %e, "node socket: accept failed"),
+                    Err(e) => {
+                        warn!(error = %e, "node socket: accept failed");
+                        None
+                    }
                 },
                 Some(call) = calls.recv() => match call {
                     Call::Request(line, reply) => {
@@ -297,6 +322,7 @@ impl Node {
                         if !handing_over {
                             self.state.save(&self.pods);
                         }
+                        None
                     }
                     Call::Takeover(reply) => {
                         let answer = if handing_over {
@@ -306,15 +332,31 @@ impl Node {
                             self.state.save(&self.pods);
                             self.pods.handover().map_err(|e| e.to_string())
                         };
-                        handing_over |= answer.is_ok();
-                        let _ = reply.send(answer);
+                        let ok = answer.is_ok();
+                        handing_over |= reply.send(answer).is_ok() && ok;
+                        None
                     }
                     Call::TakeoverEnded(true) => return Stop::HandedOver,
                     Call::TakeoverEnded(false) => {
+                        if let Some(signal) = signalled {
+                            return Stop::Signal(signal);
+                        }
                         warn!("the new node agent went away before it served: serving on");
                         handing_over = false;
+                        None
                     }
                 },
+            };
+            match signal {
+                Some(signal) if handing_over => {
+                    info!(
+                        signal,
+                        "a new node agent is getting ready: stopping once it serves or gives up"
+                    );
+                    signalled = Some(signal);
+                }
+                Some(signal) => return Stop::Signal(signal),
+                None => {}
             }
         }
     }
@@ -332,7 +374,9 @@ impl Node {
                     pods = self.pods.list().len(),
                     "stopping: the pods stay enrolled for the next node agent; their open connections get --drain-timeout-secs"
                 );
-                let _ = std::fs::remove_file(socket);
+                if file_id(socket).is_ok_and(|id| id == self.socket_id) {
+                    let _ = std::fs::remove_file(socket);
+                }
             }
             Stop::HandedOver => info!(
                 pods = self.pods.list().len(),
@@ -375,9 +419,8 @@ impl Node {
 
     /// After a restart or a takeover: every pod the last agent served is
     /// enrolled again (its proxy on the sockets `handed` over, else
-    /// listening anew in its namespace); namespaces in the maps that are
-    /// not (gone meanwhile) are taken out.
-    fn readopt(&mut self, handed: &mut pods::Handed) -> Result<()> {
+    /// listening anew in its namespace).
+    fn readopt(&mut self, handed: &mut handover::Handed) {
         for e in self.state.load() {
             match self
                 .pods
@@ -389,6 +432,11 @@ impl Node {
                 Err(err) => warn!(error = %err, "a pod the earlier node agent served is gone"),
             }
         }
+    }
+
+    /// Namespaces in the maps that no pod of ours holds (gone meanwhile)
+    /// are taken out; the list of pods is written.
+    fn forget_unserved(&mut self) -> Result<()> {
         for (cookie, _) in self.capture.maps().netns_configs()? {
             if !self.pods.serves(cookie) {
                 info!(
@@ -485,12 +533,17 @@ async fn serve(stream: UnixStream, calls: tokio::sync::mpsc::Sender<Call>) {
     let span = info_span!("request", uid = ?uid, pid = ?pid);
     async move {
         let (read, mut write) = stream.into_split();
-        let stopping = || Err("the node agent is stopping".to_owned());
+        let stopping = || Err(api::STOPPING.to_owned());
         let answer = if uid == Some(0) {
             let mut line = String::new();
             let mut reader = BufReader::new(read.take(MAX_REQUEST));
             match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
-                Ok(Ok(_)) if matches!(serde_json::from_str(line.trim()), Ok(Request::Takeover)) => {
+                // A takeover: the successor sends nothing more until it
+                // has every pod's sockets.
+                Ok(Ok(_))
+                    if reader.buffer().is_empty()
+                        && matches!(serde_json::from_str(line.trim()), Ok(Request::Takeover)) =>
+                {
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     if calls.send(Call::Takeover(tx)).await.is_err() {
                         stopping()

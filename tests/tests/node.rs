@@ -650,7 +650,8 @@ fn after_a_sigkill_pods_stay_captured_and_a_new_node_agent_readopts_them() {
 /// serves (a `DaemonSet` with `maxSurge`): the old one hands every pod's
 /// listening sockets over, so a client looping on connects in each pod
 /// sees no refused or failed connection; the old agent exits by itself and
-/// the new one serves every pod, with each hook attached once.
+/// the new one serves every pod, with each hook attached once. A successor
+/// that fails halfway leaves the old one serving.
 #[rstest]
 fn a_new_node_agent_takes_over_without_refusing_a_connection() {
     require_root!();
@@ -679,6 +680,26 @@ fn a_new_node_agent_takes_over_without_refusing_a_connection() {
         }
     };
     wait_for(20);
+    // A successor that fails after it got the sockets (here: a bpffs that
+    // is a plain file) leaves the old agent serving, enrollments included.
+    let not_bpffs = old.socket.with_file_name("not-a-bpffs");
+    std::fs::write(&not_bpffs, b"").unwrap();
+    let failed = run_to_end(&[
+        "node",
+        "--socket",
+        old.socket.to_str().unwrap(),
+        "--no-admin",
+        "--bpffs",
+        not_bpffs.to_str().unwrap(),
+    ]);
+    assert!(!failed.status.success());
+    assert!(
+        String::from_utf8_lossy(&failed.stderr).contains("--bpffs"),
+        "{}",
+        String::from_utf8_lossy(&failed.stderr)
+    );
+    wait_for(20);
+    old.enroll(&a, "default/a");
     let new = Node::start_on(old.socket.clone());
     let status = old
         .agent

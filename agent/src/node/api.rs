@@ -29,6 +29,9 @@ pub const MAX_REQUEST: u64 = 1 << 20;
 /// (the CNI plugin asks again).
 pub const UPGRADING: &str = "a new node agent is taking over: retry in a moment";
 
+/// What a request gets from an agent that is stopping.
+pub const STOPPING: &str = "the node agent is stopping";
+
 /// How long a client waits for the agent's answer.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -393,19 +393,29 @@ fn require(v: &str, name: &str, value: &str) -> Result<(), CniError> {
 }
 
 /// Asks the node agent, within `timeout` in all: while a new node agent
-/// takes over, the request is asked again until it is through.
+/// takes over (or the old one stops with the request unanswered), it is
+/// asked again until it is through.
 fn ask_within(socket: &Path, request: &Request, timeout: Duration) -> Result<Answer, ApiError> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match api::ask_with_timeout(socket, request, left.max(Duration::from_millis(100))) {
-            Err(ApiError::Refused(m))
-                if m == api::UPGRADING && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            other => return other,
+        let answer = api::ask_with_timeout(socket, request, left.max(Duration::from_millis(100)));
+        // An agent handing over, or one that stopped with our request
+        // unanswered (its successor answers on the same path).
+        let again = match &answer {
+            Err(ApiError::Refused(m)) => m == api::UPGRADING || m == api::STOPPING,
+            Err(ApiError::Io { source, .. }) => matches!(
+                source.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+            ),
+            _ => false,
+        };
+        if !again || std::time::Instant::now() >= deadline {
+            return answer;
         }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

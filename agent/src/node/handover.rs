@@ -4,12 +4,15 @@
 //! (`{"op":"takeover"}` on the node socket). The running one answers one
 //! message per pod, `POD <netns cookie> <n>` with its `n` sockets attached,
 //! then `END`. The new agent serves those sockets alongside it (the same
-//! sockets: nothing queued on them is lost), moves the node socket's path
-//! over to itself and says `READY`; the old agent then stops accepting,
-//! drains and exits. Until `READY` the old agent serves on, and it refuses
-//! `enroll` and `unenroll` (the CNI plugin's caller retries), so no pod is
-//! enrolled with one agent and missed by the other. If the new agent dies
-//! first, the old one carries on as before.
+//! sockets: nothing queued on them is lost) and says `READY`; the old agent
+//! commits (`GO`: it will not serve again), and only then does the new one
+//! move the node socket's path over to itself, take out what it no longer
+//! serves and open its admin port; the old one stops accepting, drains and
+//! exits. Until `GO` the old agent serves on, and it refuses `enroll` and
+//! `unenroll` (the CNI plugin asks again), so no pod is enrolled with one
+//! agent and missed by the other. If the new agent dies or stalls before
+//! `READY`, the old one carries on as before, and a new agent that gets no
+//! `GO` gives up without touching anything the old one uses.
 
 use std::{
     io::{self, BufRead as _, BufReader, Write as _},
@@ -22,16 +25,22 @@ use std::{
     time::Duration,
 };
 
-use super::{api::Request, pods::Handed};
+use super::api::Request;
 use crate::handoff::{recv_with_fds, send_with_fds};
 
 /// The end of the pods' sockets.
 const END: &str = "END";
 /// The successor serves: the old agent may go.
 const READY: &str = "READY";
+/// The old agent lets go: the successor may take the socket's path.
+const GO: &str = "GO";
 /// How long a running agent waits for its successor's `READY` (it loads
 /// the datapath and starts a proxy per pod meanwhile).
 pub const SUCCESSOR_WAIT: Duration = Duration::from_mins(1);
+
+/// Listening sockets handed over by the node agent we take over from, by
+/// the netns cookie of the pod they listen in.
+pub type Handed = std::collections::HashMap<u64, Vec<TcpListener>>;
 
 /// Every pod's listening sockets, by netns cookie, as they are handed over.
 pub type PodSockets = Vec<(u64, Vec<OwnedFd>)>;
@@ -54,10 +63,29 @@ pub struct NodeTakeover {
 }
 
 impl NodeTakeover {
-    /// Tells the running agent we serve now: it stops accepting, drains and
-    /// exits.
-    pub fn confirm(mut self) -> io::Result<()> {
-        self.stream.write_all(format!("{READY}\n").as_bytes())
+    /// Tells the running agent we serve now and waits for it to let go
+    /// (then it stops accepting, drains and exits). An error: it did not
+    /// (it gave up on us, or died): we must not take its place.
+    pub fn confirm(mut self, socket: &Path) -> Result<(), HandoverError> {
+        let io_err = |source| HandoverError::Io {
+            path: socket.to_owned(),
+            source,
+        };
+        self.stream
+            .write_all(format!("{READY}\n").as_bytes())
+            .map_err(io_err)?;
+        let mut line = String::new();
+        BufReader::new(&self.stream)
+            .read_line(&mut line)
+            .map_err(io_err)?;
+        if line.trim() == GO {
+            Ok(())
+        } else {
+            Err(HandoverError::Refused {
+                path: socket.to_owned(),
+                answer: format!("no {GO} after {READY}: {:?}", line.trim()),
+            })
+        }
     }
 }
 
@@ -118,8 +146,9 @@ pub fn take_over(socket: &Path) -> Result<Option<NodeTakeover>, HandoverError> {
 }
 
 /// The running agent's side: sends `pods`' sockets to the successor on
-/// `stream`, then waits up to `wait` for its `READY`. `Ok(true)`: it serves
-/// now; `Ok(false)`: it went away first.
+/// `stream`, then waits up to `wait` for its `READY` and answers `GO`.
+/// `Ok(true)`: it serves now and we have let go; `Ok(false)`: it went away
+/// or stalled first (it hears no `GO`, and gives up).
 pub fn hand_over(
     stream: &UnixStream,
     pods: &[(u64, Vec<OwnedFd>)],
@@ -137,7 +166,10 @@ pub fn hand_over(
     stream.set_read_timeout(Some(wait))?;
     let mut line = String::new();
     match BufReader::new(stream).read_line(&mut line) {
-        Ok(_) => Ok(line.trim() == READY),
+        Ok(_) if line.trim() == READY => {
+            Ok((&*stream).write_all(format!("{GO}\n").as_bytes()).is_ok())
+        }
+        Ok(_) => Ok(false),
         Err(e)
             if matches!(
                 e.kind(),
@@ -178,8 +210,8 @@ mod tests {
         assert_eq!(t.handed.len(), 2);
         assert_eq!(t.handed[&7][0].local_addr().unwrap(), ports[0]);
         assert_eq!(t.handed[&9][0].local_addr().unwrap(), ports[1]);
-        t.confirm().unwrap();
-        assert!(old.join().unwrap(), "the old side hears READY");
+        t.confirm(&path).unwrap();
+        assert!(old.join().unwrap(), "the old side hears READY and lets go");
         // A successor that goes away unconfirmed leaves the old one serving.
         let listener = std::os::unix::net::UnixListener::bind(dir.join("b.sock")).unwrap();
         let old = std::thread::spawn(move || {

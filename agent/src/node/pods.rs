@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use super::{
     api::{Enrollment, ExternalProxy, PodInfo, PodRef},
-    handover::PodSockets,
+    handover::{Handed, PodSockets},
 };
 use crate::{
     admin::metrics::NodePods,
@@ -79,10 +79,6 @@ struct Pod {
     listeners: Option<Listeners>,
 }
 
-/// Listening sockets handed over by the node agent we take over from, by
-/// the netns cookie of the pod they listen in.
-pub type Handed = std::collections::HashMap<u64, Vec<TcpListener>>;
-
 /// Every pod served, by netns cookie.
 #[derive(Default)]
 pub struct Pods {
@@ -130,28 +126,12 @@ impl Pods {
         }
         let rules = e.rules.apply_to(&CaptureRules::default())?;
         let ipv6 = netns.has_global_ipv6().map_err(netns_err)?;
-        let proxy_err = |source| PodError::Proxy {
-            path: e.netns.clone(),
-            source,
-        };
         // The built-in proxy listens before the maps say to capture; a
         // pod's own proxy is its business.
         let (proxy, kept) = if e.external_proxy.is_some() {
             (None, None)
         } else {
-            let mut listeners = Listeners {
-                outbound: handed.remove(&cookie).unwrap_or_default(),
-                inbound: Vec::new(),
-            };
-            listeners
-                .bind_missing(&netns, &defaults.proxy)
-                .map_err(proxy_err)?;
-            let kept = listeners.try_clone().map_err(|source| PodError::Keep {
-                path: e.netns.clone(),
-                source,
-            })?;
-            let proxy =
-                ProxyHandle::start(&netns, defaults.proxy.clone(), listeners).map_err(proxy_err)?;
+            let (proxy, kept) = start_proxy(&netns, defaults, handed.remove(&cookie), &e.netns)?;
             (Some(proxy), Some(kept))
         };
         let settings = settings(
@@ -191,18 +171,7 @@ impl Pods {
             netns_cookie = cookie,
             "pod enrolled"
         );
-        self.metrics
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(
-                cookie,
-                (
-                    info.pod
-                        .clone()
-                        .unwrap_or_else(|| format!("netns:{cookie}")),
-                    proxy.as_ref().map(|p| Arc::clone(&p.stats)),
-                ),
-            );
+        self.show(cookie, &info, proxy.as_ref());
         self.by_cookie.insert(
             cookie,
             Pod {
@@ -266,12 +235,25 @@ impl Pods {
         Ok(Some(info))
     }
 
+    /// Puts a pod in the metrics.
+    fn show(&self, cookie: u64, info: &PodInfo, proxy: Option<&ProxyHandle>) {
+        let label = info
+            .pod
+            .clone()
+            .unwrap_or_else(|| format!("netns:{cookie}"));
+        self.metrics
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(cookie, (label, proxy.map(|p| Arc::clone(&p.stats))));
+    }
+
     /// Copies of every pod's listening sockets, by netns cookie, for the
     /// node agent that takes over from us.
     pub fn handover(&self) -> std::io::Result<PodSockets> {
         self.by_cookie
             .iter()
             .filter_map(|(cookie, p)| Some((*cookie, p.listeners.as_ref()?)))
+            .filter(|(_, l)| l.all().next().is_some())
             .map(|(cookie, l)| {
                 let fds = l
                     .all()
@@ -345,6 +327,39 @@ impl Pods {
             let _ = self.unenroll(capture, defaults, r);
         }
     }
+}
+
+/// Starts a pod's built-in proxy on the sockets `handed` over for it (those
+/// on our port: others are not ours to serve, the old agent's copies stay
+/// with it), binding what is missing; our own handle on its listeners.
+fn start_proxy(
+    netns: &Netns,
+    defaults: &PodDefaults,
+    handed: Option<Vec<TcpListener>>,
+    path: &Path,
+) -> Result<(ProxyHandle, Listeners), PodError> {
+    let proxy_err = |source| PodError::Proxy {
+        path: path.to_owned(),
+        source,
+    };
+    let port = defaults.proxy.outbound_port;
+    let mut listeners = Listeners {
+        outbound: handed
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|l| l.local_addr().is_ok_and(|a| a.port() == port))
+            .collect(),
+        inbound: Vec::new(),
+    };
+    listeners
+        .bind_missing(netns, &defaults.proxy)
+        .map_err(proxy_err)?;
+    let kept = listeners.try_clone().map_err(|source| PodError::Keep {
+        path: path.to_owned(),
+        source,
+    })?;
+    let proxy = ProxyHandle::start(netns, defaults.proxy.clone(), listeners).map_err(proxy_err)?;
+    Ok((proxy, kept))
 }
 
 /// Whether `path` still names the namespace with `cookie`.

@@ -192,6 +192,17 @@ pub(super) fn start(
     phase: &Arc<PhaseCell>,
     accepting: &Arc<AtomicUsize>,
 ) -> Result<Vec<JoinHandle<()>>, ProxyError> {
+    if SHARED_RUNTIME_FDS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .is_empty()
+    {
+        // Its workers would close the descriptors tokio's signal handling
+        // writes to by number (see `Worker`).
+        return Err(ProxyError::Runtime(io::Error::other(
+            "the proxy's workers need the process's runtime made by proxy::worker::main_runtime",
+        )));
+    }
     let workers = config.worker_threads.max(1);
     // Every worker may take every connection until we know how many its
     // descriptor table holds; then the excess is forgotten below.
@@ -314,10 +325,18 @@ pub fn main_runtime() -> io::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()?;
     let made = open_fds()?.into_iter().filter(|fd| !before.contains(fd));
-    SHARED_RUNTIME_FDS
+    let mut shared = SHARED_RUNTIME_FDS
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .extend(made);
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    shared.extend(made);
+    // Its epoll, its eventfd, tokio's signal pipe (two ends) and the
+    // signal driver's copy: fewer, and another runtime came first.
+    if shared.len() < 4 {
+        return Err(io::Error::other(format!(
+            "the main runtime opened {} descriptors: it must be the process's first",
+            shared.len()
+        )));
+    }
     Ok(rt)
 }
 
