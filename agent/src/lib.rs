@@ -31,6 +31,7 @@ pub mod pins;
 pub mod proxy;
 pub mod rules;
 pub mod run;
+pub mod signals;
 pub mod socket;
 pub mod status;
 pub mod update_rules;

@@ -52,6 +52,7 @@ use crate::{
     capture::ebpf::{EbpfCapture, node_pin_dir},
     cgroup,
     proxy::ProxyConfig,
+    signals::Signals,
 };
 
 /// `mesh-redirect node`.
@@ -233,22 +234,6 @@ pub fn run(args: &NodeArgs) -> Result<()> {
     Ok(())
 }
 
-/// SIGTERM and SIGINT, caught from the start.
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> std::io::Result<Self> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(Self {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-        })
-    }
-}
-
 /// Why the node agent stops.
 enum Stop {
     Signal(&'static str),
@@ -296,8 +281,7 @@ impl Node {
         let mut signalled = None;
         loop {
             let signal = tokio::select! {
-                _ = signals.term.recv() => Some("SIGTERM"),
-                _ = signals.int.recv() => Some("SIGINT"),
+                name = signals.recv() => Some(name),
                 _ = garbage.tick(), if !handing_over => {
                     self.pods.collect_garbage(&mut self.capture, &self.defaults);
                     enroll_pending(&self.pending_dir, &mut self.pods, &mut self.capture, &self.defaults);

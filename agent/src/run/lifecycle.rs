@@ -22,6 +22,7 @@ use crate::{
     handoff::{self, ControlServer, PendingHandover, Requests, Served, Successor},
     proxy::{Listeners, ProxyHandle},
     rules::{CaptureRules, RuleArgs},
+    signals::Signals,
 };
 
 /// Why the agent stops.
@@ -251,33 +252,15 @@ fn shut_down(
     Ok(())
 }
 
-/// SIGTERM and SIGINT, caught.
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    /// Must be called inside a tokio runtime context.
-    fn new() -> Result<Self> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(Self {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-        })
-    }
-}
-
 /// Forwards the programs' aya-log records and answers the control socket
 /// until a signal or a handover.
 async fn wait(
-    signals: Signals,
+    mut signals: Signals,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     control: &mut ControlServer,
     listeners: Option<&Listeners>,
     agent: &mut dyn Requests,
 ) -> Result<Stop> {
-    let Signals { mut term, mut int } = signals;
     let mut logs = match logger {
         // SAFETY: the logger owns its ring buffer's fd and keeps it open, and
         // unchanged, for as long as it lives inside the AsyncFd.
@@ -295,8 +278,7 @@ async fn wait(
     let mut stopping: Option<(&'static str, tokio::time::Instant)> = None;
     let stop = loop {
         tokio::select! {
-            _ = term.recv() => if let Some(s) = signalled("SIGTERM", pending.is_some(), &mut stopping) { break s },
-            _ = int.recv() => if let Some(s) = signalled("SIGINT", pending.is_some(), &mut stopping) { break s },
+            name = signals.recv() => if let Some(s) = signalled(name, pending.is_some(), &mut stopping) { break s },
             () = tokio::time::sleep_until(stopping.map_or_else(tokio::time::Instant::now, |(_, at)| at)), if stopping.is_some() => {
                 warn!("the new agent did not say it was ready in time: leaving everything to it");
                 control.handed_over();
