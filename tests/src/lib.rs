@@ -395,27 +395,15 @@ pub fn socket_memory_kib(netns: &TestNetns, port: u16) -> u64 {
 }
 
 /// A running agent's resident memory (KiB) and open descriptors: its main
-/// table's and each proxy worker's own (they unshare theirs).
+/// table's and each proxy worker's own (they unshare theirs), as its
+/// `/metrics` count them.
 #[must_use]
 pub fn agent_footprint(pid: u32) -> (u64, usize) {
-    let status =
-        fs::read_to_string(format!("/proc/{pid}/status")).expect("read the agent's status");
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS in the agent's status");
-    let count = |dir: PathBuf| fs::read_dir(dir).map_or(0, Iterator::count);
-    let workers: usize = fs::read_dir(format!("/proc/{pid}/task"))
-        .expect("the agent's threads")
-        .flatten()
-        .filter(|t| {
-            fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("proxy-"))
-        })
-        .map(|t| count(t.path().join("fd")))
-        .sum();
+    let (resident, descriptors) =
+        agent::admin::metrics::footprint(Path::new(&format!("/proc/{pid}")));
+    assert!(resident > 0, "no VmRSS in agent {pid}'s status");
     (
-        rss_kib,
-        count(PathBuf::from(format!("/proc/{pid}/fd"))) + workers,
+        resident / 1024,
+        usize::try_from(descriptors).expect("a descriptor count"),
     )
 }

@@ -5,6 +5,7 @@
 
 use std::{
     collections::BTreeMap,
+    path::Path,
     sync::{Arc, RwLock, atomic::Ordering::Relaxed},
 };
 
@@ -250,11 +251,18 @@ impl Collector for Agent {
     }
 }
 
-/// This process's resident bytes and open descriptors, each proxy worker's
-/// own table (see `proxy::worker`) counted too.
+/// This process's resident bytes and open descriptors (see [`footprint`]).
 fn own_footprint() -> (u64, u64) {
-    let count = |dir: &str| std::fs::read_dir(dir).map_or(0, |d| d.count() as u64);
-    let resident = std::fs::read_to_string("/proc/self/status")
+    footprint(Path::new("/proc/self"))
+}
+
+/// The resident bytes and open descriptors of the agent process whose
+/// `/proc` directory is `proc`, each proxy worker's own descriptor table
+/// (see `proxy::worker`) counted too. What cannot be read counts 0.
+#[must_use]
+pub fn footprint(proc: &Path) -> (u64, u64) {
+    let count = |dir: &Path| std::fs::read_dir(dir).map_or(0, |d| d.count() as u64);
+    let resident = std::fs::read_to_string(proc.join("status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -263,17 +271,17 @@ fn own_footprint() -> (u64, u64) {
         })
         .unwrap_or(0)
         * 1024;
-    let workers: u64 = std::fs::read_dir("/proc/self/task").map_or(0, |tasks| {
+    let workers: u64 = std::fs::read_dir(proc.join("task")).map_or(0, |tasks| {
         tasks
             .flatten()
             .filter(|t| {
                 std::fs::read_to_string(t.path().join("comm"))
                     .is_ok_and(|c| c.starts_with("proxy-"))
             })
-            .map(|t| count(&t.path().join("fd").to_string_lossy()))
+            .map(|t| count(&t.path().join("fd")))
             .sum()
     });
-    (resident, count("/proc/self/fd") + workers)
+    (resident, count(&proc.join("fd")) + workers)
 }
 
 /// The datapath's counters and map usage, from the agent's own handle on
