@@ -372,15 +372,14 @@ fn still_there(path: &Path, cookie: u64) -> bool {
 /// A pod's info with its proxy's counters now.
 fn current(p: &Pod) -> PodInfo {
     let mut info = p.info.clone();
-    let (mut total, mut open) = (0, 0);
-    for d in [Direction::Outbound, Direction::Inbound] {
-        let Some(proxy) = &p.proxy else { break };
-        let s = proxy.stats.direction(d);
-        total += s.connections_total.load(Ordering::Relaxed);
-        open += s.connections_open.load(Ordering::Relaxed);
+    // A pod's own proxy: the agent counts nothing of it.
+    if let Some(proxy) = &p.proxy {
+        for d in Direction::ALL {
+            let s = proxy.stats.direction(d);
+            info.connections += s.connections_total.load(Ordering::Relaxed);
+            info.open += s.connections_open.load(Ordering::Relaxed);
+        }
     }
-    info.connections = total;
-    info.open = open;
     info
 }
 
