@@ -189,15 +189,17 @@ fn echo_in(netns: &TestNetns, cgroup: &Path, dst: SocketAddr, round_trips: u32) 
     })
 }
 
-/// Ours, attached on the cgroup2 root.
+/// Ours, attached on the cgroup2 root, sorted.
 fn ours_on_root() -> Vec<String> {
     let root = agent::cgroup::cgroup2_root().unwrap();
-    inspect::attached(&root)
+    let mut ours: Vec<String> = inspect::attached(&root)
         .unwrap()
         .into_iter()
         .filter(|p| p.ours)
         .map(|p| p.name)
-        .collect()
+        .collect();
+    ours.sort();
+    ours
 }
 
 #[rstest]
@@ -575,11 +577,7 @@ fn after_a_sigkill_pods_stay_captured_and_a_new_node_agent_readopts_them() {
         |t: &Topology| Server::start(&t.srv, SRV_IP, 9000, Behaviour::Echo { write_size: 64 });
     let (echo_a, echo_b) = (echo(&a), echo(&b));
     let node = Node::start();
-    let hooks = {
-        let mut h = ours_on_root();
-        h.sort();
-        h
-    };
+    let hooks = ours_on_root();
     node.enroll(&a, "default/a");
     node.enroll(&b, "default/b");
     echo_from_pod(&a, echo_a.addr);
@@ -626,9 +624,11 @@ fn after_a_sigkill_pods_stay_captured_and_a_new_node_agent_readopts_them() {
         node.connections(),
         vec![("default/a".to_owned(), 1), ("default/b".to_owned(), 1)]
     );
-    let mut now = ours_on_root();
-    now.sort();
-    assert_eq!(now, hooks, "the same hooks, once each: no duplicate links");
+    assert_eq!(
+        ours_on_root(),
+        hooks,
+        "the same hooks, once each: no duplicate links"
+    );
     // A planned restart (SIGTERM, as a DaemonSet rollout sends) is the
     // same: the pods stay enrolled and the next agent re-adopts them.
     let mut node = node;
@@ -641,9 +641,7 @@ fn after_a_sigkill_pods_stay_captured_and_a_new_node_agent_readopts_them() {
         node.agent().log_text()
     );
     echo_from_pod(&a, echo_a.addr);
-    let mut now = ours_on_root();
-    now.sort();
-    assert_eq!(now, hooks);
+    assert_eq!(ours_on_root(), hooks);
 }
 
 /// An upgrade of the node agent, the new one started while the old one
@@ -660,11 +658,7 @@ fn a_new_node_agent_takes_over_without_refusing_a_connection() {
         |t: &Topology| Server::start(&t.srv, SRV_IP, 9000, Behaviour::Echo { write_size: 64 });
     let (echo_a, echo_b) = (echo(&a), echo(&b));
     let mut old = Node::start();
-    let hooks = {
-        let mut h = ours_on_root();
-        h.sort();
-        h
-    };
+    let hooks = ours_on_root();
     old.enroll(&a, "default/a");
     old.enroll(&b, "default/b");
     let clients = [
@@ -729,9 +723,7 @@ fn a_new_node_agent_takes_over_without_refusing_a_connection() {
         served.iter().all(|(_, n)| *n > 0),
         "each pod's connections reach the new agent's proxies: {served:?}"
     );
-    let mut now = ours_on_root();
-    now.sort();
-    assert_eq!(now, hooks, "the same hooks, once each");
+    assert_eq!(ours_on_root(), hooks, "the same hooks, once each");
     assert!(new.socket.exists(), "the socket is the new agent's");
 }
 
@@ -754,11 +746,7 @@ fn a_sigkilled_node_agent_loses_no_byte_of_ten_pods_with_their_own_proxies() {
         },
     );
     let node = Node::start();
-    let hooks = {
-        let mut h = ours_on_root();
-        h.sort();
-        h
-    };
+    let hooks = ours_on_root();
     let pods: Vec<TestNetns> = (0..PODS).map(|i| farm.pod(i)).collect();
     for (i, ns) in pods.iter().enumerate() {
         let enrolled = node.ask(
@@ -822,9 +810,11 @@ fn a_sigkilled_node_agent_loses_no_byte_of_ten_pods_with_their_own_proxies() {
     let node = Node::start_on(node.socket.clone());
     let log = node.agent().log_text();
     assert_eq!(log.matches("re-adopted a pod").count(), PODS, "{log}");
-    let mut now = ours_on_root();
-    now.sort();
-    assert_eq!(now, hooks, "the same hooks, once each: no duplicate links");
+    assert_eq!(
+        ours_on_root(),
+        hooks,
+        "the same hooks, once each: no duplicate links"
+    );
     let listed = node.ask("pods", &[]);
     let listed = listed["pods"].as_array().unwrap();
     assert_eq!(listed.len(), PODS);
