@@ -55,10 +55,8 @@ pub mod maps {
     pub const OUT_PORTS: &str = "OUT_PORTS";
     /// `HashMap<PortKey, u8>`: inbound ports, a [`PortRule`] each (`-b`/`-d`).
     pub const IN_PORTS: &str = "IN_PORTS";
-    /// `Array<InboundConfig>` of one: the namespace sk_lookup serves.
-    pub const INBOUND_CONFIG: &str = "INBOUND_CONFIG";
-    /// `SockMap` of two: the proxy's inbound listeners, IPv4 at
-    /// [`crate::INBOUND_LISTENER_V4`], IPv6 at [`crate::INBOUND_LISTENER_V6`].
+    /// `SockHash<ListenerKey>`: each served namespace's inbound listeners,
+    /// one per family.
     pub const INBOUND_LISTENER: &str = "INBOUND_LISTENER";
     /// `LruHashMap<SockKey, u8>`: connections sk_lookup steered to the
     /// inbound listener, by the accepted socket's own tuple; read by getsockopt.
@@ -97,6 +95,12 @@ pub mod globals {
     /// [`crate::KernelLayout`]: where the fields the datapath reads are in
     /// the running kernel's structures, and how it must treat readers.
     pub const KERNEL_LAYOUT: &str = "KERNEL_LAYOUT";
+    /// `u64`: the cookie of the network namespace this instance's sk_lookup
+    /// serves. An sk_lookup program cannot read its namespace's cookie, and
+    /// it runs only where it is attached: each served namespace gets an
+    /// instance of its own (one for a pod's agent, one per pod for a node
+    /// agent), all sharing the datapath's maps.
+    pub const SK_LOOKUP_NETNS: &str = "SK_LOOKUP_NETNS";
     /// Its default, in KiB (`run --sockmap-queue-kib`): 4 MiB, below TCP's
     /// largest default receive buffer.
     pub const SOCKMAP_QUEUE_LIMIT_DEFAULT_KIB: u32 = 4096;
@@ -138,6 +142,8 @@ pub mod capacity {
     /// entries merbridge allowed.
     pub const RULES: u32 = 4096;
     pub const INBOUND_STEERED: u32 = 65_536;
+    /// Inbound listeners: two per served namespace.
+    pub const INBOUND_LISTENERS: u32 = 2 * NETNS_CONFIG;
     /// Resolvers per namespace, over all namespaces.
     pub const DNS_SERVERS: u32 = 1024;
     /// UDP sockets with a captured DNS query outstanding.
@@ -176,9 +182,29 @@ pub mod flags {
     pub const CAPTURE_IPV6: u32 = 1 << 10;
 }
 
-/// Slots of [`maps::INBOUND_LISTENER`].
-pub const INBOUND_LISTENER_V4: u32 = 0;
-pub const INBOUND_LISTENER_V6: u32 = 1;
+/// Key of [`maps::INBOUND_LISTENER`]: a namespace's inbound listener of one
+/// address family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    pub netns_cookie: u64,
+    /// `AF_INET` or `AF_INET6`: the listening socket's family.
+    pub family: u32,
+    /// Always zero.
+    pub pad: u32,
+}
+const _: () = assert!(size_of::<ListenerKey>() == 16);
+
+impl ListenerKey {
+    #[must_use]
+    pub const fn new(netns_cookie: u64, family: u32) -> Self {
+        Self {
+            netns_cookie,
+            family,
+            pad: 0,
+        }
+    }
+}
 
 /// Source address of the proxy's inbound passthrough connections to the app
 /// (Envoy's convention): never captured again, and short-circuited.
@@ -290,28 +316,6 @@ impl CidrKeyData {
     #[must_use]
     pub const fn is_v4(&self) -> bool {
         u32::from_be_bytes(self.family_be) == net::AF_INET
-    }
-}
-
-/// sk_lookup's view of the namespace it serves, value of
-/// [`maps::INBOUND_CONFIG`] (sk_lookup cannot read the netns cookie).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct InboundConfig {
-    pub netns_cookie: u64,
-    /// Host order.
-    pub inbound_port: u16,
-    /// Host order.
-    pub outbound_port: u16,
-    /// Bits from [`flags`]; sk_lookup acts only with `REDIRECT_INBOUND`.
-    pub flags: u32,
-}
-const _: () = assert!(size_of::<InboundConfig>() == 16);
-
-impl InboundConfig {
-    #[must_use]
-    pub const fn has(&self, flag: u32) -> bool {
-        self.flags & flag != 0
     }
 }
 
@@ -785,7 +789,7 @@ mod pod {
     unsafe impl aya::Pod for super::KernelLayout {}
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::CidrKeyData {}
-    unsafe impl aya::Pod for super::InboundConfig {}
+    unsafe impl aya::Pod for super::ListenerKey {}
     unsafe impl aya::Pod for super::DnsServerKey {}
 }
 

@@ -40,8 +40,9 @@
 //!
 //! Inbound, a peer connects to the pod's 10.0.0.1:8080:
 //!
-//! 1. `sk_lookup` (the served namespace's lookup): reads `INBOUND_CONFIG`
-//!    and `IN_PORTS`, assigns the proxy's listener from `INBOUND_LISTENER`
+//! 1. `sk_lookup` (the served namespace's lookup, an instance per served
+//!    namespace): reads its namespace's `NETNS_CONFIG` and `IN_PORTS`,
+//!    assigns the namespace's listener from `INBOUND_LISTENER`
 //!    (put there by `sockops` on listen(2), or by the agent) and records
 //!    the accepted tuple in `INBOUND_STEERED`.
 //! 2. `getsockopt` answers `SO_ORIGINAL_DST` with the socket's own local
@@ -73,7 +74,7 @@ mod sock_release;
 mod sockops;
 
 use agent_common::{
-    CidrKeyData, Counter, DnsServerKey, InboundConfig, KernelLayout, NetnsConfig, OrigDst, PortKey,
+    CidrKeyData, Counter, DnsServerKey, KernelLayout, ListenerKey, NetnsConfig, OrigDst, PortKey,
     SockKey, SockRef, SockState, capacity,
 };
 use aya_ebpf::{
@@ -81,7 +82,7 @@ use aya_ebpf::{
     macros::{
         btf_map, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops,
     },
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, SockMap},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
     programs::{
         SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext,
     },
@@ -105,6 +106,11 @@ pub const SOCKOPS_OK: u32 = 1;
 /// (`agent_common::globals::SOCKMAP_QUEUE_LIMIT`).
 #[unsafe(no_mangle)]
 static SOCKMAP_QUEUE_LIMIT: u64 = agent_common::globals::SOCKMAP_QUEUE_LIMIT_DEFAULT;
+
+/// The cookie of the network namespace this instance's sk_lookup serves;
+/// set by the loader (`agent_common::globals::SK_LOOKUP_NETNS`).
+#[unsafe(no_mangle)]
+static SK_LOOKUP_NETNS: u64 = 0;
 
 /// Where the kernel keeps what the datapath reads, and how it treats
 /// blocking readers; set by the loader (`globals::KERNEL_LAYOUT`). Unset,
@@ -173,10 +179,8 @@ static OUT_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(capacity::RUL
 static IN_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(capacity::RULES, 0);
 
 #[map]
-static INBOUND_CONFIG: Array<InboundConfig> = Array::with_max_entries(1, 0);
-
-#[map]
-static INBOUND_LISTENER: SockMap = SockMap::with_max_entries(2, 0);
+static INBOUND_LISTENER: SockHash<ListenerKey> =
+    SockHash::with_max_entries(capacity::INBOUND_LISTENERS, 0);
 
 #[map]
 static DNS_SERVERS: HashMap<DnsServerKey, u8> = HashMap::with_max_entries(capacity::DNS_SERVERS, 0);

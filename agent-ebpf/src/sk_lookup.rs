@@ -6,22 +6,33 @@
 //! Both families: an IPv4 connection goes to the IPv4 listener (or a
 //! dual-stack IPv6 one), an IPv6 connection to the IPv6 listener.
 //!
+//! The program cannot read its namespace's cookie: each served namespace
+//! has an instance of its own, loaded with the cookie (`SK_LOOKUP_NETNS`),
+//! sharing the datapath's maps.
+//!
 //! Left alone: loopback destinations, connections from the proxy's
 //! passthrough source (127.0.0.6 or `::6`: the proxy forwarding to the app), and
 //! excluded ports (istio's `ISTIO_INBOUND`: 15008 always, `-d`, not `-b`).
 
 use agent_common::{
-    Counter, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, INBOUND_PASSTHROUGH_SRC_RAW,
-    INBOUND_PASSTHROUGH_SRC_V6_RAW, SockKey, flags, net, ports,
+    Counter, INBOUND_PASSTHROUGH_SRC_RAW, INBOUND_PASSTHROUGH_SRC_V6_RAW, ListenerKey, SockKey,
+    flags, net, ports,
 };
 use aya_ebpf::programs::SkLookupContext;
 
 use crate::{
-    INBOUND_CONFIG, INBOUND_LISTENER, INBOUND_STEERED, SK_DROP, SK_PASS, counters::bump, rules,
+    INBOUND_LISTENER, INBOUND_STEERED, NETNS_CONFIG, SK_DROP, SK_PASS, counters::bump, rules,
 };
 
 /// `ENOENT`: the listener slot is empty.
 const ENOENT: i32 = 2;
+
+/// The namespace this instance serves.
+#[inline(always)]
+fn served_netns() -> u64 {
+    // SAFETY: a plain read of a loader-set global.
+    unsafe { core::ptr::read_volatile(&raw const crate::SK_LOOKUP_NETNS) }
+}
 
 #[inline(always)]
 pub fn sk_lookup(ctx: &SkLookupContext) -> u32 {
@@ -31,7 +42,9 @@ pub fn sk_lookup(ctx: &SkLookupContext) -> u32 {
     if !(v4 || lk.family == net::AF_INET6) || lk.protocol != net::IPPROTO_TCP {
         return SK_PASS;
     }
-    let Some(cfg) = INBOUND_CONFIG.get(0).copied() else {
+    let netns_cookie = served_netns();
+    // SAFETY: copied out at once.
+    let Some(cfg) = (unsafe { NETNS_CONFIG.get(&netns_cookie) }).copied() else {
         return SK_PASS;
     };
     if !cfg.has(flags::REDIRECT_INBOUND) || !(v4 || cfg.has(flags::CAPTURE_IPV6)) {
@@ -55,7 +68,7 @@ pub fn sk_lookup(ctx: &SkLookupContext) -> u32 {
         || local_port == ports::HBONE
         || local_port == cfg.inbound_port
         || local_port == cfg.outbound_port
-        || !rules::inbound_port(cfg.netns_cookie, cfg.has(flags::IN_ALL_PORTS), local_port)
+        || !rules::inbound_port(netns_cookie, cfg.has(flags::IN_ALL_PORTS), local_port)
     {
         bump(if v4 {
             Counter::InboundBypassed
@@ -67,12 +80,16 @@ pub fn sk_lookup(ctx: &SkLookupContext) -> u32 {
     // IPv4 goes to the IPv4 listener, or to a dual-stack IPv6 one; IPv6 to
     // the IPv6 listener.
     let mut assigned = if v4 {
-        INBOUND_LISTENER.redirect_sk_lookup(ctx, INBOUND_LISTENER_V4, 0)
+        INBOUND_LISTENER.redirect_sk_lookup(ctx, ListenerKey::new(netns_cookie, net::AF_INET), 0)
     } else {
         Err(-ENOENT)
     };
     if assigned == Err(-ENOENT) {
-        assigned = INBOUND_LISTENER.redirect_sk_lookup(ctx, INBOUND_LISTENER_V6, 0);
+        assigned = INBOUND_LISTENER.redirect_sk_lookup(
+            ctx,
+            ListenerKey::new(netns_cookie, net::AF_INET6),
+            0,
+        );
     }
     match assigned {
         Ok(()) => {}
@@ -93,7 +110,7 @@ pub fn sk_lookup(ctx: &SkLookupContext) -> u32 {
     }
     // The accepted socket's tuple, from its own point of view.
     let key = SockKey::from_sk_lookup(
-        cfg.netns_cookie,
+        netns_cookie,
         local_ip,
         lk.local_port,
         remote_ip,

@@ -20,9 +20,8 @@
 //! out again before its next packet, once nothing is queued for it.
 
 use agent_common::{
-    Counter, INBOUND_LISTENER_V4, INBOUND_LISTENER_V6, INBOUND_PASSTHROUGH_SRC_RAW,
-    INBOUND_PASSTHROUGH_SRC_V6_RAW, KernelLayout, LISTENER_NONBLOCKING, PortKey, SockKey, SockRef,
-    SockState, flags, net,
+    Counter, INBOUND_PASSTHROUGH_SRC_RAW, INBOUND_PASSTHROUGH_SRC_V6_RAW, KernelLayout,
+    LISTENER_NONBLOCKING, ListenerKey, PortKey, SockKey, SockRef, SockState, flags, net,
 };
 use aya_ebpf::{
     EbpfContext as _,
@@ -380,14 +379,9 @@ fn on_listen(ctx: &SockOpsContext) {
     if !cfg.has(flags::REDIRECT_INBOUND) || key.src_port != cfg.inbound_port {
         return;
     }
-    let slot = if ctx.family() == net::AF_INET {
-        INBOUND_LISTENER_V4
-    } else {
-        INBOUND_LISTENER_V6
-    };
-    let ops: *mut bpf_sock_ops = ctx.ops;
-    // SAFETY: `ops` is this callback's context, a listening full socket.
-    match unsafe { INBOUND_LISTENER.update(slot, ops, u64::from(BPF_ANY)) } {
+    let slot = ListenerKey::new(key.netns_cookie, ctx.family());
+    // SAFETY: `ctx.ops` is this callback's context, a listening full socket.
+    match INBOUND_LISTENER.update(slot, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY)) {
         Ok(()) => bump(Counter::InboundListenerRegistered),
         Err(_) => bump(Counter::SockhashInsertFailed),
     }

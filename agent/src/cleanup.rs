@@ -8,8 +8,9 @@
 //! - iptables rules installed by `run --mode iptables` in the given
 //!   namespaces: only when they carry our tag (the `mesh-redirect` comment on
 //!   the exempt-mark rule); chains istio-init installed are left alone;
-//! - the IPv6 passthrough source `::6` on those namespaces' `lo`, where an
-//!   agent that is no longer running put it (its marker file says so).
+//! - the IPv6 passthrough source `::6` on those namespaces' `lo`, and on
+//!   the pods of a removed node datapath, where an agent that is no longer
+//!   running put it (its marker file says so).
 
 use std::{
     os::unix::net::UnixStream,
@@ -89,6 +90,17 @@ fn alive(control_dir: &Path, cookie: u64) -> bool {
     UnixStream::connect(handoff::control_path(control_dir, cookie)).is_ok()
 }
 
+/// The namespaces of the pods a node agent's state file lists.
+fn served_pods(state: &Path) -> Vec<PathBuf> {
+    std::fs::read(state)
+        .ok()
+        .and_then(|body| serde_json::from_slice::<Vec<crate::node::api::Enrollment>>(&body).ok())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| e.netns)
+        .collect()
+}
+
 pub fn run(
     bpffs: &Path,
     control_dir: &Path,
@@ -108,8 +120,20 @@ pub fn run(
         }
         pins::remove_instance(&dir).with_context(|| format!("removing {}", dir.display()))?;
         if pins::is_node_instance(&dir) {
-            // The pods it served are served by nobody now.
-            let _ = std::fs::remove_file(control_dir.join(crate::node::api::STATE_NAME));
+            // The pods it served are served by nobody now: the `::6` it put
+            // on their `lo` goes too.
+            let state = control_dir.join(crate::node::api::STATE_NAME);
+            for path in served_pods(&state) {
+                let Ok(netns) = Netns::open(&path) else {
+                    continue;
+                };
+                if let Ok(cookie) = netns.cookie()
+                    && passthrough::remove_v6(&netns, &passthrough::marker(control_dir, cookie))
+                {
+                    report.passthrough_removed.push(path);
+                }
+            }
+            let _ = std::fs::remove_file(state);
         }
         report.removed.push(dir);
     }

@@ -27,7 +27,12 @@
 //! connection across an upgrade. A pod may also run its own proxy
 //! (`external_proxy`), which carries on while the node agent is away.
 //!
-//! Not yet: inbound capture and DNS capture in node mode.
+//! Inbound, each pod's namespace gets an sk_lookup instance of its own
+//! (the program cannot read its namespace's cookie), on the shared maps,
+//! which steers the pod's inbound connections to its proxy's inbound
+//! listener.
+//!
+//! Not yet: DNS capture in node mode.
 
 pub mod api;
 pub mod cni;
@@ -69,6 +74,15 @@ pub struct NodeArgs {
     /// on 127.0.0.1 inside the pod.
     #[arg(long, default_value_t = 15001)]
     pub outbound_port: u16,
+    /// Where each pod's proxy receives its captured inbound connections
+    /// (every port of the pod's own addresses but the excluded ones), inside
+    /// the pod.
+    #[arg(long, default_value_t = 15006)]
+    pub inbound_port: u16,
+    /// Capture outbound connections only; leave every pod's inbound ones
+    /// alone.
+    #[arg(long)]
+    pub no_inbound: bool,
     /// `SO_MARK` on the proxies' upstream sockets (never captured).
     #[arg(long, default_value_t = 1337)]
     pub proxy_mark: u32,
@@ -116,7 +130,7 @@ impl NodeArgs {
         PodDefaults {
             proxy: ProxyConfig {
                 outbound_port: self.outbound_port,
-                inbound_port: None,
+                inbound_port: (!self.no_inbound).then_some(self.inbound_port),
                 mark: self.proxy_mark,
                 connect_timeout: Duration::from_secs(10),
                 idle_timeout: Duration::from_hours(1),
@@ -128,6 +142,11 @@ impl NodeArgs {
             sockmap_queue_limit: u64::from(self.sockmap_queue_kib) * 1024,
             cgroup,
             drain: Duration::from_secs(self.drain_timeout_secs),
+            state_dir: self
+                .socket
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default(),
         }
     }
 }
@@ -139,6 +158,12 @@ pub fn run(args: &NodeArgs) -> Result<()> {
         Some(p) => cgroup::validate(p).context("--cgroup")?,
         None => cgroup::validate(&cgroup::cgroup2_root()?)?,
     };
+    if args.outbound_port == args.inbound_port {
+        anyhow::bail!(
+            "--outbound-port and --inbound-port must differ (both {})",
+            args.inbound_port
+        );
+    }
     let own = cgroup::validate(&cgroup::own()?).context("the agent's own cgroup")?;
     let rt = crate::proxy::worker::main_runtime()?;
     let _rt = rt.enter();
@@ -173,6 +198,7 @@ pub fn run(args: &NodeArgs) -> Result<()> {
             !args.no_sockmap,
             u64::from(args.sockmap_queue_kib) * 1024,
             Some(pins),
+            0,
         )?,
         socket_id: file_id(&bound_at)?,
     };
@@ -430,6 +456,8 @@ impl Node {
                 self.capture.unenroll(cookie)?;
             }
         }
+        // sk_lookup's links of pods gone meanwhile.
+        self.capture.prune_unclaimed_links()?;
         self.state.save(&self.pods);
         Ok(())
     }

@@ -330,6 +330,173 @@ fn one_node_agent_serves_each_enrolled_pod_through_its_own_proxy_and_nothing_els
     );
 }
 
+/// One echo exchange from `from` (not enrolled) to `dst`: byte-exact, or
+/// the connect's error.
+fn exchange_from(from: &TestNetns, dst: SocketAddr) -> std::io::Result<()> {
+    from.run(|| {
+        let s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+        let mut s = PollStream::new(s, Duration::from_secs(10))?;
+        let mut buf = [0u8; 64];
+        s.write_all(&[0x5a; 64])?;
+        s.read_exact(&mut buf)?;
+        assert_eq!(buf, [0x5a; 64], "not byte-exact");
+        Ok(())
+    })
+}
+
+/// The sk_lookup programs attached to `netns`.
+fn sk_lookup_on(netns: &TestNetns) -> Vec<String> {
+    let ns = std::fs::File::open(netns.path()).unwrap();
+    agent::ebpf::attach::attached(&ns, [agent::ebpf::Hook::SkLookup])
+        .unwrap()
+        .into_iter()
+        .map(|p| p.name)
+        .collect()
+}
+
+/// Inbound: each enrolled pod's incoming connections reach its own
+/// proxy's inbound listener, though every pod here has the same address
+/// (each namespace gets an sk_lookup instance of its own); IPv6 too, from
+/// the `::6` passthrough source. A pod that opts out of inbound capture
+/// (istio's `includeInboundPorts: ""`) and a pod that is not enrolled
+/// are left alone; while the node agent is down a pod's
+/// inbound connections are refused (as iptables REDIRECT to a closed port
+/// would), and the next agent serves them again with one program attached.
+#[rstest]
+fn each_pod_receives_its_inbound_connections_through_its_own_proxy() {
+    require_root!();
+    use tests::topology::{POD_IP, POD_IP6};
+    let (a, b, opted_out, outside) = (
+        Topology::dual_stack(),
+        Topology::new(),
+        Topology::new(),
+        Topology::new(),
+    );
+    let app = |t: &Topology| {
+        Server::start(
+            &t.pod,
+            std::net::Ipv6Addr::UNSPECIFIED,
+            8080,
+            Behaviour::Echo { write_size: 64 },
+        )
+    };
+    let apps = [app(&a), app(&b), app(&opted_out), app(&outside)];
+    let v4 = SocketAddr::from((POD_IP, 8080));
+    let v6 = SocketAddr::from((POD_IP6, 8080));
+    let node = Node::start();
+    node.enroll(&a, "default/a");
+    node.enroll(&b, "default/b");
+    let enrolled = node.ask(
+        "enroll",
+        &[
+            "--netns",
+            opted_out.pod.path_str(),
+            "--pod",
+            "default/opted-out",
+            "-b",
+            "",
+        ],
+    )["enrolled"]
+        .clone();
+    assert!(enrolled["inbound_port"].is_null(), "{enrolled}");
+    assert_eq!(sk_lookup_on(&a.pod), vec!["mesh_sk_lookup".to_owned()]);
+    assert_eq!(sk_lookup_on(&b.pod), vec!["mesh_sk_lookup".to_owned()]);
+    assert!(sk_lookup_on(&opted_out.pod).is_empty());
+    assert!(sk_lookup_on(&outside.pod).is_empty());
+
+    for t in [&a, &b, &opted_out, &outside] {
+        exchange_from(&t.srv, v4).unwrap();
+    }
+    exchange_from(&a.srv, v6).unwrap();
+    assert_eq!(
+        node.connections(),
+        vec![
+            ("default/a".to_owned(), 2),
+            ("default/b".to_owned(), 1),
+            ("default/opted-out".to_owned(), 0),
+        ],
+        "each pod's inbound connections reached its own proxy only"
+    );
+    let peers: Vec<Vec<std::net::IpAddr>> = apps
+        .iter()
+        .map(|s| s.peers().iter().map(|p| p.ip().to_canonical()).collect())
+        .collect();
+    let (passthrough, passthrough6) = (
+        std::net::IpAddr::from(agent_common::INBOUND_PASSTHROUGH_SRC),
+        std::net::IpAddr::from(agent_common::INBOUND_PASSTHROUGH_SRC_V6),
+    );
+    assert_eq!(
+        peers[0],
+        vec![passthrough, passthrough6],
+        "pod A's app, through its proxy"
+    );
+    assert_eq!(
+        peers[1],
+        vec![passthrough],
+        "pod B's app, through its proxy"
+    );
+    let srv = std::net::IpAddr::from(SRV_IP);
+    assert_eq!(peers[2], vec![srv], "the pod that opted out: direct");
+    assert_eq!(peers[3], vec![srv], "the unenrolled pod: direct");
+    let text = node.metrics();
+    let inbound = |pod: &str| {
+        tests::admin::metric(
+            &text,
+            &format!(
+                "mesh_redirect_proxy_connections_total{{pod=\"{pod}\",direction=\"inbound\"}}"
+            ),
+        )
+    };
+    assert_eq!(
+        (inbound("default/a"), inbound("default/b")),
+        (Some(2), Some(1)),
+        "{text}"
+    );
+
+    // Unenrolled, pod B's program goes and its app is reached directly.
+    node.ask("unenroll", &["--netns", b.pod.path_str()]);
+    assert!(
+        sk_lookup_on(&b.pod).is_empty(),
+        "pod B's sk_lookup detached"
+    );
+    exchange_from(&b.srv, v4).unwrap();
+    assert_eq!(
+        apps[1].peers().last().map(|p| p.ip().to_canonical()),
+        Some(srv)
+    );
+
+    // Down, pod A's inbound connections are refused; the next agent
+    // serves them again, on the same single program.
+    let mut node = node;
+    node.stop_with(libc::SIGKILL);
+    let refused = exchange_from(&a.srv, v4).unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{refused}"
+    );
+    let node = Node::start_on(node.socket.clone());
+    assert_eq!(sk_lookup_on(&a.pod), vec!["mesh_sk_lookup".to_owned()]);
+    exchange_from(&a.srv, v4).unwrap();
+    exchange_from(&a.srv, v6).unwrap();
+    assert_eq!(
+        node.connections(),
+        vec![
+            ("default/a".to_owned(), 2),
+            ("default/opted-out".to_owned(), 0)
+        ]
+    );
+    assert_eq!(pod_links().len(), 1, "one pinned link: pod A's");
+    let passthrough_on_lo = || a.pod.sh("ip -6 -o addr show dev lo").contains(" ::6/128 ");
+    assert!(
+        passthrough_on_lo(),
+        "the IPv6 passthrough source is on pod A's lo"
+    );
+    node.ask("unenroll", &["--netns", a.pod.path_str()]);
+    assert!(!passthrough_on_lo(), "and goes with the pod's enrollment");
+    assert!(pod_links().is_empty());
+}
+
 #[rstest]
 fn only_root_may_talk_to_the_node_agent() {
     require_root!();
@@ -1073,7 +1240,13 @@ fn podman_pods_are_enrolled_by_the_cni_plugin_and_leave_no_trace() {
             .run(lo_tx_packets)
             .unwrap()
     };
-    let lo0 = lo();
+    let up_lo = || {
+        agent::netns::Netns::open(&up)
+            .unwrap()
+            .run(lo_tx_packets)
+            .unwrap()
+    };
+    let (lo0, up_lo0) = (lo(), up_lo());
     let got = podman.stdout(&[
         "run",
         "--rm",
@@ -1084,7 +1257,7 @@ fn podman_pods_are_enrolled_by_the_cni_plugin_and_leave_no_trace() {
         "-c",
         &format!("curl -sS -o /tmp/blob http://{up_ip}:8080/blob && sha256sum /tmp/blob"),
     ]);
-    let packets = lo() - lo0;
+    let (packets, up_packets) = (lo() - lo0, up_lo() - up_lo0);
     assert_eq!(
         got.split_whitespace().next(),
         want.split_whitespace().next(),
@@ -1092,23 +1265,53 @@ fn podman_pods_are_enrolled_by_the_cni_plugin_and_leave_no_trace() {
     );
     assert_eq!(
         node.connections(),
-        vec![("app".to_owned(), 1), ("up".to_owned(), 0)],
-        "the app's first connection went through its own pod's proxy"
+        vec![("app".to_owned(), 1), ("up".to_owned(), 1)],
+        "the app's first connection went out through its own pod's proxy \
+         and in through the upstream pod's"
+    );
+    let snap = inspect::snapshot_from_pins(&node_pins()).unwrap();
+    let counter = |c: Counter| snap.counters.get(c.name()).copied().unwrap_or(0);
+    assert_eq!(counter(Counter::InboundSteered), 1, "{:?}", snap.counters);
+    assert_eq!(
+        counter(Counter::GetsockoptAnswered),
+        2,
+        "{:?}",
+        snap.counters
     );
     // 3 MiB stays under the queue limit (4 MiB) however slowly curl
     // writes its file: a reader that falls further behind is rightly
     // carried over TCP. Over TCP these bytes take at least 48 packets of
     // 64 KiB on the loopback, plus acknowledgements.
-    eprintln!("podman: 3 MiB downloaded by curl in a pod; {packets} loopback packets");
-    if node.agent().short_circuits() != "none" {
+    eprintln!(
+        "podman: 3 MiB downloaded by curl in a pod; loopback packets: {packets} in the app's pod, \
+         {up_packets} in the upstream's"
+    );
+    let short_circuits = node.agent().short_circuits();
+    if short_circuits != "none" {
         assert!(
             packets < 24,
             "{packets} loopback packets for 3 MiB: not short-circuited: {:?}",
-            inspect::snapshot_from_pins(&node_pins()).unwrap().counters
+            snap.counters
         );
     }
+    // Inbound, the proxy hands the bytes to httpd, whose socket blocks:
+    // short-circuited only where this kernel's blocking readers are safe,
+    // on plain TCP (and counted) elsewhere.
+    match short_circuits.as_str() {
+        "all" => assert!(
+            up_packets < 24,
+            "inbound: {up_packets} loopback packets for 3 MiB: not short-circuited: {:?}",
+            snap.counters
+        ),
+        "nonblocking" => assert!(
+            counter(Counter::SockhashRefusedBlocking) + counter(Counter::SockhashEvicted) >= 1,
+            "inbound went over TCP without a counted reason: {:?}",
+            snap.counters
+        ),
+        _ => {}
+    }
     podman.ok(&["pod", "rm", "--force", "--time", "0", "app"]);
-    assert_eq!(node.connections(), vec![("up".to_owned(), 0)]);
+    assert_eq!(node.connections(), vec![("up".to_owned(), 1)]);
     podman.ok(&["pod", "rm", "--force", "--time", "0", "up"]);
     assert!(
         node.connections().is_empty(),
@@ -1124,6 +1327,23 @@ fn podman_pods_are_enrolled_by_the_cni_plugin_and_leave_no_trace() {
         vec![node_pins()],
         "no pins but the node datapath's"
     );
+    assert_eq!(
+        pod_links(),
+        Vec::<String>::new(),
+        "no pod's sk_lookup link is left"
+    );
+}
+
+/// The node datapath's pinned sk_lookup links, one per pod served inbound.
+fn pod_links() -> Vec<String> {
+    let mut links: Vec<String> = std::fs::read_dir(node_pins())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("link-mesh_sk_lookup-netns-"))
+        .collect();
+    links.sort();
+    links
 }
 
 /// The node datapath's pin directory.

@@ -88,6 +88,10 @@ impl Need {
                     "podman's OCI runtime on a hybrid cgroup host (crun refuses one)",
                 ),
                 (
+                    "catatonit",
+                    "the init of podman's locally built pause image (podman only recommends it)",
+                ),
+                (
                     "busybox-static",
                     "the node tests' container image, built offline from it and curl",
                 ),

@@ -16,7 +16,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{InboundConfig, KernelLayout, NetnsConfig, flags};
+use agent_common::{KernelLayout, NetnsConfig, flags};
 use tracing::{debug, info, warn};
 
 use super::Settings;
@@ -126,15 +126,23 @@ pub fn short_circuit_layout() -> Result<KernelLayout, String> {
 impl EbpfCapture {
     /// Loads (and verifies) the object, adopting pinned maps in `pin_dir`.
     pub fn load(settings: &Settings, pin_dir: Option<PathBuf>) -> Result<Self, EbpfError> {
-        Self::load_with(settings.sockmap, settings.sockmap_queue_limit, pin_dir)
+        Self::load_with(
+            settings.sockmap,
+            settings.sockmap_queue_limit,
+            pin_dir,
+            settings.netns_cookie,
+        )
     }
 
     /// [`Self::load`] for any number of namespaces (node mode): whether to
-    /// short-circuit, and how far a reader may fall behind.
+    /// short-circuit, how far a reader may fall behind, and the namespace
+    /// the object's own sk_lookup serves (0: none; the others get an
+    /// instance each).
     pub fn load_with(
         sockmap: bool,
         sockmap_queue_limit: u64,
         pin_dir: Option<PathBuf>,
+        sk_lookup_netns: u64,
     ) -> Result<Self, EbpfError> {
         let layout = if sockmap {
             short_circuit_layout()
@@ -149,6 +157,7 @@ impl EbpfCapture {
             debug_logs: tracing::enabled!(target: "agent_ebpf", tracing::Level::DEBUG),
             sockmap_queue_limit,
             layout: layout.unwrap_or_default(),
+            sk_lookup_netns,
         };
         let datapath = Datapath::load(&opts, pin_dir.as_deref())?;
         if datapath.adopted() {
@@ -178,28 +187,41 @@ impl EbpfCapture {
         s: &Settings,
         proxy_listeners: &[&TcpListener],
     ) -> Result<(), EbpfError> {
-        let config = self.enroll(s, proxy_listeners)?;
+        self.enroll(s, proxy_listeners)?;
         self.attach(&s.cgroup, &s.socket_hook_cgroups, s.dns.is_some())?;
-        let dp = &mut self.datapath;
         if s.inbound {
-            for l in proxy_listeners
-                .iter()
-                .filter(|l| l.local_addr().is_ok_and(|a| a.port() == s.inbound_port))
-            {
-                dp.maps_mut().set_inbound_listener(l)?;
-            }
-            dp.maps_mut().set_inbound(InboundConfig {
-                netns_cookie: s.netns_cookie,
-                inbound_port: config.inbound_port,
-                outbound_port: config.outbound_port,
-                flags: config.flags,
-            })?;
-            dp.attach_sk_lookup(&s.netns)?;
+            self.serve_inbound(s, proxy_listeners)?;
         }
-        for stale in dp.prune_unclaimed_links()? {
+        self.prune_unclaimed_links()?;
+        debug!(netns_cookie = s.netns_cookie, "namespace enrolled");
+        Ok(())
+    }
+
+    /// Steers the namespace's inbound connections to its inbound listener
+    /// (the built-in proxy's, among `proxy_listeners`, or the one an
+    /// external proxy registers on listen(2)): sk_lookup attached to the
+    /// namespace, its link pinned with the datapath's.
+    pub fn serve_inbound(
+        &mut self,
+        s: &Settings,
+        proxy_listeners: &[&TcpListener],
+    ) -> Result<(), EbpfError> {
+        let dp = &mut self.datapath;
+        for l in proxy_listeners
+            .iter()
+            .filter(|l| l.local_addr().is_ok_and(|a| a.port() == s.inbound_port))
+        {
+            dp.maps_mut().set_inbound_listener(s.netns_cookie, l)?;
+        }
+        dp.attach_sk_lookup(&s.netns, s.netns_cookie)
+    }
+
+    /// Removes pinned links an earlier agent left that this one has not
+    /// claimed (a hook attached elsewhere now, a pod gone meanwhile).
+    pub fn prune_unclaimed_links(&mut self) -> Result<(), EbpfError> {
+        for stale in self.datapath.prune_unclaimed_links()? {
             info!(pin = %stale.display(), "removed a pinned link the earlier agent had and this one does not use");
         }
-        debug!(netns_cookie = s.netns_cookie, "namespace enrolled");
         Ok(())
     }
 
@@ -238,7 +260,8 @@ impl EbpfCapture {
     /// Takes a namespace out of the maps (new connects there go direct):
     /// its configuration first, then its rules, resolvers and listeners.
     pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), EbpfError> {
-        self.datapath.maps_mut().forget_netns(netns_cookie)
+        self.datapath.maps_mut().forget_netns(netns_cookie)?;
+        self.datapath.detach_sk_lookup(netns_cookie)
     }
 
     /// Attaches the cgroup hooks (connect, sendmsg, getpeername to `cgroup`;

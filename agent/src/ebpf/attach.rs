@@ -50,10 +50,17 @@ enum LinkHandle {
     Raw(#[allow(dead_code)] OwnedFd),
 }
 
+/// The pin name of sk_lookup's link on one namespace.
+fn sk_lookup_link_name(netns_cookie: u64) -> String {
+    format!("link-{}-netns-{netns_cookie}", Hook::SkLookup.program())
+}
+
 /// One hook's bpf_link.
 #[derive(Debug)]
 pub struct AttachedLink {
     pub hook: Hook,
+    /// Its pin name (in the pin directory, if the datapath is pinned).
+    pub name: String,
     /// Where it is attached, for messages and `status`.
     pub target: PathBuf,
     /// Pinned by an earlier agent, and now running our program.
@@ -63,6 +70,9 @@ pub struct AttachedLink {
 
 /// The loaded object, its maps, and what it attached.
 pub struct Datapath {
+    /// What it was loaded with (an sk_lookup instance of another
+    /// namespace gets the same).
+    opts: LoadOptions,
     ebpf: Ebpf,
     maps: DatapathMaps,
     /// The pin directory, and whether an earlier agent's datapath was adopted.
@@ -93,6 +103,7 @@ impl Datapath {
     pub fn load(opts: &LoadOptions, pin_dir: Option<&Path>) -> Result<Self, EbpfError> {
         let loaded = load::load(opts, pin_dir)?;
         Ok(Self {
+            opts: *opts,
             ebpf: loaded.ebpf,
             maps: loaded.maps,
             pins: loaded.pins,
@@ -133,19 +144,8 @@ impl Datapath {
         Ok(aya_log::EbpfLogger::init(&mut self.ebpf)?)
     }
 
-    fn program_fd(&self, hook: Hook) -> Result<std::os::fd::BorrowedFd<'_>, EbpfError> {
-        let name = hook.program();
-        let prog = self.ebpf.program(name).ok_or(EbpfError::Missing {
-            kind: "program",
-            name,
-        })?;
-        Ok(prog.fd().map_err(program_err(name))?.as_fd())
-    }
-
     /// Attaches `hook` to `target` (a cgroup or netns) with a bpf_link,
-    /// which never replaces another tool's program. Pinned as `pin_name`:
-    /// an earlier agent's link pinned there gets our program instead
-    /// (atomically: no moment without the hook, never two of ours).
+    /// pinned as `pin_name` ([`link_program`]).
     fn attach_link(
         &mut self,
         hook: Hook,
@@ -153,95 +153,19 @@ impl Datapath {
         target_path: &Path,
         pin_name: &str,
     ) -> Result<(), EbpfError> {
-        let err = link_err(hook, target_path);
         let pin = self.pin_dir().map(|d| d.join(pin_name));
         self.claimed.push(pin_name.to_owned());
-        if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
-            let fd = sys::obj_get(pin).map_err(&err)?;
-            sys::link_update(&fd, &self.program_fd(hook)?).map_err(&err)?;
-            self.links.push(AttachedLink {
-                hook,
-                target: target_path.to_owned(),
-                adopted: true,
-                _handle: LinkHandle::Raw(fd),
-            });
-            return Ok(());
-        }
-        let handle = match self.new_link(hook, target)? {
-            Ok(link) => match &pin {
-                Some(path) => LinkHandle::Pinned(link.pin(path).map_err(other).map_err(&err)?),
-                None => LinkHandle::Aya(link),
-            },
-            Err(fd) => {
-                if let Some(path) = &pin {
-                    sys::obj_pin(&fd, path).map_err(&err)?;
-                }
-                LinkHandle::Raw(fd)
-            }
-        };
-        self.links.push(AttachedLink {
+        let link = link_program(
+            &mut self.ebpf,
             hook,
-            target: target_path.to_owned(),
-            adopted: false,
-            _handle: handle,
-        });
+            target,
+            target_path,
+            pin_name,
+            pin.as_deref(),
+        )?;
+        self.links.push(link);
         Ok(())
     }
-
-    /// A new link of `hook` on `target`: aya's, or (`Err`) a raw one where
-    /// aya's link type cannot be pinned (cgroup sockopt, aya 0.14).
-    fn new_link(
-        &mut self,
-        hook: Hook,
-        target: &File,
-    ) -> Result<Result<FdLink, OwnedFd>, EbpfError> {
-        let name = hook.program();
-        let e = &mut self.ebpf;
-        let fd_link = |r: Result<FdLink, aya::programs::links::LinkError>| {
-            r.map_err(|e| EbpfError::Link {
-                hook: name,
-                target: PathBuf::from("cgroup"),
-                source: other(e),
-            })
-        };
-        Ok(Ok(match hook {
-            Hook::Connect4
-            | Hook::Connect6
-            | Hook::GetPeerName4
-            | Hook::GetPeerName6
-            | Hook::SendMsg4
-            | Hook::SendMsg6
-            | Hook::RecvMsg4
-            | Hook::RecvMsg6 => {
-                let p = program_mut::<CgroupSockAddr>(e, hook)?;
-                let id = p.attach(target, CGROUP_LINK).map_err(program_err(name))?;
-                fd_link(p.take_link(id).map_err(program_err(name))?.try_into())?
-            }
-            Hook::SockRelease => {
-                let p = program_mut::<CgroupSock>(e, hook)?;
-                let id = p.attach(target, CGROUP_LINK).map_err(program_err(name))?;
-                fd_link(p.take_link(id).map_err(program_err(name))?.try_into())?
-            }
-            Hook::SockOps => {
-                let p = program_mut::<SockOps>(e, hook)?;
-                let id = p.attach(target, CGROUP_LINK).map_err(program_err(name))?;
-                fd_link(p.take_link(id).map_err(program_err(name))?.try_into())?
-            }
-            Hook::SkLookup => {
-                let p = program_mut::<SkLookup>(e, hook)?;
-                let id = p.attach(target).map_err(program_err(name))?;
-                p.take_link(id).map_err(program_err(name))?.into()
-            }
-            Hook::GetSockopt => {
-                let prog = self.program_fd(hook)?;
-                let fd = sys::link_create(&prog, target, hook.attach_type() as u32)
-                    .map_err(link_err(hook, Path::new("cgroup")))?;
-                return Ok(Err(fd));
-            }
-            Hook::SkMsg => unreachable!("{hook:?} has no cgroup or netns link"),
-        }))
-    }
-
     /// Attaches a cgroup hook to the cgroup at `path`.
     pub fn attach_cgroup(&mut self, hook: Hook, path: &Path) -> Result<(), EbpfError> {
         use std::os::unix::fs::MetadataExt as _;
@@ -260,16 +184,57 @@ impl Datapath {
         )
     }
 
-    /// Attaches the sk_lookup program to a network namespace.
-    pub fn attach_sk_lookup(&mut self, netns: &crate::netns::Netns) -> Result<(), EbpfError> {
+    /// Attaches the sk_lookup program to a network namespace (its cookie
+    /// `netns_cookie`), once: attaching it there again changes nothing.
+    pub fn attach_sk_lookup(
+        &mut self,
+        netns: &crate::netns::Netns,
+        netns_cookie: u64,
+    ) -> Result<(), EbpfError> {
         let hook = Hook::SkLookup;
+        let name = sk_lookup_link_name(netns_cookie);
+        if self.claimed.contains(&name) {
+            return Ok(());
+        }
         let file = File::open(netns.path()).map_err(link_err(hook, netns.path()))?;
-        self.attach_link(
+        if netns_cookie == self.opts.sk_lookup_netns {
+            return self.attach_link(hook, &file, netns.path(), &name);
+        }
+        // Another namespace: an instance of its own, on our maps. Its
+        // pinned link holds it; nothing of it stays open here (a node agent
+        // serves many namespaces).
+        let dir = self.pin_dir().ok_or(EbpfError::Missing {
+            kind: "pin directory",
+            name: "for an sk_lookup instance per namespace (node mode pins its datapath)",
+        })?;
+        let pin = dir.join(&name);
+        let mut instance = load::sk_lookup_instance(&self.opts, dir, netns_cookie)?;
+        drop(link_program(
+            &mut instance,
             hook,
             &file,
             netns.path(),
-            &format!("link-{}", hook.program()),
-        )
+            &name,
+            Some(&pin),
+        )?);
+        self.claimed.push(name);
+        Ok(())
+    }
+
+    /// Detaches the sk_lookup program from the namespace with this cookie
+    /// (and removes its pin); nothing to do where it is not attached.
+    pub fn detach_sk_lookup(&mut self, netns_cookie: u64) -> Result<(), EbpfError> {
+        let name = sk_lookup_link_name(netns_cookie);
+        self.links.retain(|l| l.name != name);
+        self.claimed.retain(|c| *c != name);
+        if let Some(pin) = self.pin_dir().map(|d| d.join(&name)) {
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(EbpfError::Io { path: pin, source }),
+            }
+        }
+        Ok(())
     }
 
     /// Attaches the sk_msg program to the SOCKHASH. This replaces whatever
@@ -391,4 +356,107 @@ impl Datapath {
     pub fn attached_to_sockets(&self) -> Result<Vec<AttachedProgram>, EbpfError> {
         self.maps.attached_to_sockets()
     }
+}
+
+fn program_fd(ebpf: &Ebpf, hook: Hook) -> Result<std::os::fd::BorrowedFd<'_>, EbpfError> {
+    let name = hook.program();
+    let prog = ebpf.program(name).ok_or(EbpfError::Missing {
+        kind: "program",
+        name,
+    })?;
+    Ok(prog.fd().map_err(program_err(name))?.as_fd())
+}
+
+/// Attaches `ebpf`'s `hook` program to `target` (a cgroup or netns) with a
+/// bpf_link, which never replaces another tool's program, pinned at `pin`:
+/// an earlier agent's link pinned there gets this program instead
+/// (atomically: no moment without the hook, never two of ours).
+fn link_program(
+    ebpf: &mut Ebpf,
+    hook: Hook,
+    target: &File,
+    target_path: &Path,
+    pin_name: &str,
+    pin: Option<&Path>,
+) -> Result<AttachedLink, EbpfError> {
+    let err = link_err(hook, target_path);
+    if let Some(pin) = pin.filter(|p| p.exists()) {
+        let fd = sys::obj_get(pin).map_err(&err)?;
+        sys::link_update(&fd, &program_fd(ebpf, hook)?).map_err(&err)?;
+        return Ok(AttachedLink {
+            hook,
+            name: pin_name.to_owned(),
+            target: target_path.to_owned(),
+            adopted: true,
+            _handle: LinkHandle::Raw(fd),
+        });
+    }
+    let handle = match new_link(ebpf, hook, target)? {
+        Ok(link) => match pin {
+            Some(path) => LinkHandle::Pinned(link.pin(path).map_err(other).map_err(&err)?),
+            None => LinkHandle::Aya(link),
+        },
+        Err(fd) => {
+            if let Some(path) = pin {
+                sys::obj_pin(&fd, path).map_err(&err)?;
+            }
+            LinkHandle::Raw(fd)
+        }
+    };
+    Ok(AttachedLink {
+        hook,
+        name: pin_name.to_owned(),
+        target: target_path.to_owned(),
+        adopted: false,
+        _handle: handle,
+    })
+}
+
+/// A new link of `hook` on `target`: aya's, or (`Err`) a raw one where
+/// aya's link type cannot be pinned (cgroup sockopt, aya 0.14).
+fn new_link(e: &mut Ebpf, hook: Hook, target: &File) -> Result<Result<FdLink, OwnedFd>, EbpfError> {
+    let name = hook.program();
+    let fd_link = |r: Result<FdLink, aya::programs::links::LinkError>| {
+        r.map_err(|e| EbpfError::Link {
+            hook: name,
+            target: PathBuf::from("cgroup"),
+            source: other(e),
+        })
+    };
+    Ok(Ok(match hook {
+        Hook::Connect4
+        | Hook::Connect6
+        | Hook::GetPeerName4
+        | Hook::GetPeerName6
+        | Hook::SendMsg4
+        | Hook::SendMsg6
+        | Hook::RecvMsg4
+        | Hook::RecvMsg6 => {
+            let p = program_mut::<CgroupSockAddr>(e, hook)?;
+            let id = p.attach(target, CGROUP_LINK).map_err(program_err(name))?;
+            fd_link(p.take_link(id).map_err(program_err(name))?.try_into())?
+        }
+        Hook::SockRelease => {
+            let p = program_mut::<CgroupSock>(e, hook)?;
+            let id = p.attach(target, CGROUP_LINK).map_err(program_err(name))?;
+            fd_link(p.take_link(id).map_err(program_err(name))?.try_into())?
+        }
+        Hook::SockOps => {
+            let p = program_mut::<SockOps>(e, hook)?;
+            let id = p.attach(target, CGROUP_LINK).map_err(program_err(name))?;
+            fd_link(p.take_link(id).map_err(program_err(name))?.try_into())?
+        }
+        Hook::SkLookup => {
+            let p = program_mut::<SkLookup>(e, hook)?;
+            let id = p.attach(target).map_err(program_err(name))?;
+            p.take_link(id).map_err(program_err(name))?.into()
+        }
+        Hook::GetSockopt => {
+            let prog = program_fd(e, hook)?;
+            let fd = sys::link_create(&prog, target, hook.attach_type() as u32)
+                .map_err(link_err(hook, Path::new("cgroup")))?;
+            return Ok(Err(fd));
+        }
+        Hook::SkMsg => unreachable!("{hook:?} has no cgroup or netns link"),
+    }))
 }

@@ -23,6 +23,9 @@ pub struct LoadOptions {
     /// [`super::reads`]); without [`KernelLayout::VALID`] nothing is
     /// short-circuited.
     pub layout: KernelLayout,
+    /// The cookie of the network namespace the object's sk_lookup serves
+    /// (a pod's agent: its pod's; 0 for none).
+    pub sk_lookup_netns: u64,
 }
 
 impl Default for LoadOptions {
@@ -31,6 +34,7 @@ impl Default for LoadOptions {
             debug_logs: false,
             sockmap_queue_limit: globals::SOCKMAP_QUEUE_LIMIT_DEFAULT,
             layout: KernelLayout::default(),
+            sk_lookup_netns: 0,
         }
     }
 }
@@ -82,6 +86,7 @@ pub(super) fn load(opts: &LoadOptions, pin_dir: Option<&Path>) -> Result<Loaded,
         true,
     );
     loader.override_global(globals::KERNEL_LAYOUT, &opts.layout, true);
+    loader.override_global(globals::SK_LOOKUP_NETNS, &opts.sk_lookup_netns, true);
     let pins = match pin_dir {
         Some(dir) => {
             let adopted = dir.join(names::NETNS_CONFIG).exists();
@@ -110,6 +115,42 @@ pub(super) fn load(opts: &LoadOptions, pin_dir: Option<&Path>) -> Result<Loaded,
     }
     let maps = DatapathMaps::from_loaded(&mut ebpf)?;
     Ok(Loaded { ebpf, maps, pins })
+}
+
+/// Another instance of the sk_lookup program alone, serving the namespace
+/// with cookie `netns`, on the maps of the datapath pinned in `pin_dir`
+/// (an sk_lookup program cannot read its namespace's cookie: each served
+/// namespace needs an instance of its own). Its other programs are not
+/// loaded.
+pub(super) fn sk_lookup_instance(
+    opts: &LoadOptions,
+    pin_dir: &Path,
+    netns: u64,
+) -> Result<Ebpf, EbpfError> {
+    let mut loader = EbpfLoader::new();
+    let level = aya_log::Level::Warn as u8;
+    loader.override_global(aya_log::LEVEL, &level, false);
+    loader.override_global(
+        globals::SOCKMAP_QUEUE_LIMIT,
+        &opts.sockmap_queue_limit,
+        true,
+    );
+    loader.override_global(globals::KERNEL_LAYOUT, &opts.layout, true);
+    loader.override_global(globals::SK_LOOKUP_NETNS, &netns, true);
+    let pin_paths: Vec<(String, PathBuf)> = crate::pins::pinned_map_names(OBJECT)?
+        .into_iter()
+        .map(|n| {
+            let path = pin_dir.join(&n);
+            (n, path)
+        })
+        .collect();
+    for (name, path) in &pin_paths {
+        loader.map_pin_path(name.as_str(), path.as_path());
+    }
+    let mut ebpf = loader.load(OBJECT)?;
+    load_program(&mut ebpf, Hook::SkLookup)
+        .map_err(|(name, source)| EbpfError::Program { name, source })?;
+    Ok(ebpf)
 }
 
 /// Loads (verifies) one program; the error keeps the program's name.

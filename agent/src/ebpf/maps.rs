@@ -11,15 +11,12 @@
 use std::{os::fd::AsFd as _, path::Path};
 
 use agent_common::{
-    Counter, DnsServerKey, InboundConfig, NetnsConfig, OrigDst, PortKey, SockKey, SockRef,
-    capacity, maps as names, net,
+    Counter, DnsServerKey, ListenerKey, NetnsConfig, OrigDst, PortKey, SockKey, SockRef, capacity,
+    maps as names, net,
 };
 use aya::{
     Ebpf,
-    maps::{
-        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, SockHash, SockMap,
-        lpm_trie::Key,
-    },
+    maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, SockHash, lpm_trie::Key},
     programs::loaded_programs,
 };
 use serde::Serialize;
@@ -41,7 +38,6 @@ pub enum MapId {
     OutCidrInclude,
     OutPorts,
     InPorts,
-    InboundConfig,
     InboundListener,
     InboundSteered,
     DnsServers,
@@ -49,7 +45,7 @@ pub enum MapId {
 }
 
 impl MapId {
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 15] = [
         Self::NetnsConfig,
         Self::OrigDstByCookie,
         Self::OrigDstByTuple,
@@ -61,7 +57,6 @@ impl MapId {
         Self::OutCidrInclude,
         Self::OutPorts,
         Self::InPorts,
-        Self::InboundConfig,
         Self::InboundListener,
         Self::InboundSteered,
         Self::DnsServers,
@@ -83,7 +78,6 @@ impl MapId {
             Self::OutCidrInclude => names::OUT_CIDR_INCLUDE,
             Self::OutPorts => names::OUT_PORTS,
             Self::InPorts => names::IN_PORTS,
-            Self::InboundConfig => names::INBOUND_CONFIG,
             Self::InboundListener => names::INBOUND_LISTENER,
             Self::InboundSteered => names::INBOUND_STEERED,
             Self::DnsServers => names::DNS_SERVERS,
@@ -103,12 +97,13 @@ impl MapId {
             Self::Peers => Some(capacity::PEERS),
             Self::Listeners => Some(capacity::LISTENERS),
             Self::InboundSteered => Some(capacity::INBOUND_STEERED),
+            Self::InboundListener => Some(capacity::INBOUND_LISTENERS),
             Self::DnsServers => Some(capacity::DNS_SERVERS),
             Self::DnsOrigByCookie => Some(capacity::DNS_ORIG_BY_COOKIE),
             Self::OutCidrExclude | Self::OutCidrInclude | Self::OutPorts | Self::InPorts => {
                 Some(capacity::RULES)
             }
-            Self::Counters | Self::InboundConfig | Self::InboundListener => None,
+            Self::Counters => None,
         }
     }
 }
@@ -319,32 +314,33 @@ impl DatapathMaps {
         }
     }
 
-    /// What sk_lookup serves.
-    pub fn inbound(&self) -> Result<InboundConfig, EbpfError> {
-        let a: Array<&MapData, InboundConfig> = self.view(MapId::InboundConfig)?;
-        a.get(&0, 0).map_err(map_err(MapId::InboundConfig))
-    }
-
-    /// Tells sk_lookup which namespace it serves and how.
-    pub fn set_inbound(&mut self, config: InboundConfig) -> Result<(), EbpfError> {
-        let mut a: Array<&mut MapData, InboundConfig> = self.view_mut(MapId::InboundConfig)?;
-        a.set(0, config, 0).map_err(map_err(MapId::InboundConfig))
-    }
-
-    /// Puts a proxy's inbound listener where sk_lookup steers to: its
-    /// family's slot.
+    /// Puts a proxy's inbound listener where sk_lookup steers namespace
+    /// `netns`'s connections of its family to.
     pub fn set_inbound_listener(
         &mut self,
+        netns: u64,
         listener: &std::net::TcpListener,
     ) -> Result<(), EbpfError> {
         use std::os::fd::AsRawFd as _;
-        let slot = match listener.local_addr() {
-            Ok(std::net::SocketAddr::V6(_)) => agent_common::INBOUND_LISTENER_V6,
-            _ => agent_common::INBOUND_LISTENER_V4,
+        let family = match listener.local_addr() {
+            Ok(std::net::SocketAddr::V6(_)) => net::AF_INET6,
+            _ => net::AF_INET,
         };
-        let mut m: SockMap<&mut MapData> = self.view_mut(MapId::InboundListener)?;
-        m.set(slot, &listener.as_raw_fd(), 0)
+        let mut m: SockHash<&mut MapData, ListenerKey> = self.view_mut(MapId::InboundListener)?;
+        m.insert(ListenerKey::new(netns, family), listener.as_raw_fd(), 0)
             .map_err(map_err(MapId::InboundListener))
+    }
+
+    /// Takes namespace `netns`'s inbound listeners out of the map.
+    pub fn remove_inbound_listeners(&mut self, netns: u64) -> Result<(), EbpfError> {
+        let mut m: SockHash<&mut MapData, ListenerKey> = self.view_mut(MapId::InboundListener)?;
+        for family in [net::AF_INET, net::AF_INET6] {
+            match m.remove(&ListenerKey::new(netns, family)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(MapId::InboundListener)(e)),
+            }
+        }
+        Ok(())
     }
 
     /// The resolvers of namespace `netns` whose port-53 queries go to the
@@ -424,11 +420,15 @@ impl DatapathMaps {
                 let s: SockHash<&MapData, SockKey> = self.view(id)?;
                 Ok(s.keys().flatten().count())
             }
+            MapId::InboundListener => {
+                let s: SockHash<&MapData, ListenerKey> = self.view(id)?;
+                Ok(s.keys().flatten().count())
+            }
             MapId::OutCidrExclude | MapId::OutCidrInclude => {
                 let t: LpmTrie<&MapData, agent_common::CidrKeyData, u8> = self.view(id)?;
                 Ok(t.keys().flatten().count())
             }
-            MapId::Counters | MapId::InboundConfig | MapId::InboundListener => Ok(0),
+            MapId::Counters => Ok(0),
         }
     }
 

@@ -99,23 +99,19 @@ impl DatapathMaps {
             config.flags = (config.flags & !RULE_FLAGS) | rule_flags(rules);
             self.set_netns_config(netns, config)?;
         }
-        let mut inbound = self.inbound()?;
-        if inbound.netns_cookie == netns {
-            inbound.flags = (inbound.flags & !RULE_FLAGS) | rule_flags(rules);
-            self.set_inbound(inbound)?;
-        }
         Ok(())
     }
 
     /// Takes namespace `netns` out of every map: its configuration first
-    /// (new connects there go direct), then its rules, resolvers and
-    /// listeners.
+    /// (new connects there, and inbound ones, go direct), then its rules,
+    /// resolvers and listeners.
     /// Every step is tried; the first error is returned. Without the
     /// configuration nothing of the namespace is captured any more, so a
     /// failed one stops the rest (its entries must stay consistent).
     pub fn forget_netns(&mut self, netns: u64) -> Result<(), EbpfError> {
         self.remove_netns_config(netns)?;
         [
+            self.remove_inbound_listeners(netns),
             self.replace_ports(MapId::OutPorts, netns, &[]),
             self.replace_ports(MapId::InPorts, netns, &[]),
             self.replace_cidrs(MapId::OutCidrInclude, netns, &[]),

@@ -105,6 +105,10 @@ pub struct PodInfo {
     pub container_id: Option<String>,
     /// Where its proxy listens, inside its namespace (127.0.0.1).
     pub outbound_port: u16,
+    /// Where its proxy receives inbound connections, inside its namespace;
+    /// none: inbound connections are not captured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound_port: Option<u16>,
     pub rules: CaptureRules,
     /// Its own proxy, if it runs one (the counters are then the agent's
     /// none: 0).

@@ -20,7 +20,9 @@
 //! Per pod, like istio's annotations, from `CNI_ARGS` (`KEY=VALUE;...`):
 //! `MESH_REDIRECT=off` leaves the pod alone; `INCLUDE_OUTBOUND_IP_RANGES`,
 //! `EXCLUDE_OUTBOUND_IP_RANGES`, `INCLUDE_OUTBOUND_PORTS`,
-//! `EXCLUDE_OUTBOUND_PORTS` (comma-separated, as `-i`/`-x`/`-q`/`-o`);
+//! `EXCLUDE_OUTBOUND_PORTS`, `INCLUDE_INBOUND_PORTS` (`*` by default;
+//! empty: no inbound capture), `EXCLUDE_INBOUND_PORTS` (comma-separated, as
+//! `-i`/`-x`/`-q`/`-o`/`-b`/`-d`);
 //! `MESH_REDIRECT_PROXY=external` with `MESH_REDIRECT_PROXY_UID`/`_GID`:
 //! the pod runs its own proxy, as `run --proxy external`.
 //! `K8S_POD_NAMESPACE`/`K8S_POD_NAME` name the pod.
@@ -348,7 +350,15 @@ fn rules(args: &BTreeMap<String, String>) -> Result<RuleArgs, String> {
         exclude_outbound_ports: get("EXCLUDE_OUTBOUND_PORTS")
             .map(|v| List::parse(v).map_err(|e| named("EXCLUDE_OUTBOUND_PORTS", e)))
             .transpose()?,
-        ..RuleArgs::default()
+        // Set and empty (istio's `includeInboundPorts: ""`): no inbound
+        // capture.
+        include_inbound_ports: args
+            .get("INCLUDE_INBOUND_PORTS")
+            .map(|v| Selection::parse(v).map_err(|e| named("INCLUDE_INBOUND_PORTS", e)))
+            .transpose()?,
+        exclude_inbound_ports: get("EXCLUDE_INBOUND_PORTS")
+            .map(|v| List::parse(v).map_err(|e| named("EXCLUDE_INBOUND_PORTS", e)))
+            .transpose()?,
     })
 }
 

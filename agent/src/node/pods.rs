@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     admin::metrics::NodePods,
-    capture::{ProxyIdentity, Settings, ebpf::EbpfCapture},
+    capture::{ProxyIdentity, Settings, ebpf::EbpfCapture, passthrough},
     netns::Netns,
     proxy::{Direction, Listeners, ProxyConfig, ProxyHandle},
     rules::CaptureRules,
@@ -53,6 +53,11 @@ pub enum PodError {
     },
     #[error("unenroll: name the pod by netns or container id")]
     NoPod,
+    #[error("netns {path}: {source}")]
+    Passthrough {
+        path: PathBuf,
+        source: Box<crate::capture::CaptureError>,
+    },
 }
 
 /// What every pod of this node gets, whatever its rules.
@@ -66,6 +71,16 @@ pub struct PodDefaults {
     pub cgroup: PathBuf,
     /// How long an unenrolled pod's open connections may take to finish.
     pub drain: Duration,
+    /// Where the markers of the `::6` passthrough sources we put on pods'
+    /// `lo` are kept.
+    pub state_dir: PathBuf,
+}
+
+impl PodDefaults {
+    /// The marker saying the `::6` on this pod's `lo` is ours.
+    fn marker(&self, netns_cookie: u64) -> PathBuf {
+        passthrough::marker(&self.state_dir, netns_cookie)
+    }
 }
 
 /// One served pod.
@@ -126,12 +141,32 @@ impl Pods {
         }
         let rules = e.rules.apply_to(&CaptureRules::default())?;
         let ipv6 = netns.has_global_ipv6().map_err(netns_err)?;
+        // istio's `includeInboundPorts: ""`: no inbound capture.
+        let inbound = defaults.proxy.inbound_port.is_some()
+            && (rules.inbound_include_ports.is_all()
+                || !rules.inbound_include_ports.items().is_empty());
+        // The proxy's IPv6 passthrough source, as for a pod's own agent.
+        if inbound {
+            passthrough::add_v6(&netns, &defaults.marker(cookie)).map_err(|source| {
+                PodError::Passthrough {
+                    path: e.netns.clone(),
+                    source: Box::new(source),
+                }
+            })?;
+        }
         // The built-in proxy listens before the maps say to capture; a
         // pod's own proxy is its business.
         let (proxy, kept) = if e.external_proxy.is_some() {
             (None, None)
         } else {
-            let (proxy, kept) = start_proxy(&netns, defaults, handed.remove(&cookie), &e.netns)?;
+            let mut config = defaults.proxy.clone();
+            if !inbound {
+                config.inbound_port = None;
+            }
+            let (proxy, kept) = start_proxy(&netns, &config, handed.remove(&cookie), &e.netns)
+                .inspect_err(|_| {
+                    passthrough::remove_v6(&netns, &defaults.marker(cookie));
+                })?;
             (Some(proxy), Some(kept))
         };
         let settings = settings(
@@ -140,12 +175,20 @@ impl Pods {
             defaults,
             rules.clone(),
             ipv6,
+            inbound,
             e.external_proxy,
         );
         let ours: Vec<&TcpListener> = kept.iter().flat_map(|k| k.all().map(|(l, _)| l)).collect();
-        if let Err(source) = capture.enroll(&settings, &ours) {
+        let enrolled = capture.enroll(&settings, &ours).and_then(|_| {
+            if inbound {
+                capture.serve_inbound(&settings, &ours)?;
+            }
+            Ok(())
+        });
+        if let Err(source) = enrolled {
             // Nothing half-enrolled: whatever was written goes again.
             let _ = capture.unenroll(cookie);
+            passthrough::remove_v6(&settings.netns, &defaults.marker(cookie));
             if let Some(proxy) = proxy {
                 proxy.stop();
             }
@@ -160,6 +203,7 @@ impl Pods {
             pod: e.pod.clone(),
             container_id: e.container_id.clone(),
             outbound_port: defaults.proxy.outbound_port,
+            inbound_port: inbound.then_some(settings.inbound_port),
             rules,
             external_proxy: e.external_proxy,
             connections: 0,
@@ -226,6 +270,16 @@ impl Pods {
         let info = current(&pod);
         if let Some(proxy) = pod.proxy {
             retire(proxy, defaults.drain);
+        }
+        let marker = defaults.marker(cookie);
+        match Netns::open(&info.netns) {
+            Ok(ns) if still_there(&info.netns, cookie) => {
+                passthrough::remove_v6(&ns, &marker);
+            }
+            // Gone with its namespace.
+            _ => {
+                let _ = std::fs::remove_file(&marker);
+            }
         }
         info!(
             pod = info.pod.as_deref().unwrap_or("-"),
@@ -330,11 +384,11 @@ impl Pods {
 }
 
 /// Starts a pod's built-in proxy on the sockets `handed` over for it (those
-/// on our port: others are not ours to serve, the old agent's copies stay
+/// on its ports: others are not ours to serve, the old agent's copies stay
 /// with it), binding what is missing; our own handle on its listeners.
 fn start_proxy(
     netns: &Netns,
-    defaults: &PodDefaults,
+    config: &ProxyConfig,
     handed: Option<Vec<TcpListener>>,
     path: &Path,
 ) -> Result<(ProxyHandle, Listeners), PodError> {
@@ -342,23 +396,21 @@ fn start_proxy(
         path: path.to_owned(),
         source,
     };
-    let port = defaults.proxy.outbound_port;
-    let mut listeners = Listeners {
-        outbound: handed
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|l| l.local_addr().is_ok_and(|a| a.port() == port))
-            .collect(),
-        inbound: Vec::new(),
+    let on = |port: Option<u16>| {
+        move |l: &TcpListener| l.local_addr().is_ok_and(|a| Some(a.port()) == port)
     };
-    listeners
-        .bind_missing(netns, &defaults.proxy)
-        .map_err(proxy_err)?;
+    let (outbound, inbound): (Vec<TcpListener>, Vec<TcpListener>) = handed
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|l| on(Some(config.outbound_port))(l) || on(config.inbound_port)(l))
+        .partition(on(Some(config.outbound_port)));
+    let mut listeners = Listeners { outbound, inbound };
+    listeners.bind_missing(netns, config).map_err(proxy_err)?;
     let kept = listeners.try_clone().map_err(|source| PodError::Keep {
         path: path.to_owned(),
         source,
     })?;
-    let proxy = ProxyHandle::start(netns, defaults.proxy.clone(), listeners).map_err(proxy_err)?;
+    let proxy = ProxyHandle::start(netns, config.clone(), listeners).map_err(proxy_err)?;
     Ok((proxy, kept))
 }
 
@@ -406,6 +458,7 @@ fn settings(
     d: &PodDefaults,
     rules: CaptureRules,
     ipv6: bool,
+    inbound: bool,
     external: Option<ExternalProxy>,
 ) -> Settings {
     let own = external.unwrap_or_default();
@@ -416,7 +469,7 @@ fn settings(
         socket_hook_cgroups: vec![d.cgroup.clone()],
         outbound_port: d.proxy.outbound_port,
         inbound_port: d.proxy.inbound_port.unwrap_or(0),
-        inbound: false,
+        inbound,
         proxy: ProxyIdentity {
             mark: d.proxy.mark,
             uid: own.uid,
