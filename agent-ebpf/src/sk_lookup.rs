@@ -44,7 +44,7 @@ pub fn sk_lookup(ctx: &SkLookupContext) -> u32 {
     }
     let netns_cookie = served_netns();
     // SAFETY: copied out at once.
-    let Some(cfg) = (unsafe { NETNS_CONFIG.get(&netns_cookie) }).copied() else {
+    let Some(cfg) = (unsafe { NETNS_CONFIG.get(netns_cookie) }).copied() else {
         return SK_PASS;
     };
     if !cfg.has(flags::REDIRECT_INBOUND) || !(v4 || cfg.has(flags::CAPTURE_IPV6)) {

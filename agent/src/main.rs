@@ -63,29 +63,8 @@ enum Command {
     Cni,
     /// Ask the node agent to serve a pod (idempotent).
     Enroll {
-        /// The pod's network namespace.
-        #[arg(long, value_name = "PATH")]
-        netns: PathBuf,
-        /// `namespace/name`, for `pods` and the logs.
-        #[arg(long, value_name = "NAMESPACE/NAME")]
-        pod: Option<String>,
-        /// The runtime's container (sandbox) id, to unenroll by.
-        #[arg(long, value_name = "ID")]
-        container_id: Option<String>,
         #[command(flatten)]
-        rules: agent::rules::RuleArgs,
-        /// The pod runs its own proxy on the outbound port: the agent opens
-        /// none there.
-        #[arg(long)]
-        external_proxy: bool,
-        /// The pod's own proxy runs as this uid (its connects are not
-        /// captured).
-        #[arg(long, value_name = "UID", requires = "external_proxy")]
-        proxy_uid: Option<u32>,
-        /// The pod's own proxy runs with this gid (its connects are not
-        /// captured).
-        #[arg(long, value_name = "GID", requires = "external_proxy")]
-        proxy_gid: Option<u32>,
+        pod: Box<agent::node::api::EnrollArgs>,
         #[arg(long, value_name = "PATH", default_value = agent::node::api::DEFAULT_SOCKET)]
         socket: PathBuf,
         /// Print JSON instead of a line.
@@ -203,28 +182,9 @@ fn main() -> ExitCode {
         Command::Iptables(args) => report(agent::iptables::cli::main(&args)),
         Command::Node(args) => report(agent::node::run(&args)),
         Command::Cni => cni(),
-        Command::Enroll {
-            netns,
-            pod,
-            container_id,
-            rules,
-            external_proxy,
-            proxy_uid,
-            proxy_gid,
-            socket,
-            json,
-        } => ask_node(
+        Command::Enroll { pod, socket, json } => ask_node(
             &socket,
-            &agent::node::api::Request::Enroll(agent::node::api::Enrollment {
-                netns,
-                pod,
-                container_id,
-                rules,
-                external_proxy: external_proxy.then_some(agent::node::api::ExternalProxy {
-                    uid: proxy_uid,
-                    gid: proxy_gid,
-                }),
-            }),
+            &agent::node::api::Request::Enroll(Box::new(pod.enrollment())),
             json,
         ),
         Command::Unenroll {

@@ -32,7 +32,9 @@
 //! which steers the pod's inbound connections to its proxy's inbound
 //! listener.
 //!
-//! Not yet: DNS capture in node mode.
+//! A pod may ask for DNS capture (istio's `--redirect-dns`): its port-53
+//! queries go to the DNS proxy it runs; the DNS hooks are attached with
+//! the first such pod.
 
 pub mod api;
 pub mod cni;
@@ -83,6 +85,10 @@ pub struct NodeArgs {
     /// alone.
     #[arg(long)]
     pub no_inbound: bool,
+    /// Where the DNS proxy of a pod enrolled with DNS capture listens, on
+    /// 127.0.0.1 and `[::1]` inside the pod (istio-agent's 15053).
+    #[arg(long, default_value_t = agent_common::ports::DNS_PROXY, value_parser = clap::value_parser!(u16).range(1..))]
+    pub dns_proxy_port: u16,
     /// `SO_MARK` on the proxies' upstream sockets (never captured).
     #[arg(long, default_value_t = 1337)]
     pub proxy_mark: u32,
@@ -142,6 +148,7 @@ impl NodeArgs {
             sockmap_queue_limit: u64::from(self.sockmap_queue_kib) * 1024,
             cgroup,
             drain: Duration::from_secs(self.drain_timeout_secs),
+            dns_port: self.dns_proxy_port,
             state_dir: self
                 .socket
                 .parent()
@@ -162,6 +169,12 @@ pub fn run(args: &NodeArgs) -> Result<()> {
         anyhow::bail!(
             "--outbound-port and --inbound-port must differ (both {})",
             args.inbound_port
+        );
+    }
+    if [args.outbound_port, args.inbound_port].contains(&args.dns_proxy_port) {
+        anyhow::bail!(
+            "--dns-proxy-port {} is one of the proxies' own ports",
+            args.dns_proxy_port
         );
     }
     let own = cgroup::validate(&cgroup::own()?).context("the agent's own cgroup")?;

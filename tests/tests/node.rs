@@ -18,12 +18,13 @@ use rstest::rstest;
 use tests::{
     Agent, InCgroup, PollStream, TestCgroup, TestNetns, Topology, agent_bin,
     agent_proc::run_to_end,
+    dns::{self, DnsServer, NAME, ResolvConf, Transport},
     haproxy::Haproxy,
     looping::LoopingClient,
     podman::{IMAGE, Podman},
     require_root,
     servers::{Behaviour, Server},
-    topology::{SRV_IP, lo_tx_packets},
+    topology::{POD_IP, POD_IP6, SRV_IP, lo_tx_packets},
     unique,
 };
 
@@ -365,7 +366,6 @@ fn sk_lookup_on(netns: &TestNetns) -> Vec<String> {
 #[rstest]
 fn each_pod_receives_its_inbound_connections_through_its_own_proxy() {
     require_root!();
-    use tests::topology::{POD_IP, POD_IP6};
     let (a, b, opted_out, outside) = (
         Topology::dual_stack(),
         Topology::new(),
@@ -495,6 +495,127 @@ fn each_pod_receives_its_inbound_connections_through_its_own_proxy() {
     node.ask("unenroll", &["--netns", a.pod.path_str()]);
     assert!(!passthrough_on_lo(), "and goes with the pod's enrollment");
     assert!(pod_links().is_empty());
+}
+
+/// DNS in node mode, istio's way: a pod enrolled with DNS capture has its
+/// queries to its resolver (connected and unconnected UDP, TCP) answered
+/// by the DNS proxy it runs, the replies from the resolver's address; the
+/// DNS proxy's own queries (its uid) reach the resolver; a pod enrolled
+/// without it is left alone. The DNS hooks attach with the first such pod;
+/// DNS capture without a resolver is refused by name.
+#[rstest]
+fn a_pod_enrolled_with_dns_capture_has_its_queries_answered_by_its_dns_proxy() {
+    require_root!();
+    let (with, without) = (Topology::new(), Topology::new());
+    let resolver = |t: &Topology| {
+        DnsServer::start(
+            &t.srv,
+            None,
+            None,
+            "resolver",
+            ("192.0.2.1", "2001:db8::1"),
+            &[&format!("{SRV_IP}:53")],
+        )
+    };
+    let (resolver_with, _resolver_without) = (resolver(&with), resolver(&without));
+    let proxy = DnsServer::start(
+        &with.pod,
+        None,
+        Some(1337),
+        "proxy",
+        ("192.0.2.53", "2001:db8::53"),
+        &["127.0.0.1:15053", "[::1]:15053"],
+    );
+    let _resolv_conf = ResolvConf::write(&with.pod, &format!("nameserver {SRV_IP}\n"));
+    let node = Node::start();
+    let dns_hooks = || {
+        ours_on_root()
+            .into_iter()
+            .filter(|n| n.starts_with("mesh_sendmsg") || n.starts_with("mesh_recvmsg"))
+            .count()
+    };
+    assert_eq!(dns_hooks(), 0, "no pod asked for DNS capture yet");
+    let refused = run_to_end(&[
+        "enroll",
+        "--socket",
+        node.socket.to_str().unwrap(),
+        "--netns",
+        with.pod.path_str(),
+        "--redirect-dns",
+    ]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("name the pod's resolvers"), "{err}");
+    assert!(node.connections().is_empty(), "nothing enrolled: {err}");
+
+    node.enroll(&without, "default/without");
+    let enrolled = node.ask(
+        "enroll",
+        &[
+            "--netns",
+            with.pod.path_str(),
+            "--pod",
+            "default/with",
+            "--redirect-dns",
+            "--dns-servers",
+            &SRV_IP.to_string(),
+            "--dns-proxy-uid",
+            "1337",
+        ],
+    )["enrolled"]
+        .clone();
+    assert_eq!(
+        enrolled["dns"]["servers"][0],
+        SRV_IP.to_string(),
+        "{enrolled}"
+    );
+    assert_eq!(dns_hooks(), 4, "sendmsg and recvmsg, both families");
+    let resolver_addr = SocketAddr::from((SRV_IP, 53));
+    for (i, transport) in [
+        Transport::ConnectedUdp,
+        Transport::UnconnectedUdp,
+        Transport::Tcp,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = u16::try_from(i).unwrap() + 1;
+        let (answer, from) = with.pod.run(|| dns::ask(resolver_addr, transport, id));
+        assert_eq!(
+            answer,
+            Ipv4Addr::new(192, 0, 2, 53),
+            "{transport:?}: by the DNS proxy"
+        );
+        assert_eq!(
+            from, resolver_addr,
+            "{transport:?}: the reply is the resolver's"
+        );
+        let (answer, _) = without.pod.run(|| dns::ask(resolver_addr, transport, id));
+        assert_eq!(
+            answer,
+            Ipv4Addr::new(192, 0, 2, 1),
+            "{transport:?}: not captured"
+        );
+    }
+    assert_eq!(proxy.queries().len(), 3, "{:?}", proxy.queries());
+    assert!(
+        resolver_with.queries().is_empty(),
+        "{:?}",
+        resolver_with.queries()
+    );
+    // The DNS proxy's own queries reach the resolver.
+    let out = dns::python_query(&with.pod, Some(1337), &["getaddrinfo", NAME])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("192.0.2.1"), "{text}");
+    assert!(!resolver_with.queries().is_empty());
+    // Unenrolled, the pod asks its resolver again.
+    node.ask("unenroll", &["--netns", with.pod.path_str()]);
+    let (answer, _) = with
+        .pod
+        .run(|| dns::ask(resolver_addr, Transport::UnconnectedUdp, 9));
+    assert_eq!(answer, Ipv4Addr::new(192, 0, 2, 1));
 }
 
 #[rstest]
@@ -1074,11 +1195,11 @@ fn one_node_agent_serves_110_pods() {
         let ns = farm.pod(i);
         api::ask(
             &node.socket,
-            &Request::Enroll(Enrollment {
+            &Request::Enroll(Box::new(Enrollment {
                 netns: ns.path(),
                 pod: Some(format!("default/p{i:03}")),
                 ..Enrollment::default()
-            }),
+            })),
         )
         .unwrap();
         pods.push(ns);

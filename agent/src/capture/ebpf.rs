@@ -101,6 +101,8 @@ pub struct EbpfCapture {
     /// Sockets whose reads block stay on plain TCP (this kernel's sockmap
     /// readers are not safe for them).
     guard_blocking: bool,
+    /// The DNS hooks are attached.
+    dns_attached: bool,
 }
 
 /// The kernel facts the short-circuit needs, or why it cannot run here.
@@ -167,6 +169,7 @@ impl EbpfCapture {
             datapath,
             short_circuit: layout.is_some(),
             guard_blocking: layout.is_some_and(|l| l.flags & KernelLayout::GUARD_BLOCKING != 0),
+            dns_attached: false,
         })
     }
 
@@ -280,6 +283,7 @@ impl EbpfCapture {
             }
             dp.attach_cgroup(hook, cgroup)?;
         }
+        self.dns_attached |= dns;
         for cg in socket_cgroups {
             if cg != cgroup {
                 info!(cgroup = %cg.display(), "the proxy's sockets live outside the served cgroup: sockops and getsockopt attach here too");
@@ -289,6 +293,19 @@ impl EbpfCapture {
             }
         }
         dp.attach_sk_msg()
+    }
+
+    /// Attaches the DNS hooks (sendmsg and recvmsg) to `cgroup` too, once:
+    /// a node agent does so for its first pod with DNS capture.
+    pub fn attach_dns(&mut self, cgroup: &Path) -> Result<(), EbpfError> {
+        if self.dns_attached {
+            return Ok(());
+        }
+        for hook in Hook::DNS {
+            self.datapath.attach_cgroup(hook, cgroup)?;
+        }
+        self.dns_attached = true;
+        Ok(())
     }
 
     pub fn update_rules(

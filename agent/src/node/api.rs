@@ -42,7 +42,7 @@ pub enum Request {
     /// Serve a pod: capture its namespace's connects with a proxy of its
     /// own inside it. Enrolling an enrolled namespace again answers what is
     /// in force (idempotent).
-    Enroll(Enrollment),
+    Enroll(Box<Enrollment>),
     /// Stop serving a pod, found by namespace or container; an unknown one
     /// is not an error (it may never have been enrolled).
     Unenroll(PodRef),
@@ -73,6 +73,115 @@ pub struct Enrollment {
     /// while the node agent is down or restarting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_proxy: Option<ExternalProxy>,
+    /// DNS capture (istio's `--redirect-dns`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<PodDns>,
+}
+
+/// A pod's DNS capture, istio's way: UDP and TCP port 53 to its resolvers
+/// (or to any address) go to the DNS proxy the pod runs on 127.0.0.1 /
+/// `[::1]` (the node's `--dns-proxy-port`, istio-agent's 15053), whose own
+/// queries are not captured.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodDns {
+    /// The pod's resolvers (its `resolv.conf`'s nameservers); the node
+    /// agent cannot see the pod's files.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<std::net::IpAddr>,
+    /// Every port-53 destination (istio's `--capture-all-dns`).
+    #[serde(default)]
+    pub capture_all: bool,
+    /// The DNS proxy runs as this uid (istio-agent's 1337).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// The DNS proxy runs with this gid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+}
+
+/// `enroll`: which pod, and what to capture of it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EnrollArgs {
+    /// The pod's network namespace.
+    #[arg(long, value_name = "PATH")]
+    pub netns: PathBuf,
+    /// `namespace/name`, for `pods` and the logs.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub pod: Option<String>,
+    /// The runtime's container (sandbox) id, to unenroll by.
+    #[arg(long, value_name = "ID")]
+    pub container_id: Option<String>,
+    #[command(flatten)]
+    pub rules: RuleArgs,
+    /// The pod runs its own proxy on the outbound port: the agent opens
+    /// none there.
+    #[arg(long)]
+    pub external_proxy: bool,
+    /// The pod's own proxy runs as this uid (its connects are not
+    /// captured).
+    #[arg(long, value_name = "UID", requires = "external_proxy")]
+    pub proxy_uid: Option<u32>,
+    /// The pod's own proxy runs with this gid (its connects are not
+    /// captured).
+    #[arg(long, value_name = "GID", requires = "external_proxy")]
+    pub proxy_gid: Option<u32>,
+    #[command(flatten)]
+    pub dns: DnsArgs,
+}
+
+impl EnrollArgs {
+    /// The request's body.
+    #[must_use]
+    pub fn enrollment(self) -> Enrollment {
+        Enrollment {
+            netns: self.netns,
+            pod: self.pod,
+            container_id: self.container_id,
+            rules: self.rules,
+            external_proxy: self.external_proxy.then_some(ExternalProxy {
+                uid: self.proxy_uid,
+                gid: self.proxy_gid,
+            }),
+            dns: self.dns.pod_dns(),
+        }
+    }
+}
+
+/// `enroll`'s DNS switches, as `run` has them.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DnsArgs {
+    /// Capture the pod's DNS (istio's `--redirect-dns`): UDP and TCP port
+    /// 53 to `--dns-servers` go to the DNS proxy the pod runs on 127.0.0.1 /
+    /// `[::1]` (the node's `--dns-proxy-port`).
+    #[arg(long)]
+    pub redirect_dns: bool,
+    /// With `--redirect-dns`: every port-53 destination, not only the
+    /// resolvers.
+    #[arg(long, requires = "redirect_dns")]
+    pub capture_all_dns: bool,
+    /// The pod's resolvers (comma-separated IP addresses; the nameservers of
+    /// its resolv.conf).
+    #[arg(long, value_name = "IPS", requires = "redirect_dns", value_parser = crate::rules::List::<std::net::IpAddr>::parse)]
+    pub dns_servers: Option<crate::rules::List<std::net::IpAddr>>,
+    /// The DNS proxy runs as this uid: its own queries are not captured.
+    #[arg(long, value_name = "UID", requires = "redirect_dns")]
+    pub dns_proxy_uid: Option<u32>,
+    /// The DNS proxy runs with this gid: its own queries are not captured.
+    #[arg(long, value_name = "GID", requires = "redirect_dns")]
+    pub dns_proxy_gid: Option<u32>,
+}
+
+impl DnsArgs {
+    /// The enrollment's DNS capture, if asked.
+    #[must_use]
+    pub fn pod_dns(self) -> Option<PodDns> {
+        self.redirect_dns.then(|| PodDns {
+            servers: self.dns_servers.map(|l| l.0).unwrap_or_default(),
+            capture_all: self.capture_all_dns,
+            uid: self.dns_proxy_uid,
+            gid: self.dns_proxy_gid,
+        })
+    }
 }
 
 /// How a pod's own proxy is told apart: its connections are never
@@ -114,6 +223,9 @@ pub struct PodInfo {
     /// none: 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_proxy: Option<ExternalProxy>,
+    /// Its DNS capture, if asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<PodDns>,
     /// Connections its proxy has accepted so far.
     pub connections: u64,
     /// Of those, still open.
@@ -229,11 +341,11 @@ mod tests {
 
     #[test]
     fn requests_are_one_tagged_json_line() {
-        let r = Request::Enroll(Enrollment {
+        let r = Request::Enroll(Box::new(Enrollment {
             netns: "/var/run/netns/a".into(),
             pod: Some("default/a".into()),
             ..Enrollment::default()
-        });
+        }));
         let line = serde_json::to_string(&r).unwrap();
         assert!(
             line.starts_with(r#"{"op":"enroll","netns":"/var/run/netns/a""#),

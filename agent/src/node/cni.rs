@@ -24,7 +24,10 @@
 //! empty: no inbound capture), `EXCLUDE_INBOUND_PORTS` (comma-separated, as
 //! `-i`/`-x`/`-q`/`-o`/`-b`/`-d`);
 //! `MESH_REDIRECT_PROXY=external` with `MESH_REDIRECT_PROXY_UID`/`_GID`:
-//! the pod runs its own proxy, as `run --proxy external`.
+//! the pod runs its own proxy, as `run --proxy external`;
+//! `MESH_REDIRECT_DNS=on` (with `MESH_REDIRECT_DNS_SERVERS`, the pod's
+//! resolvers) or `=all`, with `MESH_REDIRECT_DNS_UID`/`_GID` naming its DNS
+//! proxy: DNS capture, as `run --redirect-dns` (`--capture-all-dns`).
 //! `K8S_POD_NAMESPACE`/`K8S_POD_NAME` name the pod.
 
 use std::{
@@ -37,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::api::{
-    self, Answer, ApiError, DEFAULT_SOCKET, Enrollment, ExternalProxy, PodRef, Request,
+    self, Answer, ApiError, DEFAULT_SOCKET, Enrollment, ExternalProxy, PodDns, PodRef, Request,
 };
 use crate::rules::{List, RuleArgs, Selection};
 
@@ -276,8 +279,13 @@ fn add(env: &Env, config: &Config, socket: &Path, timeout: Duration) -> Result<S
         rules: rules(&args).map_err(|msg| error(v, code::INVALID_CONFIG, &msg, &""))?,
         external_proxy: external_proxy(&args)
             .map_err(|msg| error(v, code::INVALID_CONFIG, &msg, &""))?,
+        dns: dns(&args).map_err(|msg| error(v, code::INVALID_CONFIG, &msg, &""))?,
     };
-    match ask_within(socket, &Request::Enroll(enrollment.clone()), timeout) {
+    match ask_within(
+        socket,
+        &Request::Enroll(Box::new(enrollment.clone())),
+        timeout,
+    ) {
         Ok(_) => Ok(result),
         Err(ApiError::Io { .. }) if config.fail_policy == FailPolicy::Open => {
             queue_pending(config, &env.container_id, &enrollment)
@@ -365,18 +373,9 @@ fn rules(args: &BTreeMap<String, String>) -> Result<RuleArgs, String> {
 /// `MESH_REDIRECT_PROXY=external` (with `MESH_REDIRECT_PROXY_UID`,
 /// `MESH_REDIRECT_PROXY_GID`): the pod runs its own proxy.
 fn external_proxy(args: &BTreeMap<String, String>) -> Result<Option<ExternalProxy>, String> {
-    let id = |k: &str| {
-        args.get(k)
-            .filter(|v| !v.is_empty())
-            .map(|v| {
-                v.parse::<u32>()
-                    .map_err(|e| format!("CNI_ARGS {k}: {v:?} is not an id: {e}"))
-            })
-            .transpose()
-    };
     let (uid, gid) = (
-        id("MESH_REDIRECT_PROXY_UID")?,
-        id("MESH_REDIRECT_PROXY_GID")?,
+        id_arg(args, "MESH_REDIRECT_PROXY_UID")?,
+        id_arg(args, "MESH_REDIRECT_PROXY_GID")?,
     );
     match args.get("MESH_REDIRECT_PROXY").map(String::as_str) {
         Some("external") => Ok(Some(ExternalProxy { uid, gid })),
@@ -388,6 +387,48 @@ fn external_proxy(args: &BTreeMap<String, String>) -> Result<Option<ExternalProx
             "CNI_ARGS MESH_REDIRECT_PROXY: {other:?} is neither builtin nor external"
         )),
     }
+}
+
+/// A CNI arg that is an id, if set.
+fn id_arg(args: &BTreeMap<String, String>, k: &str) -> Result<Option<u32>, String> {
+    args.get(k)
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            v.parse::<u32>()
+                .map_err(|e| format!("CNI_ARGS {k}: {v:?} is not an id: {e}"))
+        })
+        .transpose()
+}
+
+/// `MESH_REDIRECT_DNS=on` (the resolvers in `MESH_REDIRECT_DNS_SERVERS`) or
+/// `=all` (every port-53 destination), with `MESH_REDIRECT_DNS_UID`/`_GID`
+/// naming the DNS proxy: the pod's DNS capture.
+fn dns(args: &BTreeMap<String, String>) -> Result<Option<PodDns>, String> {
+    let servers = args
+        .get("MESH_REDIRECT_DNS_SERVERS")
+        .map(|v| {
+            List::<std::net::IpAddr>::parse(v)
+                .map_err(|e| format!("CNI_ARGS MESH_REDIRECT_DNS_SERVERS: {e}"))
+        })
+        .transpose()?
+        .map(|l| l.0)
+        .unwrap_or_default();
+    let capture_all = match args.get("MESH_REDIRECT_DNS").map(String::as_str) {
+        None | Some("" | "off") => return Ok(None),
+        Some("on") => false,
+        Some("all") => true,
+        Some(other) => {
+            return Err(format!(
+                "CNI_ARGS MESH_REDIRECT_DNS: {other:?} is none of on, all, off"
+            ));
+        }
+    };
+    Ok(Some(PodDns {
+        servers,
+        capture_all,
+        uid: id_arg(args, "MESH_REDIRECT_DNS_UID")?,
+        gid: id_arg(args, "MESH_REDIRECT_DNS_GID")?,
+    }))
 }
 
 fn require(v: &str, name: &str, value: &str) -> Result<(), CniError> {
@@ -652,6 +693,61 @@ mod tests {
             ),
         ] {
             let err = external_proxy(&parse_args(bad)).unwrap_err();
+            assert!(err.contains(named), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn inbound_and_dns_capture_come_from_cni_args_and_a_bad_one_is_named() {
+        let none = rules(&parse_args("INCLUDE_INBOUND_PORTS=")).unwrap();
+        let none = none
+            .apply_to(&crate::rules::CaptureRules::default())
+            .unwrap();
+        assert!(
+            none.inbound_include_ports.items().is_empty() && !none.inbound_include_ports.is_all()
+        );
+        let some = rules(&parse_args("EXCLUDE_INBOUND_PORTS=9090")).unwrap();
+        let some = some
+            .apply_to(&crate::rules::CaptureRules::default())
+            .unwrap();
+        assert!(some.inbound_include_ports.is_all());
+        assert!(some.inbound_exclude_ports.contains(&9090));
+        assert_eq!(dns(&parse_args("K8S_POD_NAME=a")).unwrap(), None);
+        assert_eq!(
+            dns(&parse_args(
+                "MESH_REDIRECT_DNS=on;MESH_REDIRECT_DNS_SERVERS=10.96.0.10,fd00::a;MESH_REDIRECT_DNS_UID=1337"
+            ))
+            .unwrap(),
+            Some(PodDns {
+                servers: vec!["10.96.0.10".parse().unwrap(), "fd00::a".parse().unwrap()],
+                capture_all: false,
+                uid: Some(1337),
+                gid: None,
+            })
+        );
+        assert!(
+            dns(&parse_args("MESH_REDIRECT_DNS=all"))
+                .unwrap()
+                .unwrap()
+                .capture_all
+        );
+        for (bad, named) in [
+            ("MESH_REDIRECT_DNS=yes", "MESH_REDIRECT_DNS"),
+            (
+                "MESH_REDIRECT_DNS=on;MESH_REDIRECT_DNS_SERVERS=kube-dns",
+                "MESH_REDIRECT_DNS_SERVERS",
+            ),
+            (
+                "MESH_REDIRECT_DNS=on;MESH_REDIRECT_DNS_GID=x",
+                "MESH_REDIRECT_DNS_GID",
+            ),
+            ("INCLUDE_INBOUND_PORTS=http", "INCLUDE_INBOUND_PORTS"),
+        ] {
+            let args = parse_args(bad);
+            let err = dns(&args)
+                .err()
+                .or_else(|| rules(&args).err())
+                .unwrap_or_default();
             assert!(err.contains(named), "{bad}: {err}");
         }
     }

@@ -15,12 +15,12 @@ use std::{
 use tracing::{info, warn};
 
 use super::{
-    api::{Enrollment, ExternalProxy, PodInfo, PodRef},
+    api::{Enrollment, PodInfo, PodRef},
     handover::{Handed, PodSockets},
 };
 use crate::{
     admin::metrics::NodePods,
-    capture::{ProxyIdentity, Settings, ebpf::EbpfCapture, passthrough},
+    capture::{DnsSettings, ProxyIdentity, Settings, ebpf::EbpfCapture, passthrough},
     netns::Netns,
     proxy::{Direction, Listeners, ProxyConfig, ProxyHandle},
     rules::CaptureRules,
@@ -53,6 +53,18 @@ pub enum PodError {
     },
     #[error("unenroll: name the pod by netns or container id")]
     NoPod,
+    #[error(
+        "the pod's proxy and its DNS proxy are told apart by one {what}: --proxy-{what} {proxy} and --dns-proxy-{what} {dns} differ"
+    )]
+    Identity {
+        what: &'static str,
+        proxy: u32,
+        dns: u32,
+    },
+    #[error(
+        "DNS capture: name the pod's resolvers (--dns-servers, CNI_ARGS MESH_REDIRECT_DNS_SERVERS) or capture all DNS (--capture-all-dns, MESH_REDIRECT_DNS=all)"
+    )]
+    DnsServers,
     #[error("netns {path}: {source}")]
     Passthrough {
         path: PathBuf,
@@ -74,6 +86,8 @@ pub struct PodDefaults {
     /// Where the markers of the `::6` passthrough sources we put on pods'
     /// `lo` are kept.
     pub state_dir: PathBuf,
+    /// Where a pod's DNS proxy listens, inside the pod.
+    pub dns_port: u16,
 }
 
 impl PodDefaults {
@@ -140,6 +154,7 @@ impl Pods {
             return Ok(current(p));
         }
         let rules = e.rules.apply_to(&CaptureRules::default())?;
+        let (identity, dns) = identity_and_dns(e, defaults)?;
         let ipv6 = netns.has_global_ipv6().map_err(netns_err)?;
         // istio's `includeInboundPorts: ""`: no inbound capture.
         let inbound = defaults.proxy.inbound_port.is_some()
@@ -173,19 +188,16 @@ impl Pods {
             netns,
             cookie,
             defaults,
-            rules.clone(),
-            ipv6,
-            inbound,
-            e.external_proxy,
+            Asked {
+                rules: rules.clone(),
+                ipv6,
+                inbound,
+                proxy: identity,
+                dns,
+            },
         );
         let ours: Vec<&TcpListener> = kept.iter().flat_map(|k| k.all().map(|(l, _)| l)).collect();
-        let enrolled = capture.enroll(&settings, &ours).and_then(|_| {
-            if inbound {
-                capture.serve_inbound(&settings, &ours)?;
-            }
-            Ok(())
-        });
-        if let Err(source) = enrolled {
+        if let Err(source) = write_capture(capture, defaults, &settings, &ours) {
             // Nothing half-enrolled: whatever was written goes again.
             let _ = capture.unenroll(cookie);
             passthrough::remove_v6(&settings.netns, &defaults.marker(cookie));
@@ -206,6 +218,7 @@ impl Pods {
             inbound_port: inbound.then_some(settings.inbound_port),
             rules,
             external_proxy: e.external_proxy,
+            dns: e.dns.clone(),
             connections: 0,
             open: 0,
         };
@@ -414,6 +427,24 @@ fn start_proxy(
     Ok((proxy, kept))
 }
 
+/// Writes a pod's capture into the datapath: its maps, the DNS hooks if
+/// it is the first to want them, its sk_lookup.
+fn write_capture(
+    capture: &mut EbpfCapture,
+    defaults: &PodDefaults,
+    settings: &Settings,
+    ours: &[&TcpListener],
+) -> Result<(), crate::ebpf::EbpfError> {
+    capture.enroll(settings, ours)?;
+    if settings.dns.is_some() {
+        capture.attach_dns(&defaults.cgroup)?;
+    }
+    if settings.inbound {
+        capture.serve_inbound(settings, ours)?;
+    }
+    Ok(())
+}
+
 /// Whether `path` still names the namespace with `cookie`.
 fn still_there(path: &Path, cookie: u64) -> bool {
     Netns::open(path)
@@ -451,17 +482,53 @@ fn retire(proxy: ProxyHandle, drain: Duration) {
     });
 }
 
-/// The capture settings of one pod.
-fn settings(
-    netns: Netns,
-    netns_cookie: u64,
-    d: &PodDefaults,
+/// What one pod asked for, checked.
+struct Asked {
     rules: CaptureRules,
     ipv6: bool,
     inbound: bool,
-    external: Option<ExternalProxy>,
-) -> Settings {
-    let own = external.unwrap_or_default();
+    proxy: ProxyIdentity,
+    dns: Option<DnsSettings>,
+}
+
+/// Who is never captured in the pod (the node's proxies by their mark, the
+/// pod's own proxy and DNS proxy by uid/gid: one identity each, as istio's
+/// 1337), and its DNS capture; refused by name where they do not fit.
+fn identity_and_dns(
+    e: &Enrollment,
+    d: &PodDefaults,
+) -> Result<(ProxyIdentity, Option<DnsSettings>), PodError> {
+    let own = e.external_proxy.unwrap_or_default();
+    let dns = e.dns.clone();
+    let pick = |what: &'static str, a: Option<u32>, b: Option<u32>| match (a, b) {
+        (Some(x), Some(y)) if x != y => Err(PodError::Identity {
+            what,
+            proxy: x,
+            dns: y,
+        }),
+        (a, b) => Ok(a.or(b)),
+    };
+    let proxy = ProxyIdentity {
+        mark: d.proxy.mark,
+        uid: pick("uid", own.uid, dns.as_ref().and_then(|d| d.uid))?,
+        gid: pick("gid", own.gid, dns.as_ref().and_then(|d| d.gid))?,
+    };
+    let dns = match dns {
+        None => None,
+        Some(asked) if asked.servers.is_empty() && !asked.capture_all => {
+            return Err(PodError::DnsServers);
+        }
+        Some(asked) => Some(DnsSettings {
+            port: d.dns_port,
+            capture_all: asked.capture_all,
+            servers: asked.servers,
+        }),
+    };
+    Ok((proxy, dns))
+}
+
+/// The capture settings of one pod.
+fn settings(netns: Netns, netns_cookie: u64, d: &PodDefaults, asked: Asked) -> Settings {
     Settings {
         netns,
         netns_cookie,
@@ -469,18 +536,14 @@ fn settings(
         socket_hook_cgroups: vec![d.cgroup.clone()],
         outbound_port: d.proxy.outbound_port,
         inbound_port: d.proxy.inbound_port.unwrap_or(0),
-        inbound,
-        proxy: ProxyIdentity {
-            mark: d.proxy.mark,
-            uid: own.uid,
-            gid: own.gid,
-        },
+        inbound: asked.inbound,
+        proxy: asked.proxy,
         sockmap: d.sockmap,
         sockmap_queue_limit: d.sockmap_queue_limit,
         fail_open: false,
-        rules,
-        dns: None,
-        ipv6,
+        rules: asked.rules,
+        dns: asked.dns,
+        ipv6: asked.ipv6,
         passthrough_marker: PathBuf::new(),
     }
 }
