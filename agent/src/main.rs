@@ -61,6 +61,10 @@ enum Command {
     /// The CNI plugin (also run as `mesh-redirect-cni`): `CNI_COMMAND` and
     /// friends in the environment, the network configuration on stdin.
     Cni,
+    /// Put the CNI plugin in place on this node (copied into the CNI bin
+    /// directory, chained last in the network configuration), or take it
+    /// away (`--uninstall`), as istio-cni's install-cni.
+    InstallCni(agent::node::install::InstallArgs),
     /// Ask the node agent to serve a pod (idempotent).
     Enroll {
         #[command(flatten)]
@@ -181,6 +185,11 @@ fn main() -> ExitCode {
         ),
         Command::Iptables(args) => report(agent::iptables::cli::main(&args)),
         Command::Node(args) => report(agent::node::run(&args)),
+        Command::InstallCni(args) => report(
+            agent::node::install::run(&args)
+                .map(|_| ())
+                .map_err(Into::into),
+        ),
         Command::Cni => cni(),
         Command::Enroll { pod, socket, json } => ask_node(
             &socket,

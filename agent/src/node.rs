@@ -39,6 +39,7 @@
 pub mod api;
 pub mod cni;
 pub mod handover;
+pub mod install;
 pub mod pods;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};

@@ -18,7 +18,7 @@ pub const IMAGE: &str = "localhost/mesh-redirect-test:latest";
 
 /// A podman of the test's own, whose network `NETWORK` chains
 /// `mesh-redirect-cni` (enrolling with the node agent at `socket`) after
-/// `bridge`.
+/// `bridge`, put there by `mesh-redirect install-cni`.
 pub struct Podman {
     dir: PathBuf,
     bridge: String,
@@ -36,8 +36,6 @@ impl Podman {
         for d in ["cni-bin", "cni-conf", "rootfs/bin", "rootfs/tmp"] {
             fs::create_dir_all(dir.join(d)).unwrap();
         }
-        // Run by its name, the agent's binary is the CNI plugin.
-        symlink(crate::agent_bin(), dir.join("cni-bin/mesh-redirect-cni")).unwrap();
         fs::write(
             dir.join("containers.conf"),
             format!(
@@ -62,8 +60,7 @@ impl Podman {
                         "ranges": [[{"subnet": format!("10.90.{seq}.0/24")}]],
                         "routes": [{"dst": "0.0.0.0/0"}]
                     }
-                },
-                {"type": "mesh-redirect-cni", "socket": socket}
+                }
             ]
         });
         fs::write(
@@ -71,6 +68,23 @@ impl Podman {
             conflist.to_string(),
         )
         .unwrap();
+        // The plugin goes in as a node's installer puts it: copied into the
+        // CNI bin directory (run by its name, the agent's binary is the
+        // plugin) and chained after `bridge`.
+        let out = crate::agent_proc::run_to_end(&[
+            "install-cni",
+            "--cni-bin-dir",
+            dir.join("cni-bin").to_str().unwrap(),
+            "--cni-conf-dir",
+            dir.join("cni-conf").to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "install-cni: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let podman = Self {
             dir,
             bridge,
@@ -110,6 +124,32 @@ impl Podman {
             tar.display()
         ));
         self.ok(&["import", tar.to_str().unwrap(), IMAGE]);
+    }
+
+    /// The network's configuration list, as the runtime reads it.
+    #[must_use]
+    pub fn conflist(&self) -> serde_json::Value {
+        let path = self.dir.join(format!("cni-conf/{}.conflist", self.network));
+        serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    /// `install-cni --uninstall`: our plugin leaves the chain and the CNI
+    /// bin directory.
+    pub fn uninstall_cni(&self) {
+        let out = crate::agent_proc::run_to_end(&[
+            "install-cni",
+            "--uninstall",
+            "--cni-bin-dir",
+            self.dir.join("cni-bin").to_str().unwrap(),
+            "--cni-conf-dir",
+            self.dir.join("cni-conf").to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "install-cni --uninstall: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!self.dir.join("cni-bin/mesh-redirect-cni").exists());
     }
 
     /// The CNI network our plugin is chained in.

@@ -1453,6 +1453,19 @@ fn podman_pods_are_enrolled_by_the_cni_plugin_and_leave_no_trace() {
         Vec::<String>::new(),
         "no pod's sk_lookup link is left"
     );
+    let chained = podman.conflist();
+    assert_eq!(
+        chained["plugins"][1]["type"], "mesh-redirect-cni",
+        "{chained}"
+    );
+    podman.uninstall_cni();
+    let plugins = podman.conflist()["plugins"].clone();
+    assert_eq!(
+        plugins.as_array().map(Vec::len),
+        Some(1),
+        "only bridge is left: {plugins}"
+    );
+    assert_eq!(plugins[0], chained["plugins"][0]);
 }
 
 /// The node datapath's pinned sk_lookup links, one per pod served inbound.

@@ -8,6 +8,7 @@ mod demo;
 mod fresh;
 mod host;
 mod layering;
+mod manifests;
 mod setup;
 mod test;
 mod vm;
@@ -57,6 +58,9 @@ enum Command {
     /// Prove the README's set-up and main job from nothing: a clean Debian
     /// root (debootstrap), a clean clone, the README's command inside.
     FreshMachine(fresh::Options),
+    /// Lint the Kubernetes manifests under deploy/ and validate them
+    /// against a current Kubernetes release's schemas (also part of `test`).
+    Manifests,
     /// Build, then run the agent with these arguments (e.g. `doctor`).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -86,6 +90,7 @@ fn run(command: Command) -> Result<()> {
                 Need::Bench,
                 Need::Vm,
                 Need::FreshMachine,
+                Need::Manifests,
             ])?;
             eprintln!("setup: everything is in place");
         }
@@ -102,6 +107,7 @@ fn run(command: Command) -> Result<()> {
         Command::Bench(opts) => bench::run(&opts)?,
         Command::VmTest(opts) => vm::run(&opts)?,
         Command::FreshMachine(opts) => fresh::run(&opts)?,
+        Command::Manifests => manifests::run()?,
         Command::Run { args } => {
             let tc = setup::ensure(&[])?;
             let bin = build::build(&tc, true)?;

@@ -57,6 +57,8 @@ pub enum Need {
     Vm,
     /// debootstrap for `fresh-machine`.
     FreshMachine,
+    /// yamllint, and Python's venv for kubernetes-validate: `manifests`.
+    Manifests,
 }
 
 impl Need {
@@ -128,6 +130,16 @@ impl Need {
                 "debootstrap",
                 "fresh-machine builds a clean Debian root to run the README's commands in",
             )],
+            Self::Manifests => &[
+                (
+                    "yamllint",
+                    "`manifests` lints the Kubernetes manifests under deploy/",
+                ),
+                (
+                    "python3-venv",
+                    "`manifests` installs kubernetes-validate (PyPI) in a virtualenv",
+                ),
+            ],
             Self::Vm => &[
                 ("qemu-system-x86", "vm-test boots Debian kernels under qemu"),
                 (

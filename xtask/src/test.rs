@@ -1,5 +1,5 @@
-//! `cargo xtask test`: formatting, clippy, unit tests, then the kernel
-//! integration tests as root, one at a time.
+//! `cargo xtask test`: formatting, clippy, unit tests, the Kubernetes
+//! manifests, then the kernel integration tests as root, one at a time.
 
 use std::{
     path::{Path, PathBuf},
@@ -34,6 +34,7 @@ pub fn run(filter: Option<&str>, kernel_only: bool) -> Result<()> {
         ];
         cmd::run(build::cargo(&tc).args(clippy))?;
         cmd::run(build::cargo(&tc).args(["test", "--workspace", "--exclude", "tests"]))?;
+        crate::manifests::run()?;
     }
     let agent = build::build(&tc, false)?;
     let binaries = kernel_test_binaries(&tc)?;

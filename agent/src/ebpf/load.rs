@@ -78,15 +78,6 @@ pub(super) fn load(opts: &LoadOptions, pin_dir: Option<&Path>) -> Result<Loaded,
     } else {
         aya_log::Level::Warn as u8
     };
-    let mut loader = EbpfLoader::new();
-    loader.override_global(aya_log::LEVEL, &level, false);
-    loader.override_global(
-        globals::SOCKMAP_QUEUE_LIMIT,
-        &opts.sockmap_queue_limit,
-        true,
-    );
-    loader.override_global(globals::KERNEL_LAYOUT, &opts.layout, true);
-    loader.override_global(globals::SK_LOOKUP_NETNS, &opts.sk_lookup_netns, true);
     let pins = match pin_dir {
         Some(dir) => {
             let adopted = dir.join(names::NETNS_CONFIG).exists();
@@ -95,19 +86,16 @@ pub(super) fn load(opts: &LoadOptions, pin_dir: Option<&Path>) -> Result<Loaded,
         }
         None => None,
     };
-    let pin_paths: Vec<(String, PathBuf)> = match &pins {
-        Some((dir, _)) => crate::pins::pinned_map_names(OBJECT)?
-            .into_iter()
-            .map(|n| {
-                let path = dir.join(&n);
-                (n, path)
-            })
-            .collect(),
+    let pin_paths = match &pins {
+        Some((dir, _)) => pin_paths(dir)?,
         None => Vec::new(),
     };
-    for (name, path) in &pin_paths {
-        loader.map_pin_path(name.as_str(), path.as_path());
-    }
+    let mut loader = EbpfLoader::new();
+    let instance = Instance {
+        level,
+        sk_lookup_netns: opts.sk_lookup_netns,
+    };
+    configure(&mut loader, opts, &instance, &pin_paths);
     let mut ebpf = loader.load(OBJECT)?;
     for hook in Hook::ALL {
         load_program(&mut ebpf, hook)
@@ -127,30 +115,56 @@ pub(super) fn sk_lookup_instance(
     pin_dir: &Path,
     netns: u64,
 ) -> Result<Ebpf, EbpfError> {
+    let instance = Instance {
+        level: aya_log::Level::Warn as u8,
+        sk_lookup_netns: netns,
+    };
+    let pin_paths = pin_paths(pin_dir)?;
     let mut loader = EbpfLoader::new();
-    let level = aya_log::Level::Warn as u8;
-    loader.override_global(aya_log::LEVEL, &level, false);
+    configure(&mut loader, opts, &instance, &pin_paths);
+    let mut ebpf = loader.load(OBJECT)?;
+    load_program(&mut ebpf, Hook::SkLookup)
+        .map_err(|(name, source)| EbpfError::Program { name, source })?;
+    Ok(ebpf)
+}
+
+/// Where each of the object's maps is pinned in `dir`.
+fn pin_paths(dir: &Path) -> Result<Vec<(String, PathBuf)>, EbpfError> {
+    Ok(crate::pins::pinned_map_names(OBJECT)?
+        .into_iter()
+        .map(|n| {
+            let path = dir.join(&n);
+            (n, path)
+        })
+        .collect())
+}
+
+/// What differs between two loads of the object.
+struct Instance {
+    /// aya-log's level.
+    level: u8,
+    /// The namespace its sk_lookup serves.
+    sk_lookup_netns: u64,
+}
+
+/// Sets the object's globals and where its maps are pinned.
+fn configure<'a>(
+    loader: &mut EbpfLoader<'a>,
+    opts: &'a LoadOptions,
+    instance: &'a Instance,
+    pin_paths: &'a [(String, PathBuf)],
+) {
+    loader.override_global(aya_log::LEVEL, &instance.level, false);
     loader.override_global(
         globals::SOCKMAP_QUEUE_LIMIT,
         &opts.sockmap_queue_limit,
         true,
     );
     loader.override_global(globals::KERNEL_LAYOUT, &opts.layout, true);
-    loader.override_global(globals::SK_LOOKUP_NETNS, &netns, true);
-    let pin_paths: Vec<(String, PathBuf)> = crate::pins::pinned_map_names(OBJECT)?
-        .into_iter()
-        .map(|n| {
-            let path = pin_dir.join(&n);
-            (n, path)
-        })
-        .collect();
-    for (name, path) in &pin_paths {
+    loader.override_global(globals::SK_LOOKUP_NETNS, &instance.sk_lookup_netns, true);
+    for (name, path) in pin_paths {
         loader.map_pin_path(name.as_str(), path.as_path());
     }
-    let mut ebpf = loader.load(OBJECT)?;
-    load_program(&mut ebpf, Hook::SkLookup)
-        .map_err(|(name, source)| EbpfError::Program { name, source })?;
-    Ok(ebpf)
 }
 
 /// Loads (verifies) one program; the error keeps the program's name.

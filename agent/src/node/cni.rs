@@ -92,9 +92,10 @@ struct Config {
     prev_result: Option<Value>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+/// What `ADD` does while the node agent does not answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-enum FailPolicy {
+pub enum FailPolicy {
     #[default]
     Closed,
     Open,
