@@ -55,6 +55,14 @@ pub mod maps {
     pub const OUT_PORTS: &str = "OUT_PORTS";
     /// `HashMap<PortKey, u8>`: inbound ports, a [`PortRule`] each (`-b`/`-d`).
     pub const IN_PORTS: &str = "IN_PORTS";
+    /// `Array<u64>` of one: the cookie of the network namespace this
+    /// instance's sk_lookup serves, written by the agent once the object
+    /// is loaded. An sk_lookup program cannot read its namespace's cookie,
+    /// and it runs only where it is attached: each served namespace gets an
+    /// instance of its own (one for a pod's agent, one per pod for a node
+    /// agent), sharing every other map. Never pinned: each instance has its
+    /// own.
+    pub const SK_LOOKUP_NETNS: &str = "SK_LOOKUP_NETNS";
     /// `SockHash<ListenerKey>`: each served namespace's inbound listeners,
     /// one per family.
     pub const INBOUND_LISTENER: &str = "INBOUND_LISTENER";
@@ -95,12 +103,6 @@ pub mod globals {
     /// [`crate::KernelLayout`]: where the fields the datapath reads are in
     /// the running kernel's structures, and how it must treat readers.
     pub const KERNEL_LAYOUT: &str = "KERNEL_LAYOUT";
-    /// `u64`: the cookie of the network namespace this instance's sk_lookup
-    /// serves. An sk_lookup program cannot read its namespace's cookie, and
-    /// it runs only where it is attached: each served namespace gets an
-    /// instance of its own (one for a pod's agent, one per pod for a node
-    /// agent), all sharing the datapath's maps.
-    pub const SK_LOOKUP_NETNS: &str = "SK_LOOKUP_NETNS";
     /// Its default, in KiB (`run --sockmap-queue-kib`): 4 MiB, below TCP's
     /// largest default receive buffer.
     pub const SOCKMAP_QUEUE_LIMIT_DEFAULT_KIB: u32 = 4096;

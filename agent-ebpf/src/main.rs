@@ -82,7 +82,7 @@ use aya_ebpf::{
     macros::{
         btf_map, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops,
     },
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
     programs::{
         SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext,
     },
@@ -106,11 +106,6 @@ pub const SOCKOPS_OK: u32 = 1;
 /// (`agent_common::globals::SOCKMAP_QUEUE_LIMIT`).
 #[unsafe(no_mangle)]
 static SOCKMAP_QUEUE_LIMIT: u64 = agent_common::globals::SOCKMAP_QUEUE_LIMIT_DEFAULT;
-
-/// The cookie of the network namespace this instance's sk_lookup serves;
-/// set by the loader (`agent_common::globals::SK_LOOKUP_NETNS`).
-#[unsafe(no_mangle)]
-static SK_LOOKUP_NETNS: u64 = 0;
 
 /// Where the kernel keeps what the datapath reads, and how it treats
 /// blocking readers; set by the loader (`globals::KERNEL_LAYOUT`). Unset,
@@ -177,6 +172,9 @@ static OUT_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(capacity::RUL
 
 #[map]
 static IN_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(capacity::RULES, 0);
+
+#[map]
+static SK_LOOKUP_NETNS: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map]
 static INBOUND_LISTENER: SockHash<ListenerKey> =

@@ -7,8 +7,8 @@
 //! dual-stack IPv6 one), an IPv6 connection to the IPv6 listener.
 //!
 //! The program cannot read its namespace's cookie: each served namespace
-//! has an instance of its own, loaded with the cookie (`SK_LOOKUP_NETNS`),
-//! sharing the datapath's maps.
+//! has an instance of its own, whose own `SK_LOOKUP_NETNS` holds the
+//! cookie, sharing the datapath's other maps.
 //!
 //! Left alone: loopback destinations, connections from the proxy's
 //! passthrough source (127.0.0.6 or `::6`: the proxy forwarding to the app), and
@@ -27,11 +27,10 @@ use crate::{
 /// `ENOENT`: the listener slot is empty.
 const ENOENT: i32 = 2;
 
-/// The namespace this instance serves.
+/// The namespace this instance serves (0 until the agent wrote it: none).
 #[inline(always)]
 fn served_netns() -> u64 {
-    // SAFETY: a plain read of a loader-set global.
-    unsafe { core::ptr::read_volatile(&raw const crate::SK_LOOKUP_NETNS) }
+    crate::SK_LOOKUP_NETNS.get(0).copied().unwrap_or(0)
 }
 
 #[inline(always)]

@@ -285,22 +285,37 @@ pub mod passthrough {
     }
 
     /// Adds `::6/128` to `lo` (and writes `marker`) unless it is there or
-    /// the namespace has no IPv6 (`lo` without `::1`).
-    pub fn add_v6(netns: &Netns, marker: &Path) -> Result<(), CaptureError> {
+    /// the namespace has no IPv6 (`lo` without `::1`); whether it did.
+    pub fn add_v6(netns: &Netns, marker: &Path) -> Result<bool, CaptureError> {
         let err = |e: String| CaptureError::Passthrough(e);
-        let shown = ip(netns, &["-6", "-o", "addr", "show", "dev", "lo"])
-            .map_err(|e| err(format!("running ip: {e}")))?;
-        let text = String::from_utf8_lossy(&shown.stdout);
-        if !text.contains(" ::1/128") || text.contains(&format!(" {} ", addr())) {
-            return Ok(());
+        // The kernel's own list of lo's IPv6 addresses (no `ip` to run).
+        let on_lo = netns
+            .run(|| {
+                std::fs::read_to_string("/proc/thread-self/net/if_inet6").map(|t| {
+                    t.lines()
+                        .filter(|l| l.split_whitespace().nth(5) == Some("lo"))
+                        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+                        .collect::<Vec<String>>()
+                })
+            })
+            .map_err(|e| err(e.to_string()))?
+            // No IPv6 in this kernel: nothing to add.
+            .unwrap_or_default();
+        let hex = |ip: std::net::Ipv6Addr| format!("{:032x}", u128::from(ip));
+        let has = |ip| on_lo.contains(&hex(ip));
+        if !has(std::net::Ipv6Addr::LOCALHOST) || has(agent_common::INBOUND_PASSTHROUGH_SRC_V6) {
+            return Ok(false);
         }
         if let Some(dir) = marker.parent() {
             std::fs::create_dir_all(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
         }
         std::fs::write(marker, addr()).map_err(|e| err(format!("{}: {e}", marker.display())))?;
-        let added = ip(netns, &["-6", "addr", "add", &addr(), "dev", "lo"])
-            .map_err(|e| err(format!("running ip: {e}")))?;
+        let added = ip(netns, &["-6", "addr", "add", &addr(), "dev", "lo"]).map_err(|e| {
+            let _ = std::fs::remove_file(marker);
+            err(format!("running ip: {e}"))
+        })?;
         if !added.status.success() {
+            let _ = std::fs::remove_file(marker);
             return Err(err(format!(
                 "ip -6 addr add {} dev lo: {}",
                 addr(),
@@ -308,7 +323,7 @@ pub mod passthrough {
             )));
         }
         info!(address = %addr(), "added the IPv6 passthrough source to lo");
-        Ok(())
+        Ok(true)
     }
 
     /// Removes `::6/128` from `lo` if `marker` says it is ours; whether it

@@ -114,7 +114,8 @@ pub fn pinned_map_names(object: &[u8]) -> Result<Vec<String>, PinError> {
     let mut names: Vec<String> = obj
         .maps
         .keys()
-        .filter(|n| !n.starts_with('.'))
+        // Each instance's own: its sk_lookup's namespace.
+        .filter(|n| !n.starts_with('.') && *n != agent_common::maps::SK_LOOKUP_NETNS)
         .cloned()
         .collect();
     names.sort();

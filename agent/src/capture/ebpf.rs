@@ -260,9 +260,20 @@ impl EbpfCapture {
         Ok(config)
     }
 
+    /// Whether the maps serve the namespace with this cookie (an earlier
+    /// agent may have enrolled it).
+    #[must_use]
+    pub fn serves(&self, netns_cookie: u64) -> bool {
+        self.datapath
+            .maps()
+            .netns_configs()
+            .is_ok_and(|c| c.iter().any(|(cookie, _)| *cookie == netns_cookie))
+    }
+
     /// Takes a namespace out of the maps (new connects there go direct):
     /// its configuration first, then its rules, resolvers and listeners.
     pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), EbpfError> {
+        // While its entries stay, so does its inbound capture.
         self.datapath.maps_mut().forget_netns(netns_cookie)?;
         self.datapath.detach_sk_lookup(netns_cookie)
     }

@@ -15,7 +15,7 @@
 use std::{
     fs::File,
     io,
-    os::fd::{AsFd as _, OwnedFd},
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -149,7 +149,7 @@ impl Datapath {
     fn attach_link(
         &mut self,
         hook: Hook,
-        target: &File,
+        target: BorrowedFd<'_>,
         target_path: &Path,
         pin_name: &str,
     ) -> Result<(), EbpfError> {
@@ -178,7 +178,7 @@ impl Datapath {
         let ino = cgroup.metadata().map_err(io_err)?.ino();
         self.attach_link(
             hook,
-            &cgroup,
+            cgroup.as_fd(),
             path,
             &format!("link-{}-cgroup-{ino}", hook.program()),
         )
@@ -196,9 +196,9 @@ impl Datapath {
         if self.claimed.contains(&name) {
             return Ok(());
         }
-        let file = File::open(netns.path()).map_err(link_err(hook, netns.path()))?;
+        // The namespace whose cookie the caller read, not whatever its path names now.
         if netns_cookie == self.opts.sk_lookup_netns {
-            return self.attach_link(hook, &file, netns.path(), &name);
+            return self.attach_link(hook, netns.as_fd(), netns.path(), &name);
         }
         // Another namespace: an instance of its own, on our maps. Its
         // pinned link holds it; nothing of it stays open here (a node agent
@@ -212,7 +212,7 @@ impl Datapath {
         drop(link_program(
             &mut instance,
             hook,
-            &file,
+            netns.as_fd(),
             netns.path(),
             &name,
             Some(&pin),
@@ -374,7 +374,7 @@ fn program_fd(ebpf: &Ebpf, hook: Hook) -> Result<std::os::fd::BorrowedFd<'_>, Eb
 fn link_program(
     ebpf: &mut Ebpf,
     hook: Hook,
-    target: &File,
+    target: BorrowedFd<'_>,
     target_path: &Path,
     pin_name: &str,
     pin: Option<&Path>,
@@ -414,7 +414,11 @@ fn link_program(
 
 /// A new link of `hook` on `target`: aya's, or (`Err`) a raw one where
 /// aya's link type cannot be pinned (cgroup sockopt, aya 0.14).
-fn new_link(e: &mut Ebpf, hook: Hook, target: &File) -> Result<Result<FdLink, OwnedFd>, EbpfError> {
+fn new_link(
+    e: &mut Ebpf,
+    hook: Hook,
+    target: BorrowedFd<'_>,
+) -> Result<Result<FdLink, OwnedFd>, EbpfError> {
     let name = hook.program();
     let fd_link = |r: Result<FdLink, aya::programs::links::LinkError>| {
         r.map_err(|e| EbpfError::Link {
@@ -453,7 +457,7 @@ fn new_link(e: &mut Ebpf, hook: Hook, target: &File) -> Result<Result<FdLink, Ow
         }
         Hook::GetSockopt => {
             let prog = program_fd(e, hook)?;
-            let fd = sys::link_create(&prog, target, hook.attach_type() as u32)
+            let fd = sys::link_create(&prog, &target, hook.attach_type() as u32)
                 .map_err(link_err(hook, Path::new("cgroup")))?;
             return Ok(Err(fd));
         }

@@ -1,7 +1,10 @@
 //! Loading the eBPF object: its globals, its maps (created, or adopted from
 //! pins), and every program through the verifier. Nothing is attached.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::{Mutex, PoisonError},
+};
 
 use agent_common::{KernelLayout, globals, maps as names};
 use aya::{
@@ -73,11 +76,6 @@ pub(super) fn load(opts: &LoadOptions, pin_dir: Option<&Path>) -> Result<Loaded,
     if OBJECT.is_empty() {
         return Err(EbpfError::NoObject);
     }
-    let level: u8 = if opts.debug_logs {
-        aya_log::Level::Debug as u8
-    } else {
-        aya_log::Level::Warn as u8
-    };
     let pins = match pin_dir {
         Some(dir) => {
             let adopted = dir.join(names::NETNS_CONFIG).exists();
@@ -91,12 +89,9 @@ pub(super) fn load(opts: &LoadOptions, pin_dir: Option<&Path>) -> Result<Loaded,
         None => Vec::new(),
     };
     let mut loader = EbpfLoader::new();
-    let instance = Instance {
-        level,
-        sk_lookup_netns: opts.sk_lookup_netns,
-    };
-    configure(&mut loader, opts, &instance, &pin_paths);
+    configure(&mut loader, opts, opts.debug_logs, &pin_paths);
     let mut ebpf = loader.load(OBJECT)?;
+    set_served_netns(&mut ebpf, opts.sk_lookup_netns)?;
     for hook in Hook::ALL {
         load_program(&mut ebpf, hook)
             .map_err(|(name, source)| EbpfError::Program { name, source })?;
@@ -106,7 +101,8 @@ pub(super) fn load(opts: &LoadOptions, pin_dir: Option<&Path>) -> Result<Loaded,
 }
 
 /// Another instance of the sk_lookup program alone, serving the namespace
-/// with cookie `netns`, on the maps of the datapath pinned in `pin_dir`
+/// with cookie `netns` (in its own `SK_LOOKUP_NETNS`), on the other maps of
+/// the datapath pinned in `pin_dir`
 /// (an sk_lookup program cannot read its namespace's cookie: each served
 /// namespace needs an instance of its own). Its other programs are not
 /// loaded.
@@ -115,53 +111,72 @@ pub(super) fn sk_lookup_instance(
     pin_dir: &Path,
     netns: u64,
 ) -> Result<Ebpf, EbpfError> {
-    let instance = Instance {
-        level: aya_log::Level::Warn as u8,
-        sk_lookup_netns: netns,
-    };
-    let pin_paths = pin_paths(pin_dir)?;
-    let mut loader = EbpfLoader::new();
-    configure(&mut loader, opts, &instance, &pin_paths);
+    // Making a loader parses the kernel's BTF (megabytes, tens of
+    // milliseconds), which sk_lookup does not even use (it reads nothing of
+    // the kernel's structures): every instance comes from one loader.
+    static LOADER: Mutex<Option<(PathBuf, EbpfLoader<'static>)>> = Mutex::new(None);
+    let mut slot = LOADER.lock().unwrap_or_else(PoisonError::into_inner);
+    if slot.as_ref().is_none_or(|(dir, _)| dir != pin_dir) {
+        // Once per process (and pin directory): what the loader refers to.
+        let opts: &'static LoadOptions = Box::leak(Box::new(*opts));
+        let pins: &'static [(String, PathBuf)] = pin_paths(pin_dir)?.leak();
+        let mut loader = EbpfLoader::new();
+        configure(&mut loader, opts, false, pins);
+        loader.btf(None);
+        *slot = Some((pin_dir.to_owned(), loader));
+    }
+    let (_, loader) = slot.as_mut().expect("set above");
     let mut ebpf = loader.load(OBJECT)?;
+    set_served_netns(&mut ebpf, netns)?;
     load_program(&mut ebpf, Hook::SkLookup)
         .map_err(|(name, source)| EbpfError::Program { name, source })?;
     Ok(ebpf)
 }
 
-/// Where each of the object's maps is pinned in `dir`.
-fn pin_paths(dir: &Path) -> Result<Vec<(String, PathBuf)>, EbpfError> {
-    Ok(crate::pins::pinned_map_names(OBJECT)?
-        .into_iter()
-        .map(|n| {
-            let path = dir.join(&n);
-            (n, path)
-        })
-        .collect())
+/// Tells the object's sk_lookup which namespace it serves (its own map).
+fn set_served_netns(ebpf: &mut Ebpf, netns: u64) -> Result<(), EbpfError> {
+    let name = names::SK_LOOKUP_NETNS;
+    let map = ebpf
+        .map_mut(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })?;
+    let mut a: aya::maps::Array<&mut aya::maps::MapData, u64> =
+        aya::maps::Array::try_from(map).map_err(|source| EbpfError::Map { name, source })?;
+    a.set(0, netns, 0)
+        .map_err(|source| EbpfError::Map { name, source })
 }
 
-/// What differs between two loads of the object.
-struct Instance {
-    /// aya-log's level.
-    level: u8,
-    /// The namespace its sk_lookup serves.
-    sk_lookup_netns: u64,
+/// Where each of the object's maps is pinned in `dir`.
+fn pin_paths(dir: &Path) -> Result<Vec<(String, PathBuf)>, EbpfError> {
+    // Parsing the object takes long: its map names are read once.
+    static NAMES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let names = if let Some(n) = NAMES.get() {
+        n
+    } else {
+        let parsed = crate::pins::pinned_map_names(OBJECT)?;
+        NAMES.get_or_init(|| parsed)
+    };
+    Ok(names.iter().map(|n| (n.clone(), dir.join(n))).collect())
 }
+
+/// aya-log's levels, as the object's global takes them.
+static WARN: u8 = aya_log::Level::Warn as u8;
+static DEBUG: u8 = aya_log::Level::Debug as u8;
 
 /// Sets the object's globals and where its maps are pinned.
 fn configure<'a>(
     loader: &mut EbpfLoader<'a>,
     opts: &'a LoadOptions,
-    instance: &'a Instance,
+    debug_logs: bool,
     pin_paths: &'a [(String, PathBuf)],
 ) {
-    loader.override_global(aya_log::LEVEL, &instance.level, false);
+    let level = if debug_logs { &DEBUG } else { &WARN };
+    loader.override_global(aya_log::LEVEL, level, false);
     loader.override_global(
         globals::SOCKMAP_QUEUE_LIMIT,
         &opts.sockmap_queue_limit,
         true,
     );
     loader.override_global(globals::KERNEL_LAYOUT, &opts.layout, true);
-    loader.override_global(globals::SK_LOOKUP_NETNS, &instance.sk_lookup_netns, true);
     for (name, path) in pin_paths {
         loader.map_pin_path(name.as_str(), path.as_path());
     }

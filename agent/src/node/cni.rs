@@ -15,7 +15,9 @@
 //!   its enrollment is queued in `pendingDir` and the agent enrolls it when
 //!   it returns);
 //! - `pendingDir`: default [`DEFAULT_PENDING_DIR`];
-//! - `timeoutSeconds`: how long to wait for the agent (default 5).
+//! - `timeoutSeconds`: how long to wait for the agent (default 5);
+//! - `excludeNamespaces`: pods of these Kubernetes namespaces are left
+//!   alone (istio-cni's; `install-cni` writes `kube-system`).
 //!
 //! Per pod, like istio's annotations, from `CNI_ARGS` (`KEY=VALUE;...`):
 //! `MESH_REDIRECT=off` leaves the pod alone; `INCLUDE_OUTBOUND_IP_RANGES`,
@@ -88,8 +90,23 @@ struct Config {
     pending_dir: Option<PathBuf>,
     #[serde(default)]
     timeout_seconds: Option<u64>,
+    /// Pods of these Kubernetes namespaces (`K8S_POD_NAMESPACE`) are left
+    /// alone, as istio-cni's `excludeNamespaces`.
+    #[serde(default)]
+    exclude_namespaces: Vec<String>,
     #[serde(default)]
     prev_result: Option<Value>,
+}
+
+impl Config {
+    /// Whether the pod these CNI args name is not ours to enroll
+    /// (`MESH_REDIRECT=off`, or an excluded namespace).
+    fn leaves_alone(&self, args: &BTreeMap<String, String>) -> bool {
+        args.get("MESH_REDIRECT").map(String::as_str) == Some("off")
+            || args
+                .get("K8S_POD_NAMESPACE")
+                .is_some_and(|ns| self.exclude_namespaces.contains(ns))
+    }
 }
 
 /// What `ADD` does while the node agent does not answer.
@@ -184,7 +201,7 @@ fn run(env: &Env, stdin: &mut dyn std::io::Read) -> Result<String, CniError> {
         "DEL" => del(env, &config, &socket, timeout),
         "CHECK" if !at_least(&v, "0.4.0") => Err(newer("0.4.0")),
         "STATUS" | "GC" if !at_least(&v, "1.1.0") => Err(newer("1.1.0")),
-        "CHECK" => check(env, &v, &socket, timeout),
+        "CHECK" => check(env, &config, &socket, timeout),
         // Nothing of ours outlives a pod's DEL but its enrollment, and the
         // node agent collects those of namespaces that are gone.
         "GC" => Ok(String::new()),
@@ -225,13 +242,10 @@ fn del(env: &Env, config: &Config, socket: &Path, timeout: Duration) -> Result<S
 }
 
 /// `CHECK`: the pod must still be enrolled (unless it opted out).
-fn check(env: &Env, v: &str, socket: &Path, timeout: Duration) -> Result<String, CniError> {
+fn check(env: &Env, config: &Config, socket: &Path, timeout: Duration) -> Result<String, CniError> {
+    let v = config.cni_version.as_str();
     require(v, "CNI_CONTAINERID", &env.container_id)?;
-    if parse_args(&env.args)
-        .get("MESH_REDIRECT")
-        .map(String::as_str)
-        == Some("off")
-    {
+    if config.leaves_alone(&parse_args(&env.args)) {
         return Ok(String::new());
     }
     match ask_within(socket, &Request::Pods, timeout) {
@@ -266,7 +280,7 @@ fn add(env: &Env, config: &Config, socket: &Path, timeout: Duration) -> Result<S
     require(v, "CNI_NETNS", &env.netns)?;
     let args = parse_args(&env.args);
     let result = pass_through(config);
-    if args.get("MESH_REDIRECT").map(String::as_str) == Some("off") {
+    if config.leaves_alone(&args) {
         return Ok(result);
     }
     let enrollment = Enrollment {
@@ -658,6 +672,25 @@ mod tests {
         assert!(!failed);
         assert!(pending(&dir).is_empty());
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_pod_of_an_excluded_namespace_is_left_alone() {
+        // The agent is down: only leaving the pod alone can succeed.
+        let conf = json!({"cniVersion":"1.0.0","name":"n","type":"mesh-redirect",
+            "socket": "/nonexistent/node.sock", "excludeNamespaces": ["kube-system", "default"],
+            "prevResult": {"cniVersion":"1.0.0","ips":[]}});
+        for command in ["ADD", "CHECK", "DEL"] {
+            let (v, failed) = run_str(&env(command), &conf.to_string());
+            assert!(!failed, "{command}: {v}");
+        }
+        let other = json!({"cniVersion":"1.0.0","name":"n","type":"mesh-redirect",
+            "socket": "/nonexistent/node.sock", "excludeNamespaces": ["kube-system"]});
+        let (_, failed) = run_str(&env("ADD"), &other.to_string());
+        assert!(
+            failed,
+            "a pod of another namespace is enrolled (and the agent is down)"
+        );
     }
 
     #[test]

@@ -43,6 +43,15 @@ pub struct InstallArgs {
     /// Where the plugin queues enrollments under `--fail-policy open`.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_PENDING_DIR)]
     pub pending_dir: PathBuf,
+    /// Pods of these Kubernetes namespaces are left alone (comma-separated;
+    /// empty: none).
+    #[arg(
+        long,
+        value_name = "NAMESPACES",
+        value_delimiter = ',',
+        default_value = "kube-system"
+    )]
+    pub exclude_namespaces: Vec<String>,
     /// Remove our entry from the configuration and the plugin binary.
     #[arg(long)]
     pub uninstall: bool,
@@ -89,11 +98,20 @@ pub fn run(args: &InstallArgs) -> Result<Installed, InstallError> {
     let config = primary_config(&args.cni_conf_dir)?;
     let text = fs::read_to_string(&config).map_err(io_err(&config))?;
     let list = as_conflist(&config, &text)?;
+    let target = config.with_extension("conflist");
+    if target != config && target.exists() {
+        return Err(InstallError::BadConfig {
+            path: config,
+            why: format!(
+                "a single plugin's configuration beside {}: which one is the network's?",
+                target.display()
+            ),
+        });
+    }
     let chained = with_entry(list, &entry(args));
     let binary = args.cni_bin_dir.join(PLUGIN);
     let exe = std::env::current_exe().map_err(io_err(Path::new("/proc/self/exe")))?;
     write_atomically(&binary, &fs::read(&exe).map_err(io_err(&exe))?, 0o755)?;
-    let target = config.with_extension("conflist");
     let body = serde_json::to_vec_pretty(&chained).expect("JSON values serialize");
     write_atomically(&target, &body, 0o644)?;
     if target != config {
@@ -113,6 +131,7 @@ fn entry(args: &InstallArgs) -> Value {
         "socket": args.socket,
         "failPolicy": args.fail_policy,
         "pendingDir": args.pending_dir,
+        "excludeNamespaces": args.exclude_namespaces.iter().filter(|n| !n.is_empty()).collect::<Vec<_>>(),
     })
 }
 
@@ -249,6 +268,7 @@ mod tests {
             socket: "/run/mesh-redirect/node.sock".into(),
             fail_policy: FailPolicy::Closed,
             pending_dir: DEFAULT_PENDING_DIR.into(),
+            exclude_namespaces: vec!["kube-system".into()],
             uninstall: false,
         }
     }
@@ -283,6 +303,10 @@ mod tests {
             .collect();
         assert_eq!(types, ["bridge", "portmap", PLUGIN]);
         assert_eq!(list["plugins"][2]["failPolicy"], "closed");
+        assert_eq!(
+            list["plugins"][2]["excludeNamespaces"],
+            json!(["kube-system"])
+        );
         assert_eq!(
             fs::read_to_string(d.join("net.d/99-other.conflist")).unwrap(),
             BRIDGE,

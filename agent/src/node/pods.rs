@@ -160,15 +160,24 @@ impl Pods {
         let inbound = defaults.proxy.inbound_port.is_some()
             && (rules.inbound_include_ports.is_all()
                 || !rules.inbound_include_ports.items().is_empty());
-        // The proxy's IPv6 passthrough source, as for a pod's own agent.
-        if inbound {
-            passthrough::add_v6(&netns, &defaults.marker(cookie)).map_err(|source| {
+        // The proxy's IPv6 passthrough source, as for a pod's own agent;
+        // undone on failure only if this call put it there.
+        let added_v6 = inbound
+            && passthrough::add_v6(&netns, &defaults.marker(cookie)).map_err(|source| {
                 PodError::Passthrough {
                     path: e.netns.clone(),
                     source: Box::new(source),
                 }
             })?;
-        }
+        let undo_v6 = |netns: &Netns| {
+            if added_v6 {
+                passthrough::remove_v6(netns, &defaults.marker(cookie));
+            }
+        };
+        // Served by an earlier agent (a restart, a takeover still under way):
+        // a failure here leaves its entries alone (the old agent may serve
+        // on; `forget_unserved` takes them out once we serve).
+        let served_before = capture.serves(cookie);
         // The built-in proxy listens before the maps say to capture; a
         // pod's own proxy is its business.
         let (proxy, kept) = if e.external_proxy.is_some() {
@@ -179,9 +188,7 @@ impl Pods {
                 config.inbound_port = None;
             }
             let (proxy, kept) = start_proxy(&netns, &config, handed.remove(&cookie), &e.netns)
-                .inspect_err(|_| {
-                    passthrough::remove_v6(&netns, &defaults.marker(cookie));
-                })?;
+                .inspect_err(|_| undo_v6(&netns))?;
             (Some(proxy), Some(kept))
         };
         let settings = settings(
@@ -199,8 +206,10 @@ impl Pods {
         let ours: Vec<&TcpListener> = kept.iter().flat_map(|k| k.all().map(|(l, _)| l)).collect();
         if let Err(source) = write_capture(capture, defaults, &settings, &ours) {
             // Nothing half-enrolled: whatever was written goes again.
-            let _ = capture.unenroll(cookie);
-            passthrough::remove_v6(&settings.netns, &defaults.marker(cookie));
+            if !served_before {
+                let _ = capture.unenroll(cookie);
+            }
+            undo_v6(&settings.netns);
             if let Some(proxy) = proxy {
                 proxy.stop();
             }
