@@ -295,7 +295,7 @@ impl Pods {
         }
         let marker = defaults.marker(cookie);
         match Netns::open(&info.netns) {
-            Ok(ns) if still_there(&info.netns, cookie) => {
+            Ok(ns) if ns.cookie().is_ok_and(|c| c == cookie) => {
                 passthrough::remove_v6(&ns, &marker);
             }
             // Gone with its namespace.
