@@ -422,36 +422,77 @@ fn short_circuit_probes() -> Vec<Probe> {
     probes
 }
 
-/// Attaches our connect4 program to a throwaway child cgroup with a
-/// bpf_link, asks the kernel what is attached, and removes both.
+/// Attaches our connect4 program with a bpf_link, asks the kernel what is
+/// attached, and removes it: on a throwaway child cgroup, or, where the
+/// cgroup2 root cannot take one (a container's read-only view of it, a
+/// root directory of mode 0555 without `CAP_DAC_OVERRIDE`), on the agent's
+/// own cgroup for that moment (the program, with empty maps of its own,
+/// lets every connect through).
 fn cgroup_link_probe(cg2: Option<&Path>) -> Probe {
     let name = "bpf_link on cgroups";
     let probe = |ok, detail| Probe::new("link.cgroup", name, ok, detail, EBPF);
     let Some(root) = cg2 else {
         return probe(false, "no cgroup2 mount to probe with".into());
     };
-    let dir = root.join(format!("mesh-redirect-probe-{}", std::process::id()));
-    if let Err(e) = fs::create_dir(&dir) {
-        return probe(
-            false,
-            format!("cannot create probe cgroup {}: {e}", dir.display()),
-        );
-    }
+    let child = root.join(format!("mesh-redirect-probe-{}", std::process::id()));
+    let (dir, made, on) = match fs::create_dir(&child) {
+        Ok(()) => (child, true, String::new()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+            ) =>
+        {
+            match crate::cgroup::own() {
+                Ok(own) => (
+                    own,
+                    false,
+                    format!(
+                        " (on the agent's own cgroup: cannot create one under {}: {e})",
+                        root.display()
+                    ),
+                ),
+                Err(own) => {
+                    return probe(
+                        false,
+                        format!(
+                            "cannot create probe cgroup {}: {e}; no own cgroup: {own}",
+                            child.display()
+                        ),
+                    );
+                }
+            }
+        }
+        Err(e) => {
+            return probe(
+                false,
+                format!("cannot create probe cgroup {}: {e}", child.display()),
+            );
+        }
+    };
+    let ours = |dir: &Path| -> Result<usize, String> {
+        let seen = crate::inspect::attached(dir).map_err(|e| format!("BPF_PROG_QUERY: {e}"))?;
+        Ok(seen.iter().filter(|p| p.ours).count())
+    };
     let result = (|| -> Result<String, String> {
+        let before = ours(&dir)?;
         let mut dp = Datapath::load(&LoadOptions::default(), None).map_err(|e| e.to_string())?;
         dp.attach_cgroup(Hook::Connect4, &dir)
             .map_err(|e| e.to_string())?;
-        let seen = crate::inspect::attached(&dir).map_err(|e| format!("BPF_PROG_QUERY: {e}"))?;
+        let seen = ours(&dir)?;
         drop(dp);
-        match seen.as_slice() {
-            [p] if p.ours => Ok("link created and seen by BPF_PROG_QUERY".into()),
-            other => Err(format!(
-                "query saw {} programs, expected ours alone",
-                other.len()
-            )),
+        if seen == before + 1 {
+            Ok(format!("link created and seen by BPF_PROG_QUERY{on}"))
+        } else {
+            Err(format!(
+                "query saw {seen} of our programs attached, expected {}{on}",
+                before + 1
+            ))
         }
     })();
-    let _ = fs::remove_dir(&dir);
+    if made {
+        let _ = fs::remove_dir(&dir);
+    }
     match result {
         Ok(d) => probe(true, d),
         Err(d) => probe(false, d),
