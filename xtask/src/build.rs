@@ -57,7 +57,28 @@ pub fn build(tc: &EbpfToolchain, release: bool) -> Result<PathBuf> {
         .join(if release { "release" } else { "debug" })
         .join(AGENT_BIN);
     eprintln!("build: agent binary {}", bin.display());
+    if release {
+        stage_dist(&bin)?;
+    }
     Ok(bin)
+}
+
+/// The binary an image ships ([`DIST_BIN`]): the release build without its
+/// debug information (kept in the release build for `perf` and the bench),
+/// 9 MB instead of 53.
+pub const DIST_BIN: &str = "target/dist/mesh-redirect";
+
+fn stage_dist(bin: &Path) -> Result<()> {
+    let dist = root().join(DIST_BIN);
+    std::fs::create_dir_all(dist.parent().expect("a directory"))?;
+    cmd::run(
+        Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(bin)
+            .arg(&dist),
+    )?;
+    eprintln!("build: image binary {DIST_BIN} (debug information stripped)");
+    Ok(())
 }
 
 fn report_object() -> Result<()> {

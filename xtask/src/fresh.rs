@@ -160,7 +160,7 @@ fn resolve_rev(root: &Path, rev: &str) -> Result<String> {
 }
 
 /// The Debian mirror this machine's apt sources name.
-fn debian_mirror() -> Result<String> {
+pub fn debian_mirror() -> Result<String> {
     let sources = apt_source_files();
     for file in &sources {
         let text = fs::read_to_string(file)?;

@@ -7,6 +7,7 @@ mod conformance;
 mod demo;
 mod fresh;
 mod host;
+mod image;
 mod layering;
 mod manifests;
 mod setup;
@@ -61,6 +62,9 @@ enum Command {
     /// Lint the Kubernetes manifests under deploy/ and validate them
     /// against a current Kubernetes release's schemas (also part of `test`).
     Manifests,
+    /// The agent's OCI image, built offline (Debian packages from the
+    /// registry, no image pull) into target/image/, for `podman load`.
+    Image,
     /// Build, then run the agent with these arguments (e.g. `doctor`).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -91,6 +95,7 @@ fn run(command: Command) -> Result<()> {
                 Need::Vm,
                 Need::FreshMachine,
                 Need::Manifests,
+                Need::Image,
             ])?;
             eprintln!("setup: everything is in place");
         }
@@ -108,6 +113,9 @@ fn run(command: Command) -> Result<()> {
         Command::VmTest(opts) => vm::run(&opts)?,
         Command::FreshMachine(opts) => fresh::run(&opts)?,
         Command::Manifests => manifests::run()?,
+        Command::Image => {
+            image::run()?;
+        }
         Command::Run { args } => {
             let tc = setup::ensure(&[])?;
             let bin = build::build(&tc, true)?;

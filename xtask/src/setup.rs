@@ -59,6 +59,8 @@ pub enum Need {
     FreshMachine,
     /// yamllint, and Python's venv for kubernetes-validate: `manifests`.
     Manifests,
+    /// debootstrap and podman for `image`.
+    Image,
 }
 
 impl Need {
@@ -138,6 +140,16 @@ impl Need {
                 (
                     "python3-venv",
                     "`manifests` installs kubernetes-validate (PyPI) in a virtualenv",
+                ),
+            ],
+            Self::Image => &[
+                (
+                    "debootstrap",
+                    "`image` builds the image's Debian base from the package registry",
+                ),
+                (
+                    "podman",
+                    "`image` imports the root as a layer and saves the OCI archive",
                 ),
             ],
             Self::Vm => &[
