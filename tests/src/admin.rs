@@ -27,6 +27,18 @@ pub fn get_at(addr: SocketAddrV4, path: &str) -> (u16, String) {
     request(TcpStream::connect(addr).expect("admin listens"), path)
 }
 
+/// [`get`] from an admin server at its default address inside the
+/// namespace at `netns` (a container's pod).
+#[must_use]
+pub fn get_in(netns: &std::path::Path, path: &str) -> (u16, String) {
+    let s = agent::netns::Netns::open(netns)
+        .expect("the pod's namespace")
+        .run(|| TcpStream::connect((Ipv4Addr::LOCALHOST, 15020)))
+        .expect("entering the pod's namespace")
+        .expect("admin listens");
+    request(s, path)
+}
+
 fn request(mut s: TcpStream, path: &str) -> (u16, String) {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(

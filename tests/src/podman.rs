@@ -1,6 +1,8 @@
-//! Debian's podman as the container runtime of the node tests: its CNI
-//! network backend, our plugin chained after `bridge`, and an image built
-//! offline (busybox and curl from this machine, imported as a rootfs).
+//! Debian's podman as the container runtime of the node and image tests:
+//! its CNI network backend (for the node tests, our plugin chained after
+//! `bridge`), and a test image built offline (busybox and curl from this
+//! machine, imported as a rootfs) besides the agent's own image when a test
+//! loads it.
 //!
 //! Everything is the fixture's own: a `containers.conf` (`CONTAINERS_CONF`),
 //! storage and run directories, a CNI configuration directory and a bridge;
@@ -16,9 +18,14 @@ use std::{
 /// The image every container here runs.
 pub const IMAGE: &str = "localhost/mesh-redirect-test:latest";
 
-/// A podman of the test's own, whose network `NETWORK` chains
-/// `mesh-redirect-cni` (enrolling with the node agent at `socket`) after
-/// `bridge`, put there by `mesh-redirect install-cni`.
+/// Where `cargo xtask test` says the agent's image (`cargo xtask image`,
+/// an OCI archive) is.
+pub const AGENT_IMAGE_ENV: &str = "MESH_REDIRECT_IMAGE";
+
+/// A podman of the test's own, with a bridge network of its own; for the
+/// node tests `mesh-redirect-cni` (enrolling with the node agent at
+/// `socket`) is chained after `bridge`, put there by `mesh-redirect
+/// install-cni`.
 pub struct Podman {
     dir: PathBuf,
     bridge: String,
@@ -26,9 +33,17 @@ pub struct Podman {
 }
 
 impl Podman {
-    /// Sets podman up and imports [`IMAGE`].
+    /// Sets podman up with our plugin in its network, and imports [`IMAGE`].
     #[must_use]
     pub fn new(socket: &Path) -> Self {
+        let podman = Self::plain();
+        podman.install_cni(socket);
+        podman
+    }
+
+    /// Sets podman up (its network only `bridge`), and imports [`IMAGE`].
+    #[must_use]
+    pub fn plain() -> Self {
         let dir = std::env::temp_dir().join(crate::unique("mr-podman"));
         let seq = std::process::id() % 200 + 20;
         let bridge = format!("mrp{seq}");
@@ -68,15 +83,25 @@ impl Podman {
             conflist.to_string(),
         )
         .unwrap();
-        // The plugin goes in as a node's installer puts it: copied into the
-        // CNI bin directory (run by its name, the agent's binary is the
-        // plugin) and chained after `bridge`.
+        let podman = Self {
+            dir,
+            bridge,
+            network,
+        };
+        podman.import_image();
+        podman
+    }
+
+    /// The plugin goes in as a node's installer puts it: copied into the
+    /// CNI bin directory (run by its name, the agent's binary is the
+    /// plugin) and chained after `bridge`.
+    fn install_cni(&self, socket: &Path) {
         let out = crate::agent_proc::run_to_end(&[
             "install-cni",
             "--cni-bin-dir",
-            dir.join("cni-bin").to_str().unwrap(),
+            self.dir.join("cni-bin").to_str().unwrap(),
             "--cni-conf-dir",
-            dir.join("cni-conf").to_str().unwrap(),
+            self.dir.join("cni-conf").to_str().unwrap(),
             "--socket",
             socket.to_str().unwrap(),
         ]);
@@ -85,13 +110,66 @@ impl Podman {
             "install-cni: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let podman = Self {
-            dir,
-            bridge,
-            network,
-        };
-        podman.import_image();
-        podman
+    }
+
+    /// `podman load` of the agent's image ([`AGENT_IMAGE_ENV`]); its name,
+    /// or `None` when no archive was given.
+    #[must_use]
+    pub fn load_agent_image(&self) -> Option<String> {
+        let archive = std::env::var_os(AGENT_IMAGE_ENV)?;
+        let loaded = self.stdout(&["load", "--quiet", "--input", archive.to_str()?]);
+        Some(
+            loaded
+                .strip_prefix("Loaded image: ")
+                .unwrap_or_else(|| panic!("podman load said {loaded:?}"))
+                .to_owned(),
+        )
+    }
+
+    /// A server in pod `name` (a new pod) that serves 3 MiB of random bytes
+    /// at `http://<address>:8080/blob`; the pod's address and the body's
+    /// `sha256sum`.
+    #[must_use]
+    pub fn blob_server(&self, name: &str) -> (PathBuf, String, String) {
+        let netns = self.pod(name);
+        self.ok(&[
+            "run", "-d", "--pod", name, "--name", &format!("{name}-httpd"), IMAGE, "/bin/sh", "-c",
+            "mkdir -p /www && dd if=/dev/urandom of=/www/blob bs=1M count=3 2>/dev/null && exec httpd -f -p 8080 -h /www",
+        ]);
+        let ns = netns.file_name().unwrap().to_str().unwrap().to_owned();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while crate::sh(&format!("ip netns exec {ns} ss -Hltn 'sport = :8080'")).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "httpd did not come up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let sha = self.stdout(&["exec", &format!("{name}-httpd"), "sha256sum", "/www/blob"]);
+        let ip = crate::sh(&format!("ip -n {ns} -4 -o addr show eth0"))
+            .split_whitespace()
+            .nth(3)
+            .and_then(|a| a.split('/').next())
+            .expect("the server pod's address")
+            .to_owned();
+        (netns, ip, sha.split_whitespace().next().unwrap().to_owned())
+    }
+
+    /// A container in pod `pod` downloads the blob of [`Podman::blob_server`]
+    /// at `ip` with curl; the `sha256sum` of what it got.
+    #[must_use]
+    pub fn download_blob(&self, pod: &str, ip: &str) -> String {
+        let got = self.stdout(&[
+            "run",
+            "--rm",
+            "--pod",
+            pod,
+            IMAGE,
+            "/bin/sh",
+            "-c",
+            &format!("curl -sS -o /tmp/blob http://{ip}:8080/blob && sha256sum /tmp/blob"),
+        ]);
+        got.split_whitespace().next().unwrap_or_default().to_owned()
     }
 
     /// The image: busybox, and curl with the libraries it links.

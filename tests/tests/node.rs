@@ -21,7 +21,7 @@ use tests::{
     dns::{self, DnsServer, NAME, ResolvConf, Transport},
     haproxy::Haproxy,
     looping::LoopingClient,
-    podman::{IMAGE, Podman},
+    podman::Podman,
     require_root,
     servers::{Behaviour, Server},
     topology::{POD_IP, POD_IP6, SRV_IP, lo_tx_packets},
@@ -1328,27 +1328,7 @@ fn podman_pods_are_enrolled_by_the_cni_plugin_and_leave_no_trace() {
     let node = Node::start();
     let podman = Podman::new(&node.socket);
     let before = node_map_usage();
-    let up = podman.pod("up");
-    podman.ok(&[
-        "run", "-d", "--pod", "up", "--name", "up-httpd", IMAGE, "/bin/sh", "-c",
-        "mkdir -p /www && dd if=/dev/urandom of=/www/blob bs=1M count=3 2>/dev/null && exec httpd -f -p 8080 -h /www",
-    ]);
-    let up_name = up.file_name().unwrap().to_str().unwrap().to_owned();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while tests::sh(&format!("ip netns exec {up_name} ss -Hltn 'sport = :8080'")).is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "httpd did not come up"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let want = podman.stdout(&["exec", "up-httpd", "sha256sum", "/www/blob"]);
-    let up_ip = tests::sh(&format!("ip -n {up_name} -4 -o addr show eth0"))
-        .split_whitespace()
-        .nth(3)
-        .and_then(|a| a.split('/').next())
-        .expect("the upstream pod's address")
-        .to_owned();
+    let (up, up_ip, want) = podman.blob_server("up");
     let app = podman.pod("app");
     assert_eq!(
         node.connections(),
@@ -1368,22 +1348,9 @@ fn podman_pods_are_enrolled_by_the_cni_plugin_and_leave_no_trace() {
             .unwrap()
     };
     let (lo0, up_lo0) = (lo(), up_lo());
-    let got = podman.stdout(&[
-        "run",
-        "--rm",
-        "--pod",
-        "app",
-        IMAGE,
-        "/bin/sh",
-        "-c",
-        &format!("curl -sS -o /tmp/blob http://{up_ip}:8080/blob && sha256sum /tmp/blob"),
-    ]);
+    let got = podman.download_blob("app", &up_ip);
     let (packets, up_packets) = (lo() - lo0, up_lo() - up_lo0);
-    assert_eq!(
-        got.split_whitespace().next(),
-        want.split_whitespace().next(),
-        "byte-exact"
-    );
+    assert_eq!(got, want, "byte-exact");
     assert_eq!(
         node.connections(),
         vec![("app".to_owned(), 1), ("up".to_owned(), 1)],

@@ -17,6 +17,8 @@ use crate::{
 pub const NO_SKIP: &str = "MESH_REDIRECT_NO_SKIP";
 /// Where kernel tests find the agent binary.
 pub const AGENT_BIN_ENV: &str = "MESH_REDIRECT_BIN";
+/// Where kernel tests find the agent's image (an OCI archive).
+pub const AGENT_IMAGE_ENV: &str = "MESH_REDIRECT_IMAGE";
 
 pub fn run(filter: Option<&str>, kernel_only: bool) -> Result<()> {
     let tc = setup::ensure(&[setup::Need::Tests, setup::Need::Clients, setup::Need::Demo])?;
@@ -36,9 +38,14 @@ pub fn run(filter: Option<&str>, kernel_only: bool) -> Result<()> {
         cmd::run(build::cargo(&tc).args(["test", "--workspace", "--exclude", "tests"]))?;
         crate::manifests::run()?;
     }
+    // The image tests run the image an operator gets (the release build);
+    // its base is cached under target/image after the first time.
+    setup::ensure_packages(&[setup::Need::Image])?;
+    build::build(&tc, true)?;
+    let image = crate::image::build_image(&build::root().join(build::DIST_BIN))?;
     let agent = build::build(&tc, false)?;
     let binaries = kernel_test_binaries(&tc)?;
-    run_kernel_tests(&binaries, &agent, filter)
+    run_kernel_tests(&binaries, &agent, Some(&image), filter)
 }
 
 /// Builds the kernel integration test binaries; returns their paths.
@@ -119,14 +126,24 @@ pub fn kernel_test_command(bin: &Path, agent: &Path, filter: Option<&str>) -> Co
     c
 }
 
-/// Runs each test binary directly (no cargo), as root, one test at a time.
-pub fn run_kernel_tests(binaries: &[PathBuf], agent: &Path, filter: Option<&str>) -> Result<()> {
+/// Runs each test binary directly (no cargo), as root, one test at a time;
+/// `image` is the agent's image for the tests that run it.
+pub fn run_kernel_tests(
+    binaries: &[PathBuf],
+    agent: &Path,
+    image: Option<&Path>,
+    filter: Option<&str>,
+) -> Result<()> {
     check_kernel_test_host()?;
     let mut failed = Vec::new();
     for bin in binaries {
         let name = bin.file_name().and_then(|n| n.to_str()).unwrap_or("?");
         eprintln!("kernel tests: {name} (as root, --test-threads=1)");
-        if cmd::run(&mut kernel_test_command(bin, agent, filter)).is_err() {
+        let mut c = kernel_test_command(bin, agent, filter);
+        if let Some(image) = image {
+            c.env(AGENT_IMAGE_ENV, image);
+        }
+        if cmd::run(&mut c).is_err() {
             failed.push(name.to_owned());
         }
     }

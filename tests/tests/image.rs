@@ -1,0 +1,278 @@
+//! The agent's image (`cargo xtask image`, loaded from its OCI archive)
+//! under Debian's podman, in the roles an operator gives it: the report of
+//! what the host offers, the eBPF sidecar of a pod, the istio-init drop-in.
+//!
+//! Each container gets exactly the capabilities the manifests under deploy/
+//! list (`SYS_ADMIN` and `NET_ADMIN` for the agent, `NET_ADMIN` and
+//! `NET_RAW` for the init drop-in), never `--privileged`, and the host's
+//! cgroup2 mount (a hostPath in Kubernetes).
+
+use std::{
+    fmt::Write as _,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use agent::inspect;
+use tests::{
+    admin,
+    podman::{AGENT_IMAGE_ENV, Podman},
+    require_root, sh, skip,
+    topology::lo_tx_packets,
+};
+
+/// The agent container's capabilities, and no others (podman's default
+/// set is dropped): `SYS_ADMIN` loads the programs and mounts bpffs,
+/// `NET_ADMIN` attaches them, installs iptables rules and sets the proxy's
+/// socket mark.
+const AGENT_CAPS: &str = "SYS_ADMIN,NET_ADMIN";
+
+/// The host's cgroup2 mount, bound at the same path in the container.
+fn cgroup2_volume() -> String {
+    let root = agent::cgroup::cgroup2_root().expect("a cgroup2 mount");
+    format!("{0}:{0}", root.display())
+}
+
+/// podman with the agent's image loaded; `None` (after the skip) when the
+/// test run was given no image.
+macro_rules! podman_with_image {
+    () => {{
+        require_root!();
+        let podman = Podman::plain();
+        let Some(image) = podman.load_agent_image() else {
+            skip!("no image: {AGENT_IMAGE_ENV} names none (`cargo xtask test` builds and sets it)");
+        };
+        (podman, image)
+    }};
+}
+
+#[test]
+fn the_image_reports_both_modes_usable() {
+    let (podman, image) = podman_with_image!();
+    let volume = cgroup2_volume();
+    // No arguments: the image's command, `doctor`.
+    let out = podman.run(&[
+        "run",
+        "--rm",
+        "--read-only",
+        "--cap-drop",
+        "ALL",
+        "--cap-add",
+        AGENT_CAPS,
+        "-v",
+        &volume,
+        &image,
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "doctor in the image: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{stdout}");
+    for mode in ["ebpf    ", "iptables"] {
+        assert!(
+            stdout.contains(&format!("mode {mode} usable")),
+            "mode {mode} not usable in the image:\n{stdout}"
+        );
+    }
+}
+
+/// A pod as a sidecar injector makes it: the app's container and the
+/// agent's (`run`, eBPF mode). The app's download from a server in another
+/// pod goes through the sidecar's proxy, byte-exact, short-circuited on the
+/// pod's loopback; stopping the container detaches everything it attached.
+#[test]
+fn a_sidecar_container_captures_and_short_circuits_its_pods_traffic() {
+    let (podman, image) = podman_with_image!();
+    let root = agent::cgroup::cgroup2_root().unwrap();
+    let ours = || {
+        inspect::attached(&root)
+            .unwrap()
+            .into_iter()
+            .filter(|p| p.ours)
+            .count()
+    };
+    assert_eq!(ours(), 0, "nothing of ours attached before the test");
+    let (_up, up_ip, want) = podman.blob_server("up");
+    let app = podman.pod("app");
+    let volume = cgroup2_volume();
+    podman.ok(&[
+        "run",
+        "-d",
+        "--read-only",
+        "--pod",
+        "app",
+        "--name",
+        "app-mesh",
+        "--cap-drop",
+        "ALL",
+        "--cap-add",
+        AGENT_CAPS,
+        "-v",
+        &volume,
+        "-e",
+        "NO_COLOR=1",
+        &image,
+        // deploy/sidecar/ebpf.yaml's command.
+        "run",
+        "--mode=ebpf",
+        "--admin=0.0.0.0:15020",
+        "--drain-timeout-secs",
+        "1",
+    ]);
+    let ready = wait_for_log(&podman, "app-mesh", "mesh-redirect ready");
+    let short_circuits = ready
+        .split("short_circuits=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_else(|| panic!("no short_circuits in {ready}"))
+        .to_owned();
+    assert!(ours() > 0, "the sidecar attached its hooks");
+
+    let lo = || {
+        agent::netns::Netns::open(&app)
+            .unwrap()
+            .run(lo_tx_packets)
+            .unwrap()
+    };
+    let lo0 = lo();
+    let got = podman.download_blob("app", &up_ip);
+    let packets = lo() - lo0;
+    assert_eq!(got, want, "byte-exact");
+    assert_eq!(
+        proxied(&app),
+        1,
+        "the app's connection went through the sidecar's proxy"
+    );
+    eprintln!("image: 3 MiB by curl through the sidecar; loopback packets in the pod: {packets}");
+    // curl's socket does not block: short-circuited on every kernel that
+    // short-circuits at all. Over TCP, 3 MiB takes at least 48 packets.
+    if short_circuits != "none" {
+        assert!(
+            packets < 24,
+            "{packets} loopback packets for 3 MiB: not short-circuited"
+        );
+    }
+
+    podman.ok(&["stop", "--time", "20", "app-mesh"]);
+    let code = podman.stdout(&["inspect", "app-mesh", "--format", "{{.State.ExitCode}}"]);
+    let logs = logs(&podman, "app-mesh");
+    assert_eq!(code, "0", "the sidecar's exit on SIGTERM:\n{logs}");
+    assert!(!logs.contains("ERROR"), "{logs}");
+    assert_eq!(
+        ours(),
+        0,
+        "the stopped sidecar left hooks attached:\n{logs}"
+    );
+    // Its pod runs on, uncaptured, as it would after a sidecar's removal.
+    assert_eq!(podman.download_blob("app", &up_ip), want);
+    podman.ok(&["pod", "rm", "--force", "--time", "0", "app"]);
+}
+
+/// The image in istio-init's place, with the arguments istio's injector
+/// gives it: the pod's namespace gets the same rules the host's binary
+/// writes for the same arguments in a namespace of the test's.
+#[test]
+fn the_image_is_a_drop_in_for_istio_init() {
+    let (podman, image) = podman_with_image!();
+    let app = podman.pod("app");
+    let istio_args = [
+        "iptables",
+        "-p",
+        "15001",
+        "-z",
+        "15006",
+        "-u",
+        "1337",
+        "-m",
+        "REDIRECT",
+        "-i",
+        "*",
+        "-x",
+        "",
+        "-b",
+        "*",
+        "-d",
+        "15090,15021,15020",
+    ];
+    let mut args = vec!["run", "--rm", "--pod", "app", "--cap-drop", "ALL"];
+    args.extend(["--cap-add", "NET_ADMIN,NET_RAW", &image]);
+    args.extend(istio_args);
+    podman.ok(&args);
+    let in_pod = nat_rules(&app);
+    assert!(in_pod.contains("-A ISTIO_OUTPUT"), "{in_pod}");
+
+    // Like istio-iptables, the drop-in works on the namespace it runs in:
+    // the host's binary in a second pod's.
+    let reference = podman.pod("reference");
+    sh(&format!(
+        "nsenter --net={} {} {}",
+        reference.display(),
+        tests::agent_bin().display(),
+        istio_args.map(tests::shell_quote).join(" ")
+    ));
+    assert_eq!(
+        in_pod,
+        nat_rules(&reference),
+        "the same rules as the host's binary"
+    );
+}
+
+/// The nat table of the namespace at `netns`, as `iptables-save` prints it
+/// for whichever backend holds rules, without counters and comments.
+fn nat_rules(netns: &Path) -> String {
+    let mut rules = String::new();
+    for save in ["iptables-legacy-save", "iptables-nft-save"] {
+        let text = sh(&format!("nsenter --net={} {save} -t nat", netns.display()));
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with('-') || l.starts_with(':'))
+            .map(|l| l.split(" [").next().unwrap_or(l))
+            .collect();
+        if kept.iter().any(|l| l.starts_with("-A")) {
+            let _ = writeln!(rules, "{save}:\n{}", kept.join("\n"));
+        }
+    }
+    rules
+}
+
+/// The outbound connections the sidecar's proxy accepted (from its
+/// `/metrics`, inside the pod).
+fn proxied(pod: &Path) -> u64 {
+    let name = "mesh_redirect_proxy_connections_total{direction=\"outbound\"}";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, text) = admin::get_in(pod, "/metrics");
+        let n = admin::metric(&text, name).unwrap_or(0);
+        if n >= 1 || Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn logs(podman: &Podman, container: &str) -> String {
+    let out = podman.run(&["logs", container]);
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Waits (20 s) for a line containing `want` in the container's log; the line.
+fn wait_for_log(podman: &Podman, container: &str, want: &str) -> String {
+    let deadline = Instant::now() + tests::scaled(Duration::from_secs(20));
+    loop {
+        let text = logs(podman, container);
+        if let Some(line) = text.lines().find(|l| l.contains(want)) {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no `{want}` in {container}'s log:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
