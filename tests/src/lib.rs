@@ -58,6 +58,26 @@ pub use topology::{InCgroup, Placement, Topology};
 pub const NO_SKIP_ENV: &str = "MESH_REDIRECT_NO_SKIP";
 pub const AGENT_BIN_ENV: &str = "MESH_REDIRECT_BIN";
 
+/// What `cleanup` removes of a node agent that is gone: its pins (the
+/// hooks detach) and its list of pods (beside its `socket`).
+pub fn remove_node_datapath(socket: &Path) {
+    for dir in agent::pins::all_instances(Path::new("/sys/fs/bpf")) {
+        if agent::pins::is_node_instance(&dir) {
+            agent::pins::remove_instance(&dir).unwrap();
+        }
+    }
+    let _ = fs::remove_file(socket.with_file_name(agent::node::api::STATE_NAME));
+}
+
+/// The node datapath's pin directory.
+#[must_use]
+pub fn node_pins() -> PathBuf {
+    agent::pins::all_instances(Path::new("/sys/fs/bpf"))
+        .into_iter()
+        .find(|d| agent::pins::is_node_instance(d))
+        .expect("a node datapath is pinned")
+}
+
 /// Skips the current test with a reason, or fails it under `MESH_REDIRECT_NO_SKIP=1`.
 #[macro_export]
 macro_rules! skip {

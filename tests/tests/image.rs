@@ -1,6 +1,7 @@
 //! The agent's image (`cargo xtask image`, loaded from its OCI archive)
 //! under Debian's podman, in the roles an operator gives it: the report of
-//! what the host offers, the eBPF sidecar of a pod, the istio-init drop-in.
+//! what the host offers, the eBPF sidecar of a pod, the istio-init drop-in,
+//! the node agent serving the pods the CNI plugin enrolls.
 //!
 //! Each container gets exactly the capabilities the manifests under deploy/
 //! list (`SYS_ADMIN` and `NET_ADMIN` for the agent, `NET_ADMIN` and
@@ -274,5 +275,156 @@ fn wait_for_log(podman: &Podman, container: &str, want: &str) -> String {
             "no `{want}` in {container}'s log:\n{text}"
         );
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The node agent as its daemon set runs it: the image's `node` in a
+/// container on the host's network with the host's bpffs, cgroup2
+/// hierarchy and network namespaces mounted, and the directory of its
+/// socket shared with the host, where the CNI plugin (put in place by
+/// `install-cni`) reaches it. Two podman pods are enrolled by the plugin;
+/// the app's download from the other pod goes out through its own pod's
+/// proxy and in through the server's, byte-exact and short-circuited.
+#[test]
+fn the_node_agent_container_serves_the_pods_the_cni_plugin_enrolls() {
+    require_root!();
+    let node = NodeDir::new();
+    let podman = Podman::new(&node.socket);
+    let Some(image) = podman.load_agent_image() else {
+        skip!("no image: {AGENT_IMAGE_ENV} names none (`cargo xtask test` builds and sets it)");
+    };
+    let shared = format!("{0}:{0}", node.dir.display());
+    let cgroup = format!("{}:ro", cgroup2_volume());
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    podman.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "mesh-node",
+        "--network",
+        "host",
+        "--read-only",
+        "--cap-drop",
+        "ALL",
+        "--cap-add",
+        AGENT_CAPS,
+        "-v",
+        "/sys/fs/bpf:/sys/fs/bpf",
+        "-v",
+        &cgroup,
+        "-v",
+        "/run/netns:/run/netns:rslave",
+        "-v",
+        &shared,
+        "-e",
+        "NO_COLOR=1",
+        &image,
+        "node",
+        "--socket",
+        node.socket.to_str().unwrap(),
+        "--admin",
+        &admin,
+    ]);
+    let ready = wait_for_log(&podman, "mesh-node", "mesh-redirect ready");
+    assert!(ready.contains("role=\"node\""), "{ready}");
+
+    let (_up, up_ip, want) = podman.blob_server("up");
+    let app = podman.pod("app");
+    assert_eq!(
+        node.connections(),
+        vec![("app".to_owned(), 0), ("up".to_owned(), 0)],
+        "both pods enrolled by the plugin"
+    );
+    let lo = || {
+        agent::netns::Netns::open(&app)
+            .unwrap()
+            .run(lo_tx_packets)
+            .unwrap()
+    };
+    let lo0 = lo();
+    let got = podman.download_blob("app", &up_ip);
+    let packets = lo() - lo0;
+    assert_eq!(got, want, "byte-exact");
+    assert_eq!(
+        node.connections(),
+        vec![("app".to_owned(), 1), ("up".to_owned(), 1)],
+        "out through the app's pod's proxy, in through the server's"
+    );
+    eprintln!(
+        "image: 3 MiB by curl through the node container; loopback packets in the app's pod: {packets}"
+    );
+    if !ready.contains("short_circuits=\"none\"") {
+        assert!(
+            packets < 24,
+            "{packets} loopback packets for 3 MiB: not short-circuited"
+        );
+    }
+    podman.ok(&["pod", "rm", "--force", "--time", "0", "app"]);
+    podman.ok(&["pod", "rm", "--force", "--time", "0", "up"]);
+    assert!(
+        node.connections().is_empty(),
+        "podman pod rm unenrolled both"
+    );
+    podman.ok(&["stop", "--time", "20", "mesh-node"]);
+    let code = podman.stdout(&["inspect", "mesh-node", "--format", "{{.State.ExitCode}}"]);
+    let logs = logs(&podman, "mesh-node");
+    assert_eq!(code, "0", "the node agent's exit on SIGTERM:\n{logs}");
+    assert!(!logs.contains("ERROR"), "{logs}");
+}
+
+/// The node socket's directory, shared by the host and the node agent's
+/// container; dropped, the node datapath the agent left pinned goes too.
+struct NodeDir {
+    dir: std::path::PathBuf,
+    socket: std::path::PathBuf,
+}
+
+impl NodeDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(tests::unique("mr-nodectr"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("node.sock");
+        Self { dir, socket }
+    }
+
+    /// Connections each pod's proxy accepted, by pod name (sorted), as
+    /// `mesh-redirect pods` on the host says.
+    fn connections(&self) -> Vec<(String, u64)> {
+        let out = tests::agent_proc::run_to_end(&[
+            "pods",
+            "--socket",
+            self.socket.to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pods: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut v: Vec<(String, u64)> = pods["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["pod"].as_str().unwrap().to_owned(),
+                    p["connections"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for NodeDir {
+    fn drop(&mut self) {
+        tests::remove_node_datapath(&self.socket);
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

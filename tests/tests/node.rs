@@ -21,8 +21,9 @@ use tests::{
     dns::{self, DnsServer, NAME, ResolvConf, Transport},
     haproxy::Haproxy,
     looping::LoopingClient,
+    node_pins,
     podman::Podman,
-    require_root,
+    remove_node_datapath, require_root,
     servers::{Behaviour, Server},
     topology::{POD_IP, POD_IP6, SRV_IP, lo_tx_packets},
     unique,
@@ -48,17 +49,6 @@ impl Drop for Node {
         }
         remove_node_datapath(&self.socket);
     }
-}
-
-/// What `cleanup` removes of a node agent that is gone: its pins (the
-/// hooks detach) and its list of pods.
-fn remove_node_datapath(socket: &Path) {
-    for dir in agent::pins::all_instances(Path::new("/sys/fs/bpf")) {
-        if agent::pins::is_node_instance(&dir) {
-            agent::pins::remove_instance(&dir).unwrap();
-        }
-    }
-    let _ = std::fs::remove_file(socket.with_file_name(api::STATE_NAME));
 }
 
 impl Node {
@@ -1448,12 +1438,6 @@ fn pod_links() -> Vec<String> {
 }
 
 /// The node datapath's pin directory.
-fn node_pins() -> PathBuf {
-    agent::pins::all_instances(Path::new("/sys/fs/bpf"))
-        .into_iter()
-        .find(|d| agent::pins::is_node_instance(d))
-        .expect("a node datapath is pinned")
-}
 
 #[rstest]
 fn a_caller_that_sends_nothing_stalls_nobody() {
