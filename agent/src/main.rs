@@ -97,7 +97,10 @@ enum Command {
         json: bool,
     },
     /// A drop-in for istio-iptables: the same flags, defaults and
-    /// environment variables, the same iptables-restore input.
+    /// environment variables, the same iptables-restore input. Also called
+    /// `istio-iptables`, as istio's injector calls its init container's
+    /// command.
+    #[command(visible_alias = "istio-iptables")]
     Iptables(Box<agent::iptables::istio::IstioIptablesArgs>),
     /// Remove what a crashed agent left: pinned datapaths (their links
     /// detach) whose agent no longer answers, and our iptables rules; never

@@ -370,6 +370,17 @@ pub struct IstioIptablesArgs {
     )]
     pub outbound_ipv4_loopback_cidr: String,
 
+    /// istio's logging options, which its injector passes
+    /// (`--log_output_level=default:info`); accepted, no effect here: the
+    /// log level is `RUST_LOG`'s.
+    #[arg(long = "log_output_level", value_name = "LEVELS", hide = true)]
+    pub log_output_level: Option<String>,
+
+    /// See `--log_output_level`; accepted, no effect.
+    #[arg(long = "log_as_json", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool, hide = true)]
+    pub log_as_json: Option<bool>,
+
     /// IPv6 rules on or off. Default: derived from the pod's addresses as
     /// istio does (see --dual-stack). Not an istio flag.
     #[arg(long = "ipv6", value_name = "BOOL", num_args = 0..=1, require_equals = true,

@@ -524,3 +524,33 @@ fn bad_input_names_the_flag() {
     // Boolean flags take Go's spellings only.
     assert!(Cli::try_parse_from(["x", "--redirect-dns=yes"]).is_err());
 }
+
+/// istio's injector ends the init container's arguments with its logging
+/// options: accepted, and the rules are the same as without them.
+#[test]
+fn istios_logging_options_are_accepted_and_change_nothing() {
+    let injected = [
+        "-p",
+        "15001",
+        "-z",
+        "15006",
+        "-u",
+        "1337",
+        "-m",
+        "REDIRECT",
+        "-i",
+        "*",
+        "-x",
+        "",
+        "-b",
+        "*",
+        "-d",
+        "15090,15021,15020",
+    ];
+    let with_logging = [
+        &injected[..],
+        &["--log_output_level=default:info", "--log_as_json"],
+    ]
+    .concat();
+    assert_eq!(dry_run(&with_logging), dry_run(&injected));
+}
