@@ -69,6 +69,7 @@ pub fn build(tc: &EbpfToolchain, release: bool) -> Result<PathBuf> {
 pub const DIST_BIN: &str = "target/dist/mesh-redirect";
 
 fn stage_dist(bin: &Path) -> Result<()> {
+    setup::ensure_packages(&[setup::Need::Dist])?;
     let dist = root().join(DIST_BIN);
     std::fs::create_dir_all(dist.parent().expect("a directory"))?;
     cmd::run(

@@ -187,7 +187,7 @@ fn apt_source_files() -> Vec<PathBuf> {
 
 /// The machine's Debian sources, without the lists they would fetch: the
 /// fresh root keeps debootstrap's lists until something refreshes them.
-fn copy_apt_sources(chroot: &Path) -> Result<()> {
+pub fn copy_apt_sources(chroot: &Path) -> Result<()> {
     let _ = fs::remove_file(chroot.join("etc/apt/sources.list"));
     for file in apt_source_files() {
         let rel = file.strip_prefix("/").expect("absolute");

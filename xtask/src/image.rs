@@ -2,7 +2,9 @@
 //!
 //! No registry is asked for anything: the base is Debian bookworm's minimal
 //! system, made by debootstrap from this machine's Debian mirror with the
-//! image's packages, then slimmed the way `debian:bookworm-slim` is (no
+//! image's packages, brought up to the suite's security and point-release
+//! updates (as the Dockerfile's `apt-get update` gets them), then slimmed
+//! the way `debian:bookworm-slim` is (no
 //! documentation but the copyright files, no manual pages, no locales, no
 //! package lists). The release binary goes on top, and podman (in a store
 //! of this command's own, under target/image) imports the root as one
@@ -50,6 +52,15 @@ pub fn reference() -> String {
     format!("localhost/mesh-redirect:{}", env!("CARGO_PKG_VERSION"))
 }
 
+/// Where [`build_image`] writes the OCI archive.
+#[must_use]
+pub fn archive() -> PathBuf {
+    build::root().join(format!(
+        "target/image/mesh-redirect-{}.oci.tar",
+        env!("CARGO_PKG_VERSION")
+    ))
+}
+
 /// Builds the image (release binary included); returns the OCI archive.
 pub fn run() -> Result<PathBuf> {
     let tc = setup::ensure(&[setup::Need::Image])?;
@@ -87,6 +98,7 @@ pub fn build_image(agent: &Path) -> Result<PathBuf> {
             .arg(format!(".{BINARY}")),
     )?;
 
+    let unpacked = fs::metadata(&layer)?.len();
     let reference = reference();
     let archive = work.join(format!(
         "mesh-redirect-{}.oci.tar",
@@ -103,13 +115,7 @@ pub fn build_image(agent: &Path) -> Result<PathBuf> {
         .args(["--change", &format!("CMD {command}")])
         // As debian:bookworm-slim's configuration has it.
         .args(["--change", &format!("ENV PATH={PATH}")])
-        .args([
-            "--change",
-            &format!(
-                "LABEL org.opencontainers.image.title=mesh-redirect org.opencontainers.image.version={}",
-                env!("CARGO_PKG_VERSION")
-            ),
-        ])
+        .args(["--change", &format!("LABEL {}", labels())])
         .arg(&layer)
         .arg(&reference)
         .status()
@@ -126,29 +132,36 @@ pub fn build_image(agent: &Path) -> Result<PathBuf> {
                 bail!("podman import {} failed: {s}", layer.display())
             }
         });
-    let _ = podman(&store).args(["system", "reset", "--force"]).output();
+    // Only the store's own directories: `podman system reset` would also
+    // remove the host's podman networks.
     remove_dir(&store)?;
     remove_dir(&top)?;
     let _ = fs::remove_file(&layer);
     result?;
 
     let size = fs::metadata(&archive)?.len();
-    let gz = gzipped_size(&archive)?;
     eprintln!(
-        "image: {reference} in {} ({:.1} MiB; {:.1} MiB gzipped; `podman load -i` it)",
+        "image: {reference} in {} ({:.1} MiB, layers compressed; {:.1} MiB unpacked; `podman load -i` it)",
         archive.display(),
         mib(size),
-        mib(gz)
+        mib(unpacked)
     );
     Ok(archive)
 }
 
-/// The slimmed minimal base with [`PACKAGES`], debootstrapped once per
-/// suite, mirror and package list.
+/// The slimmed minimal base with [`PACKAGES`] and the suite's updates,
+/// debootstrapped once per suite, mirror, package list, slimming and week
+/// (so a base is never more than a week behind the security updates).
 fn ensure_base(work: &Path) -> Result<PathBuf> {
     let mirror = fresh::debian_mirror()?;
     let names: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).collect();
-    let key = Sha256::digest(format!("{SUITE} {mirror} {}", names.join(",")));
+    let week = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / (7 * 86_400));
+    let key = Sha256::digest(format!(
+        "{SUITE} {mirror} {} {SLIM} {SOURCES} {week}",
+        names.join(",")
+    ));
     let key = u64::from_be_bytes(key[..8].try_into().expect("8 bytes")) >> 16;
     let base = work.join(format!("base-{SUITE}-{key:012x}"));
     if base.join("etc/debian_version").exists() {
@@ -169,6 +182,7 @@ fn ensure_base(work: &Path) -> Result<PathBuf> {
             .arg(&partial)
             .arg(&mirror),
     )?;
+    update(&partial)?;
     slim(&partial)?;
     // An earlier base (other packages or mirror) is of no further use.
     for entry in fs::read_dir(work)? {
@@ -184,8 +198,50 @@ fn ensure_base(work: &Path) -> Result<PathBuf> {
 
 /// What `debian:bookworm-slim` leaves out (its dpkg path excludes), and
 /// what no image keeps: package lists, caches, logs, debootstrap's leftovers.
+/// The suite's security and point-release updates, from this machine's
+/// apt sources (debootstrap fetches the main suite only), then the sources
+/// `debian:bookworm-slim` has.
+fn update(root: &Path) -> Result<()> {
+    fresh::copy_apt_sources(root)?;
+    fs::copy("/etc/resolv.conf", root.join("etc/resolv.conf"))
+        .context("copying /etc/resolv.conf into the image's root")?;
+    let upgraded = cmd::run(Command::new("chroot").arg(root).args([
+        "/bin/sh",
+        "-ec",
+        "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get upgrade -y -q",
+    ]));
+    for file in fs::read_dir(root.join("etc/apt/sources.list.d"))? {
+        fs::remove_file(file?.path())?;
+    }
+    let _ = fs::remove_file(root.join("etc/apt/sources.list"));
+    fs::write(root.join("etc/apt/sources.list.d/debian.sources"), SOURCES)?;
+    upgraded
+}
+
+/// `debian:bookworm-slim`'s apt sources.
+const SOURCES: &str = "Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://deb.debian.org/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+";
+
 fn slim(root: &Path) -> Result<()> {
-    let script = r"
+    cmd::run(
+        Command::new("chroot")
+            .arg(root)
+            .args(["/bin/sh", "-ec", SLIM]),
+    )
+}
+
+/// [`slim`]'s script, run in the root.
+const SLIM: &str = r"
         cd /
         find usr/share/doc -mindepth 1 -not -name copyright -not -type d -delete
         find usr/share/doc -mindepth 1 -type d -empty -delete
@@ -195,17 +251,22 @@ fn slim(root: &Path) -> Result<()> {
         rm -f etc/resolv.conf etc/hostname var/lib/dbus/machine-id
         : > etc/machine-id
     ";
-    cmd::run(
-        Command::new("chroot")
-            .arg(root)
-            .args(["/bin/sh", "-ec", script]),
-    )
-}
 
-/// Fails unless `path` (the Dockerfile) builds what [`build_image`] builds.
+/// Fails unless `path` (the Dockerfile) builds what [`build_image`] builds,
+/// from a build context (`.dockerignore` beside it) that holds the binary.
 pub fn check_dockerfile(path: &Path) -> Result<()> {
     let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let differences = dockerfile_differences(&text);
+    let mut differences = dockerfile_differences(&text);
+    let ignore = path.with_file_name(".dockerignore");
+    let context = fs::read_to_string(&ignore).unwrap_or_default();
+    let keep = format!("!{}", build::DIST_BIN);
+    if !context.lines().any(|l| l.trim() == keep) {
+        differences.push(format!(
+            "{} does not keep {} in the build context (`{keep}`)",
+            ignore.display(),
+            build::DIST_BIN
+        ));
+    }
     if !differences.is_empty() {
         bail!(
             "{} no longer describes the image `cargo xtask image` builds: {}",
@@ -214,6 +275,14 @@ pub fn check_dockerfile(path: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The image's labels, as `LABEL` says them.
+fn labels() -> String {
+    format!(
+        "org.opencontainers.image.title=mesh-redirect org.opencontainers.image.version={}",
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 /// How a Dockerfile's text differs from the image's constants.
@@ -243,7 +312,25 @@ fn dockerfile_differences(text: &str) -> Vec<String> {
             .map(str::trim)
             .collect()
     };
-    let mut differences = Vec::new();
+    let mut differences: Vec<String> = instructions
+        .iter()
+        .filter_map(|i| i.split_whitespace().next())
+        .filter(|w| !["FROM", "RUN", "COPY", "LABEL", "ENTRYPOINT", "CMD"].contains(w))
+        .map(|w| format!("it has a {w}, the image none"))
+        .collect();
+    if find("RUN").len() != 1 {
+        differences.push(format!(
+            "it has {} RUN steps, the image one install",
+            find("RUN").len()
+        ));
+    }
+    if find("LABEL") != [labels().as_str()] {
+        differences.push(format!(
+            "its LABEL is {:?}, the image's {}",
+            find("LABEL"),
+            labels()
+        ));
+    }
     let want_from = format!("debian:{SUITE}-slim");
     if find("FROM") != [want_from.as_str()] {
         differences.push(format!(
@@ -299,14 +386,6 @@ fn podman(store: &Path) -> Command {
     c
 }
 
-fn gzipped_size(path: &Path) -> Result<u64> {
-    let out = cmd::stdout_of(
-        Command::new("sh").args(["-c", &format!("gzip -c '{}' | wc -c", path.display())]),
-    )
-    .context("gzip")?;
-    out.parse().context("gzip's byte count")
-}
-
 fn remove_dir(dir: &Path) -> Result<()> {
     match fs::remove_dir_all(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -339,10 +418,13 @@ mod tests {
         let text = "FROM debian:bookworm-slim\n\
                     RUN apt-get update \\\n && apt-get install -y --no-install-recommends iptables curl\n\
                     COPY target/dist/mesh-redirect /usr/bin/mesh-redirect\n\
-                    ENTRYPOINT [\"/usr/local/bin/mesh-redirect\"]\nCMD [\"doctor\"]\n";
+                    ENTRYPOINT [\"/usr/local/bin/mesh-redirect\"]\nCMD [\"doctor\"]\n\
+                    USER 1000\n";
         let d = dockerfile_differences(text);
-        assert_eq!(d.len(), 2, "{d:?}");
-        assert!(d[0].contains("\"curl\""), "{d:?}");
-        assert!(d[1].contains("/usr/bin/mesh-redirect"), "{d:?}");
+        assert_eq!(d.len(), 4, "{d:?}");
+        assert!(d[0].contains("USER"), "{d:?}");
+        assert!(d[1].contains("LABEL"), "{d:?}");
+        assert!(d[2].contains("\"curl\""), "{d:?}");
+        assert!(d[3].contains("/usr/bin/mesh-redirect"), "{d:?}");
     }
 }

@@ -96,6 +96,7 @@ fn run(command: Command) -> Result<()> {
                 Need::FreshMachine,
                 Need::Manifests,
                 Need::Image,
+                Need::Dist,
             ])?;
             eprintln!("setup: everything is in place");
         }

@@ -39,6 +39,9 @@ pub fn run() -> Result<()> {
     for k in &kustomizations {
         check_kustomization(k)?;
     }
+    for r in &resources {
+        check_image_tags(r)?;
+    }
     let validate = validator(&root.join("target/tools/kubernetes-validate"))?;
     cmd::run(
         Command::new(validate)
@@ -69,6 +72,27 @@ fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     found.sort();
     Ok(found)
+}
+
+/// Every image of ours a manifest names is the one `cargo xtask image`
+/// builds (this version's tag).
+fn check_image_tags(path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let want = crate::image::reference();
+    let name = want.split(':').next().expect("name:tag");
+    for (n, line) in text.lines().enumerate() {
+        if let Some(image) = line.trim().strip_prefix("image: ")
+            && image.starts_with(name)
+            && image != want
+        {
+            bail!(
+                "{}:{}: image {image}, but `cargo xtask image` builds {want}",
+                path.display(),
+                n + 1
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Each resource a kustomization lists is a file beside it.

@@ -61,6 +61,8 @@ pub enum Need {
     Manifests,
     /// debootstrap and podman for `image`.
     Image,
+    /// objcopy for the release build's image binary (target/dist).
+    Dist,
 }
 
 impl Need {
@@ -142,6 +144,10 @@ impl Need {
                     "`manifests` installs kubernetes-validate (PyPI) in a virtualenv",
                 ),
             ],
+            Self::Dist => &[(
+                "binutils",
+                "objcopy strips the release binary an image ships (target/dist)",
+            )],
             Self::Image => &[
                 (
                     "debootstrap",

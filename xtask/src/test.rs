@@ -39,13 +39,20 @@ pub fn run(filter: Option<&str>, kernel_only: bool) -> Result<()> {
         crate::manifests::run()?;
     }
     // The image tests run the image an operator gets (the release build);
-    // its base is cached under target/image after the first time.
-    setup::ensure_packages(&[setup::Need::Image])?;
-    build::build(&tc, true)?;
-    let image = crate::image::build_image(&build::root().join(build::DIST_BIN))?;
+    // its base is cached under target/image after the first time. A run
+    // for some tests only (a filter) uses the image built last, if any.
+    let image = if filter.is_none() {
+        setup::ensure_packages(&[setup::Need::Image])?;
+        build::build(&tc, true)?;
+        Some(crate::image::build_image(
+            &build::root().join(build::DIST_BIN),
+        )?)
+    } else {
+        Some(crate::image::archive()).filter(|a| a.is_file())
+    };
     let agent = build::build(&tc, false)?;
     let binaries = kernel_test_binaries(&tc)?;
-    run_kernel_tests(&binaries, &agent, Some(&image), filter)
+    run_kernel_tests(&binaries, &agent, image.as_deref(), filter)
 }
 
 /// Builds the kernel integration test binaries; returns their paths.
