@@ -23,5 +23,7 @@ RUN apt-get update \
 
 COPY target/dist/mesh-redirect /usr/local/bin/mesh-redirect
 
+LABEL org.opencontainers.image.title=mesh-redirect org.opencontainers.image.version=0.1.0
+
 ENTRYPOINT ["/usr/local/bin/mesh-redirect"]
 CMD ["doctor"]

@@ -112,6 +112,42 @@ impl Podman {
         );
     }
 
+    /// [`Podman::new`]'s plugin, put in place as the daemon set's init
+    /// container does: `install-cni` in the agent's `image`, with no
+    /// capability, a read-only root and the two CNI directories mounted.
+    pub fn install_cni_from(&self, image: &str, socket: &Path) {
+        let bin = format!("{}:/host/opt/cni/bin", self.dir.join("cni-bin").display());
+        let conf = format!(
+            "{}:/host/etc/cni/net.d",
+            self.dir.join("cni-conf").display()
+        );
+        let socket = format!("--socket={}", socket.display());
+        self.ok(&[
+            "run",
+            "--rm",
+            "--network",
+            "host",
+            "--read-only",
+            "--read-only-tmpfs=false",
+            "--cap-drop",
+            "ALL",
+            "-v",
+            &bin,
+            "-v",
+            &conf,
+            image,
+            "install-cni",
+            "--cni-bin-dir=/host/opt/cni/bin",
+            "--cni-conf-dir=/host/etc/cni/net.d",
+            &socket,
+        ]);
+        assert_eq!(
+            self.conflist()["plugins"][1]["type"],
+            "mesh-redirect-cni",
+            "chained by the image's install-cni"
+        );
+    }
+
     /// `podman load` of the agent's image ([`AGENT_IMAGE_ENV`]); its name,
     /// or `None` when no archive was given.
     #[must_use]

@@ -101,7 +101,12 @@ fn a_sidecar_container_captures_and_short_circuits_its_pods_traffic() {
     podman.ok(&[
         "run",
         "-d",
+        // As Kubernetes runs it: a read-only root with no tmpfs of
+        // podman's, the emptyDir for the control socket.
         "--read-only",
+        "--read-only-tmpfs=false",
+        "--tmpfs",
+        "/run/mesh-redirect",
         "--pod",
         "app",
         "--name",
@@ -115,9 +120,11 @@ fn a_sidecar_container_captures_and_short_circuits_its_pods_traffic() {
         "-e",
         "NO_COLOR=1",
         &image,
-        // deploy/sidecar/ebpf.yaml's command.
+        // deploy/sidecar/ebpf.yaml's command (the image's entry point),
+        // and a short drain.
         "run",
         "--mode=ebpf",
+        "--no-pin",
         "--admin=0.0.0.0:15020",
         "--drain-timeout-secs",
         "1",
@@ -130,6 +137,12 @@ fn a_sidecar_container_captures_and_short_circuits_its_pods_traffic() {
         .unwrap_or_else(|| panic!("no short_circuits in {ready}"))
         .to_owned();
     assert!(ours() > 0, "the sidecar attached its hooks");
+    // Nothing mounted (AppArmor's default profile would refuse it).
+    let mounts = podman.stdout(&["exec", "app-mesh", "cat", "/proc/self/mountinfo"]);
+    assert!(
+        !mounts.contains(" bpf "),
+        "the sidecar mounted bpffs:\n{mounts}"
+    );
 
     let lo = || {
         agent::netns::Netns::open(&app)
@@ -178,8 +191,9 @@ fn a_sidecar_container_captures_and_short_circuits_its_pods_traffic() {
 fn the_image_is_a_drop_in_for_istio_init() {
     let (podman, image) = podman_with_image!();
     let app = podman.pod("app");
+    // deploy/sidecar/istio-init.yaml's, as istio's injector writes them.
     let istio_args = [
-        "iptables",
+        "istio-iptables",
         "-p",
         "15001",
         "-z",
@@ -196,6 +210,7 @@ fn the_image_is_a_drop_in_for_istio_init() {
         "*",
         "-d",
         "15090,15021,15020",
+        "--log_output_level=default:info",
     ];
     let mut args = vec!["run", "--rm", "--pod", "app", "--cap-drop", "ALL"];
     args.extend(["--cap-add", "NET_ADMIN,NET_RAW", &image]);
@@ -278,21 +293,19 @@ fn wait_for_log(podman: &Podman, container: &str, want: &str) -> String {
     }
 }
 
-/// The node agent as its daemon set runs it: the image's `node` in a
+/// The node agent as its daemon set runs it: the plugin put in place by
+/// the image's `install-cni` (no capability), then the image's `node` in a
 /// container on the host's network with the host's bpffs, cgroup2
 /// hierarchy and network namespaces mounted, and the directory of its
-/// socket shared with the host, where the CNI plugin (put in place by
-/// `install-cni`) reaches it. Two podman pods are enrolled by the plugin;
+/// socket shared with the host, where the plugin reaches it. Two podman pods are enrolled by the plugin;
 /// the app's download from the other pod goes out through its own pod's
 /// proxy and in through the server's, byte-exact and short-circuited.
 #[test]
 fn the_node_agent_container_serves_the_pods_the_cni_plugin_enrolls() {
     require_root!();
     let node = NodeDir::new();
-    let podman = Podman::new(&node.socket);
-    let Some(image) = podman.load_agent_image() else {
-        skip!("no image: {AGENT_IMAGE_ENV} names none (`cargo xtask test` builds and sets it)");
-    };
+    let (podman, image) = podman_with_image!();
+    podman.install_cni_from(&image, &node.socket);
     let shared = format!("{0}:{0}", node.dir.display());
     let cgroup = format!("{}:ro", cgroup2_volume());
     let admin = std::net::TcpListener::bind("127.0.0.1:0")
@@ -308,6 +321,7 @@ fn the_node_agent_container_serves_the_pods_the_cni_plugin_enrolls() {
         "--network",
         "host",
         "--read-only",
+        "--read-only-tmpfs=false",
         "--cap-drop",
         "ALL",
         "--cap-add",

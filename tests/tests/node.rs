@@ -1437,8 +1437,6 @@ fn pod_links() -> Vec<String> {
     links
 }
 
-/// The node datapath's pin directory.
-
 #[rstest]
 fn a_caller_that_sends_nothing_stalls_nobody() {
     require_root!();
