@@ -173,6 +173,15 @@ fn move_self(cgroup: &Path) {
 }
 
 /// Packets `lo` sent, in the calling thread's namespace.
+/// [`lo_tx_packets`] of the namespace at `netns` (a container's pod).
+#[must_use]
+pub fn lo_tx_packets_in(netns: &std::path::Path) -> u64 {
+    agent::netns::Netns::open(netns)
+        .expect("the pod's namespace")
+        .run(lo_tx_packets)
+        .expect("entering the pod's namespace")
+}
+
 #[must_use]
 pub fn lo_tx_packets() -> u64 {
     let dev = fs::read_to_string("/proc/thread-self/net/dev").expect("read net/dev");

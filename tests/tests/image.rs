@@ -19,7 +19,7 @@ use tests::{
     admin,
     podman::{AGENT_IMAGE_ENV, Podman},
     require_root, sh, skip,
-    topology::lo_tx_packets,
+    topology::lo_tx_packets_in,
 };
 
 /// The agent container's capabilities, and no others (podman's default
@@ -144,12 +144,7 @@ fn a_sidecar_container_captures_and_short_circuits_its_pods_traffic() {
         "the sidecar mounted bpffs:\n{mounts}"
     );
 
-    let lo = || {
-        agent::netns::Netns::open(&app)
-            .unwrap()
-            .run(lo_tx_packets)
-            .unwrap()
-    };
+    let lo = || lo_tx_packets_in(&app);
     let lo0 = lo();
     let got = podman.download_blob("app", &up_ip);
     let packets = lo() - lo0;
@@ -353,12 +348,7 @@ fn the_node_agent_container_serves_the_pods_the_cni_plugin_enrolls() {
         vec![("app".to_owned(), 0), ("up".to_owned(), 0)],
         "both pods enrolled by the plugin"
     );
-    let lo = || {
-        agent::netns::Netns::open(&app)
-            .unwrap()
-            .run(lo_tx_packets)
-            .unwrap()
-    };
+    let lo = || lo_tx_packets_in(&app);
     let lo0 = lo();
     let got = podman.download_blob("app", &up_ip);
     let packets = lo() - lo0;

@@ -25,7 +25,7 @@ use tests::{
     podman::Podman,
     remove_node_datapath, require_root,
     servers::{Behaviour, Server},
-    topology::{POD_IP, POD_IP6, SRV_IP, lo_tx_packets},
+    topology::{POD_IP, POD_IP6, SRV_IP, lo_tx_packets, lo_tx_packets_in},
     unique,
 };
 
@@ -1325,18 +1325,8 @@ fn podman_pods_are_enrolled_by_the_cni_plugin_and_leave_no_trace() {
         vec![("app".to_owned(), 0), ("up".to_owned(), 0)],
         "both pods enrolled by the plugin, by their podman names"
     );
-    let lo = || {
-        agent::netns::Netns::open(&app)
-            .unwrap()
-            .run(lo_tx_packets)
-            .unwrap()
-    };
-    let up_lo = || {
-        agent::netns::Netns::open(&up)
-            .unwrap()
-            .run(lo_tx_packets)
-            .unwrap()
-    };
+    let lo = || lo_tx_packets_in(&app);
+    let up_lo = || lo_tx_packets_in(&up);
     let (lo0, up_lo0) = (lo(), up_lo());
     let got = podman.download_blob("app", &up_ip);
     let (packets, up_packets) = (lo() - lo0, up_lo() - up_lo0);
