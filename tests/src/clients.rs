@@ -103,8 +103,7 @@ pub fn java_classes() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let classes = JAVA_CLASSES.unwrap_or_else(|why| panic!("no Java clients: {why}"));
-        let dir = std::env::temp_dir().join(format!("mesh-redirect-java-{}", std::process::id()));
-        fs::create_dir_all(&dir).expect("create the Java class directory");
+        let dir = crate::process_dir("mesh-redirect-java-");
         for (name, bytes) in classes {
             fs::write(dir.join(name), bytes).expect("write a Java class");
         }

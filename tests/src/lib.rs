@@ -179,6 +179,38 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// This test process's own directory `<prefix><pid>` under the temporary
+/// directory, created if needed, for files written once per process and
+/// kept in statics that are never dropped (client programs, content). The
+/// directories of processes that are gone are removed first: in a guest
+/// whose /tmp is memory, one process per test would otherwise fill it
+/// (a Go client of several MiB per conformance cell).
+///
+/// # Panics
+/// When the directory cannot be created.
+#[must_use]
+pub fn process_dir(prefix: &str) -> PathBuf {
+    let tmp = std::env::temp_dir();
+    if let Ok(entries) = std::fs::read_dir(&tmp) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(prefix))
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let dir = tmp.join(format!("{prefix}{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    dir
+}
+
 /// A child cgroup of the cgroup2 root, removed on drop (its processes are
 /// killed first).
 #[derive(Debug)]

@@ -16,28 +16,6 @@ use crate::servers::{HTTP_BODY, pattern};
 /// The data directories: one per test process, `<prefix><pid>`.
 const DIR_PREFIX: &str = "mesh-redirect-conformance-";
 
-/// The content lives in a static that is never dropped, so a process's
-/// directory outlives it: those of processes that are gone are removed
-/// here (in a guest whose /tmp is memory, a run of every cell would fill it).
-fn remove_stale_dirs() {
-    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(DIR_PREFIX))
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = fs::remove_dir_all(e.path());
-        }
-    }
-}
-
 /// The length of a line of [`Content::text`].
 pub const LINE: usize = 64;
 
@@ -70,9 +48,9 @@ impl Content {
             pattern(1 << 16)[..],
             "pattern_into differs from servers::pattern"
         );
-        remove_stale_dirs();
-        let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{}", std::process::id()));
-        fs::create_dir_all(&dir).expect("create the conformance data directory");
+        // The content lives in a static that is never dropped, so this
+        // directory outlives the process: the next one removes it.
+        let dir = crate::process_dir(DIR_PREFIX);
         let data_file = dir.join("data.bin");
         fs::write(&data_file, &bytes[..Scenario::Upload.size()]).expect("write the data file");
         Self {

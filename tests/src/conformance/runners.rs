@@ -67,11 +67,7 @@ pub fn on_path(program: &str) -> Result<PathBuf, String> {
 /// A file written once per test process.
 fn temp_file(name: &str, bytes: &[u8], mode: u32) -> PathBuf {
     use std::os::unix::fs::PermissionsExt as _;
-    let dir = std::env::temp_dir().join(format!(
-        "mesh-redirect-conformance-bin-{}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).expect("create the client directory");
+    let dir = crate::process_dir("mesh-redirect-conformance-bin-");
     let path = dir.join(name);
     std::fs::write(&path, bytes).expect("write a client");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod a client");
