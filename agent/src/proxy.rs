@@ -32,7 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use self::drain::{Phase, PhaseCell};
+use self::drain::{Phase, PhaseSender};
 use crate::netns::{Netns, NetnsError};
 
 #[derive(Debug, Clone)]
@@ -265,7 +265,7 @@ impl Stats {
 
 /// A running proxy.
 pub struct ProxyHandle {
-    phase: Arc<PhaseCell>,
+    phase: PhaseSender,
     /// Workers whose accept loops still run.
     accepting: Arc<AtomicUsize>,
     threads: Vec<JoinHandle<()>>,
@@ -280,7 +280,7 @@ impl ProxyHandle {
         config: ProxyConfig,
         listeners: Listeners,
     ) -> Result<Self, ProxyError> {
-        let phase = Arc::new(PhaseCell::default());
+        let phase = PhaseSender::new().map_err(ProxyError::Runtime)?;
         let accepting = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(Stats::default());
         let config = Arc::new(config);

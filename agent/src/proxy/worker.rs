@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use super::{
     Direction, Listeners, ProxyConfig, ProxyError, Stats, accept,
-    drain::{Accepting, PHASE_POLL, Phase, PhaseCell},
+    drain::{Accepting, Phase, PhaseCell, PhaseSender, PhaseWatch},
 };
 use crate::netns::Netns;
 
@@ -33,7 +33,9 @@ use crate::netns::Netns;
 /// process's own runtime (see [`main_runtime`]) and its listeners; its
 /// runtime is built after, in its table alone. Nothing else crosses between
 /// threads by descriptor number: the control from [`ProxyHandle`] is an
-/// atomic the worker polls, and no other thread wakes a worker's runtime.
+/// atomic and an eventfd made before the worker (the same open file in
+/// every table, see [`PhaseSender`]), and no other thread wakes a worker's
+/// runtime.
 /// So a worker holds nothing of other pods or other workers (a node agent's
 /// tables stay the same size per pod however many pods it serves), and
 /// nothing of a worker is left in the process's table when it ends.
@@ -44,6 +46,8 @@ pub(super) struct Worker {
     stats: Arc<Stats>,
     limit: Arc<Semaphore>,
     phase: Arc<PhaseCell>,
+    /// The number of the phase's eventfd, in the table this thread copies.
+    phase_wake: RawFd,
     /// Held while this worker may still accept.
     accepting: Accepting,
 }
@@ -68,13 +72,14 @@ impl Worker {
             stats,
             limit,
             phase,
+            phase_wake,
             accepting,
         } = self;
         let setup = (|| {
             netns.enter()?;
             drop(netns);
             isolate_thread().map_err(ProxyError::Runtime)?;
-            let ours: Vec<RawFd> = listeners.raw_fds().collect();
+            let ours: Vec<RawFd> = listeners.raw_fds().chain([phase_wake]).collect();
             let shared = SHARED_RUNTIME_FDS
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -86,12 +91,19 @@ impl Worker {
                     unsafe { libc::close(fd) };
                 }
             }
-            tokio::runtime::Builder::new_current_thread()
+            let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(ProxyError::Runtime)
+                .map_err(ProxyError::Runtime)?;
+            let watch = {
+                let _in = rt.enter();
+                // SAFETY: this thread's own table now (above), where nothing
+                // else owns the eventfd's copy.
+                unsafe { PhaseWatch::adopt(phase, phase_wake) }.map_err(ProxyError::Runtime)?
+            };
+            Ok((rt, watch))
         })();
-        let rt = match setup {
+        let (rt, phase) = match setup {
             Ok(rt) => rt,
             Err(e) => {
                 // Still the shared table: the starting thread closes these.
@@ -112,9 +124,7 @@ impl Worker {
             let (accepting_tx, mut stop_accepting) = watch::channel(false);
             let (close_tx, mut close_all) = watch::channel(false);
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(PHASE_POLL);
                 loop {
-                    tick.tick().await;
                     let now = phase.get();
                     accepting_tx.send_if_modified(|s| {
                         let changed = !*s && now >= Phase::StopAccepting;
@@ -125,6 +135,7 @@ impl Worker {
                         let _ = close_tx.send(true);
                         break;
                     }
+                    phase.changed().await;
                 }
             });
             let registered = match register(listeners) {
@@ -189,7 +200,7 @@ pub(super) fn start(
     config: &Arc<ProxyConfig>,
     listeners: Listeners,
     stats: &Arc<Stats>,
-    phase: &Arc<PhaseCell>,
+    phase: &PhaseSender,
     accepting: &Arc<AtomicUsize>,
 ) -> Result<Vec<JoinHandle<()>>, ProxyError> {
     if SHARED_RUNTIME_FDS
@@ -216,13 +227,15 @@ pub(super) fn start(
         let spawned = (|| {
             let copies = listeners.try_clone().map_err(ProxyError::Runtime)?;
             let ours: Vec<RawFd> = copies.raw_fds().collect();
+            let (cell, phase_wake) = phase.for_worker();
             let worker = Worker {
                 netns: netns.try_clone().map_err(ProxyError::Runtime)?,
                 listeners: copies,
                 config: Arc::clone(config),
                 stats: Arc::clone(stats),
                 limit: Arc::clone(&limit),
-                phase: Arc::clone(phase),
+                phase: cell,
+                phase_wake,
                 accepting: Accepting::new(accepting),
             };
             let (ready, ready_rx) = std::sync::mpsc::channel();
