@@ -44,6 +44,8 @@ impl Podman {
     /// Sets podman up (its network only `bridge`), and imports [`IMAGE`].
     #[must_use]
     pub fn plain() -> Self {
+        // Before anything is made: without podman there is nothing to clean.
+        which("podman");
         let dir = std::env::temp_dir().join(crate::unique("mr-podman"));
         let seq = std::process::id() % 200 + 20;
         let bridge = format!("mrp{seq}");
@@ -272,19 +274,24 @@ impl Podman {
         &self.network
     }
 
-    /// `podman <args>`.
-    #[must_use]
-    pub fn run(&self, args: &[&str]) -> Output {
-        Command::new("podman")
+    /// `podman <args>`, on this fixture's configuration and storage.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut podman = Command::new("podman");
+        podman
             .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
             .arg("--root")
             .arg(self.dir.join("root"))
             .arg("--runroot")
             .arg(self.dir.join("run"))
             .args(["--storage-driver", "vfs"])
-            .args(args)
-            .output()
-            .expect("podman runs")
+            .args(args);
+        podman
+    }
+
+    /// `podman <args>`.
+    #[must_use]
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("podman runs")
     }
 
     /// `podman <args>`, which must succeed; its stdout, trimmed.
@@ -323,8 +330,14 @@ impl Podman {
 
 impl Drop for Podman {
     fn drop(&mut self) {
-        let _ = self.run(&["pod", "rm", "--all", "--force", "--time", "0"]);
-        let _ = self.run(&["rm", "--all", "--force", "--time", "0"]);
+        // Never a panic here: one while a test's own is unwinding aborts
+        // the binary, and the test's message is lost.
+        let _ = self
+            .command(&["pod", "rm", "--all", "--force", "--time", "0"])
+            .output();
+        let _ = self
+            .command(&["rm", "--all", "--force", "--time", "0"])
+            .output();
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .output();
