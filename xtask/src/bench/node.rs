@@ -1,8 +1,9 @@
 //! The node agent's cost per pod: one `mesh-redirect node` enrolls `pods`
 //! fresh network namespaces over its socket, one after another; the
 //! latency of each enrollment (request to answer, as the CNI plugin sees
-//! it), and the agent's own resident memory and descriptors (its
-//! `/metrics`) before and after.
+//! it), the agent's own resident memory and descriptors (its `/metrics`)
+//! before and after, and the CPU it uses idle with every pod enrolled (a
+//! node agent that wakes per pod costs the node even when no pod talks).
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -26,6 +27,9 @@ pub struct NodeFigures {
     pub descriptors_per_pod: f64,
     pub memory_mib: (f64, f64),
     pub descriptors: (u64, u64),
+    /// CPU time of the idle agent with every pod enrolled, in percent of
+    /// one core.
+    pub idle_cpu_percent: f64,
 }
 
 impl NodeFigures {
@@ -35,10 +39,11 @@ impl NodeFigures {
         format!(
             "\n## Node mode: the cost of a pod\n\n\
              One `mesh-redirect node` enrolling {pods} network namespaces over its socket, one after another \
-             (targets: under 50 ms per enroll, under 1 MiB per pod).\n\n\
-             | enroll p50 | enroll p99 | enroll max | memory per pod | descriptors per pod | agent memory | agent descriptors |\n\
-             |---|---|---|---|---|---|---|\n\
-             | {p50:.1} ms | {p99:.1} ms | {max:.1} ms | {mem:.0} KiB | {fds:.1} | {m0:.1} → {m1:.1} MiB | {d0} → {d1} |\n",
+             (targets: under 50 ms per enroll, under 1 MiB per pod); then the agent's CPU over {idle} s, every pod enrolled and none talking.\n\n\
+             | enroll p50 | enroll p99 | enroll max | memory per pod | descriptors per pod | agent memory | agent descriptors | idle CPU |\n\
+             |---|---|---|---|---|---|---|---|\n\
+             | {p50:.1} ms | {p99:.1} ms | {max:.1} ms | {mem:.0} KiB | {fds:.1} | {m0:.1} → {m1:.1} MiB | {d0} → {d1} | {cpu:.1}% of a core |\n",
+            idle = IDLE.as_secs(),
             pods = self.pods,
             p50 = ms(self.enroll_p50),
             p99 = ms(self.enroll_p99),
@@ -49,6 +54,7 @@ impl NodeFigures {
             m1 = self.memory_mib.1,
             d0 = self.descriptors.0,
             d1 = self.descriptors.1,
+            cpu = self.idle_cpu_percent,
         )
     }
 }
@@ -58,12 +64,13 @@ impl NodeFigures {
     #[must_use]
     pub fn summary(&self) -> String {
         format!(
-            "node mode: {} pods, enroll p50 {:.1} ms p99 {:.1} ms, {:.0} KiB and {:.1} descriptors per pod",
+            "node mode: {} pods, enroll p50 {:.1} ms p99 {:.1} ms, {:.0} KiB and {:.1} descriptors per pod, idle CPU {:.1}% of a core",
             self.pods,
             ms(self.enroll_p50),
             ms(self.enroll_p99),
             self.memory_per_pod_kib,
-            self.descriptors_per_pod
+            self.descriptors_per_pod,
+            self.idle_cpu_percent
         )
     }
 
@@ -80,6 +87,37 @@ impl NodeFigures {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// How long the idle agent's CPU is measured.
+const IDLE: Duration = Duration::from_secs(3);
+
+/// Percent of one core that process `pid` used over [`IDLE`].
+fn idle_cpu(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let ticks = || -> Result<u64> {
+        cpu_ticks(&std::fs::read_to_string(&path)?)
+            .with_context(|| format!("no utime and stime in {path}"))
+    };
+    let t0 = ticks()?;
+    let start = Instant::now();
+    std::thread::sleep(IDLE);
+    let used = ticks()? - t0;
+    // SAFETY: sysconf(3) with a valid name.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    #[expect(clippy::cast_precision_loss, reason = "a report")]
+    Ok(used as f64 / hz as f64 / start.elapsed().as_secs_f64() * 100.0)
+}
+
+/// utime + stime (fields 14 and 15) of a `/proc/PID/stat` line, counted
+/// after the parenthesised command name, which may hold spaces and `)`.
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    // `rest` starts at field 3 (the state).
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
 }
 
 /// Network namespaces of our own, deleted on drop.
@@ -134,7 +172,7 @@ pub fn measure(agent_bin: &Path, pods: usize) -> Result<NodeFigures> {
         .stderr(std::fs::File::create(&log)?)
         .spawn()
         .context("starting the node agent")?;
-    let _agent = NodeAgent {
+    let agent = NodeAgent {
         child,
         bin: agent_bin.to_owned(),
         dir: dir.clone(),
@@ -166,6 +204,7 @@ pub fn measure(agent_bin: &Path, pods: usize) -> Result<NodeFigures> {
         took.push(t0.elapsed());
     }
     let after = footprint(admin)?;
+    let idle_cpu_percent = idle_cpu(agent.child.id())?;
     took.sort_unstable();
     let at = |p: f64| {
         #[expect(
@@ -190,6 +229,7 @@ pub fn measure(agent_bin: &Path, pods: usize) -> Result<NodeFigures> {
         descriptors_per_pod: per_pod(before.1, after.1),
         memory_mib: (mib(before.0), mib(after.0)),
         descriptors: (before.1, after.1),
+        idle_cpu_percent,
     })
 }
 
@@ -227,4 +267,17 @@ fn footprint(admin: SocketAddrV4) -> Result<(u64, u64)> {
         metric("mesh_redirect_resident_memory_bytes")?,
         metric("mesh_redirect_open_descriptors")?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_ticks;
+
+    #[test]
+    fn cpu_ticks_are_utime_plus_stime_past_a_command_name_with_spaces() {
+        let stat = "4242 (mesh (re)direct) S 1 4242 4242 0 -1 4194560 \
+                    1525 0 0 0 17 23 0 0 20 0 112 0 9000 1000 2000";
+        assert_eq!(cpu_ticks(stat), Some(40));
+        assert_eq!(cpu_ticks("4242 (short) S 1"), None);
+    }
 }
