@@ -54,7 +54,9 @@ impl PhaseCell {
 /// holds the same open file at the same number: a write here wakes them
 /// all, and no thread touches another's table. It is never read: once
 /// rung it stays readable, and each ring is a new edge for every worker's
-/// epoll (at most two: the phases only move forward).
+/// edge-triggered epoll (mio's, as tokio's own eventfd waker relies on;
+/// at most two rings: the phases only move forward). The handle that owns
+/// this lives on threads of the process's table, never on a worker.
 #[derive(Debug)]
 pub struct PhaseSender {
     cell: Arc<PhaseCell>,
@@ -81,10 +83,13 @@ impl PhaseSender {
     pub fn advance(&self, phase: Phase) {
         if self.cell.advance(phase) {
             let one = 1u64.to_ne_bytes();
-            // SAFETY: an 8-byte write from a live buffer to our eventfd. It
-            // cannot fail short of the counter overflowing, which two rings
-            // never do.
-            let _ = unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+            // SAFETY: an 8-byte write from a live buffer to our eventfd.
+            let n = unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+            // Only an overflowing counter fails it, which two rings never
+            // reach; a worker that missed a ring would never stop.
+            if n != 8 {
+                tracing::error!(error = %io::Error::last_os_error(), "proxy: the drain eventfd could not be rung");
+            }
         }
     }
 
@@ -125,8 +130,8 @@ impl PhaseWatch {
     }
 
     /// Waits until the phase may have moved (the sender rang since the
-    /// last call). On an error of the runtime's registration it falls back
-    /// to looking again after a while, so no phase is ever missed.
+    /// last call). `readable` fails only once the runtime's I/O driver is
+    /// gone; then it looks again after a while rather than spin.
     pub async fn changed(&self) {
         match self.wake.readable().await {
             Ok(mut ready) => ready.clear_ready(),

@@ -30,7 +30,8 @@ use crate::netns::Netns;
 ///
 /// The rule that keeps this sound: a worker's table starts as a copy of the
 /// process's and keeps only the standard streams, the descriptors of the
-/// process's own runtime (see [`main_runtime`]) and its listeners; its
+/// process's own runtime (see [`main_runtime`]), its listeners and its
+/// proxy's phase eventfd; its
 /// runtime is built after, in its table alone. Nothing else crosses between
 /// threads by descriptor number: the control from [`ProxyHandle`] is an
 /// atomic and an eventfd made before the worker (the same open file in
@@ -53,8 +54,8 @@ pub(super) struct Worker {
 }
 
 /// Descriptors a worker keeps beside two per connection: its runtime's,
-/// the process runtime's, the listeners, one accepted socket not yet
-/// counted.
+/// the process runtime's, the listeners, the phase eventfd, one accepted
+/// socket not yet counted.
 const WORKER_FD_MARGIN: u64 = 64;
 
 impl Worker {
@@ -95,18 +96,20 @@ impl Worker {
                 .enable_all()
                 .build()
                 .map_err(ProxyError::Runtime)?;
-            let watch = {
+            let phase_watch = {
                 let _in = rt.enter();
                 // SAFETY: this thread's own table now (above), where nothing
                 // else owns the eventfd's copy.
                 unsafe { PhaseWatch::adopt(phase, phase_wake) }.map_err(ProxyError::Runtime)?
             };
-            Ok((rt, watch))
+            Ok((rt, phase_watch))
         })();
         let (rt, phase) = match setup {
-            Ok(rt) => rt,
+            Ok(ready) => ready,
             Err(e) => {
-                // Still the shared table: the starting thread closes these.
+                // Perhaps still the shared table (a failure before
+                // `isolate_thread`): the starting thread closes these. After
+                // it, they go with this thread's own table.
                 std::mem::forget(listeners);
                 return drop(ready.send(Err(e)));
             }
