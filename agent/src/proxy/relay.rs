@@ -182,9 +182,12 @@ async fn copy(
         if let Err(e) = from.readable().await {
             return Err(fail(from_side, e, total));
         }
-        let mut buf = vec![0u8; size];
+        // Uninitialised capacity, read into as it is (`read_buf`): no
+        // zeroing of a buffer that is filled at once.
+        let mut buf = Vec::with_capacity(size);
         loop {
-            let n = match from.read(&mut buf).await {
+            buf.clear();
+            let n = match from.read_buf(&mut buf).await {
                 Ok(0) => {
                     return match SockRef::from(to.as_ref()).shutdown(Shutdown::Write) {
                         Ok(()) => Ok(total),
@@ -199,18 +202,18 @@ async fn copy(
                 Err(e) => return Err(fail(from_side, e, total)),
             };
             last.touch();
-            if let Err(e) = write_all(to.as_ref(), &buf[..n], last).await {
+            if let Err(e) = write_all(to.as_ref(), &buf, last).await {
                 return Err(fail(to_side, e, total));
             }
             total += n as u64;
             moved.fetch_add(n as u64, Ordering::Relaxed);
-            if n < buf.len() {
+            if n < size {
                 // Drained for now: free the buffer and wait.
                 break;
             }
             if size < max_buffer {
                 size = (size * 2).min(max_buffer);
-                buf = vec![0u8; size];
+                buf = Vec::with_capacity(size);
             }
         }
     }
