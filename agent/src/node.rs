@@ -187,6 +187,17 @@ pub fn run(args: &NodeArgs) -> Result<()> {
     let admin = (!args.no_admin)
         .then(|| crate::admin::reserve(&crate::netns::Netns::current()?, args.admin))
         .transpose()?;
+    // The datapath first (the object's parse and the kernel probes are the
+    // slow part of a start): a running agent we take over from refuses
+    // enrollments from our request until it lets go, so that window holds
+    // only the per-pod work.
+    let (pins, older) = node_pin_dir(&args.bpffs).context("--bpffs")?;
+    let capture = EbpfCapture::load_with(
+        !args.no_sockmap,
+        u64::from(args.sockmap_queue_kib) * 1024,
+        Some(pins),
+        0,
+    )?;
     // A node agent serving on the socket already hands its pods' listening
     // sockets over and serves on until we do; our socket is bound beside
     // its own and moved over it then.
@@ -202,18 +213,12 @@ pub fn run(args: &NodeArgs) -> Result<()> {
         None => args.socket.clone(),
     };
     let listener = bind(&bound_at)?;
-    let (pins, older) = node_pin_dir(&args.bpffs).context("--bpffs")?;
     let mut node = Node {
         defaults: args.pod_defaults(cgroup.clone()),
         state: State::next_to(&args.socket),
         pending_dir: args.pending_dir.clone(),
         pods: Pods::default(),
-        capture: EbpfCapture::load_with(
-            !args.no_sockmap,
-            u64::from(args.sockmap_queue_kib) * 1024,
-            Some(pins),
-            0,
-        )?,
+        capture,
         socket_id: file_id(&bound_at)?,
     };
     // The agent's own proxies may live outside the pods' cgroup: their
