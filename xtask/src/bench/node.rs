@@ -96,28 +96,16 @@ const IDLE: Duration = Duration::from_secs(3);
 fn idle_cpu(pid: u32) -> Result<f64> {
     let path = format!("/proc/{pid}/stat");
     let ticks = || -> Result<u64> {
-        cpu_ticks(&std::fs::read_to_string(&path)?)
+        super::report::stat_cpu(&std::fs::read_to_string(&path)?)
+            .map(|(_, t)| t)
             .with_context(|| format!("no utime and stime in {path}"))
     };
     let t0 = ticks()?;
     let start = Instant::now();
     std::thread::sleep(IDLE);
     let used = ticks()? - t0;
-    // SAFETY: sysconf(3) with a valid name.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     #[expect(clippy::cast_precision_loss, reason = "a report")]
-    Ok(used as f64 / hz as f64 / start.elapsed().as_secs_f64() * 100.0)
-}
-
-/// utime + stime (fields 14 and 15) of a `/proc/PID/stat` line, counted
-/// after the parenthesised command name, which may hold spaces and `)`.
-fn cpu_ticks(stat: &str) -> Option<u64> {
-    let (_, rest) = stat.rsplit_once(')')?;
-    // `rest` starts at field 3 (the state).
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    Ok(used as f64 / super::report::ticks_per_second() / start.elapsed().as_secs_f64() * 100.0)
 }
 
 /// Network namespaces of our own, deleted on drop.
@@ -267,17 +255,4 @@ fn footprint(admin: SocketAddrV4) -> Result<(u64, u64)> {
         metric("mesh_redirect_resident_memory_bytes")?,
         metric("mesh_redirect_open_descriptors")?,
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::cpu_ticks;
-
-    #[test]
-    fn cpu_ticks_are_utime_plus_stime_past_a_command_name_with_spaces() {
-        let stat = "4242 (mesh (re)direct) S 1 4242 4242 0 -1 4194560 \
-                    1525 0 0 0 17 23 0 0 20 0 112 0 9000 1000 2000";
-        assert_eq!(cpu_ticks(stat), Some(40));
-        assert_eq!(cpu_ticks("4242 (short) S 1"), None);
-    }
 }

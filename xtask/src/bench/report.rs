@@ -107,17 +107,32 @@ fn process_ticks() -> std::collections::HashMap<u32, (String, u64)> {
         let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
             continue;
         };
-        // pid (comm) state ppid ... utime(14) stime(15)
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+        let Some((name, ticks)) = stat_cpu(&stat) else {
             continue;
         };
-        let name = stat[open + 1..close].to_owned();
-        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        // After the comm: state is field 3, so utime (14) is index 11.
-        out.insert(pid, (name, ticks(11) + ticks(12)));
+        out.insert(pid, (name.to_owned(), ticks));
     }
     out
+}
+
+/// The command name and utime + stime (fields 2, 14 and 15) of a
+/// `/proc/PID/stat` line; the name is parenthesised and may hold spaces
+/// and `)`.
+pub(super) fn stat_cpu(stat: &str) -> Option<(&str, u64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    // After the name, the state is field 3: utime (14) is the 12th.
+    let mut fields = stat[close + 1..].split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((&stat[open + 1..close], utime + stime))
+}
+
+/// The kernel's clock ticks per second (`/proc/PID/stat`'s unit).
+#[expect(clippy::cast_precision_loss, reason = "a small constant")]
+pub(super) fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
 }
 
 /// The processes that used the most CPU during one second, e.g.
@@ -130,8 +145,7 @@ fn background_load() -> String {
     let before = process_ticks();
     std::thread::sleep(Duration::from_secs(1));
     let after = process_ticks();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let hz = ticks_per_second();
     let mut busy: Vec<(f64, String)> = after
         .iter()
         .filter_map(|(pid, (name, t))| {
@@ -1158,7 +1172,15 @@ fn check_sample(cell: Cell, mode: Mode, m: &Measured) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{num, utc};
+    use super::{num, stat_cpu, utc};
+
+    #[test]
+    fn stat_cpu_is_utime_plus_stime_past_a_command_name_with_spaces() {
+        let stat = "4242 (mesh (re)direct) S 1 4242 4242 0 -1 4194560 \
+                    1525 0 0 0 17 23 0 0 20 0 112 0 9000 1000 2000";
+        assert_eq!(stat_cpu(stat), Some(("mesh (re)direct", 40)));
+        assert_eq!(stat_cpu("4242 (short) S 1"), None);
+    }
 
     #[test]
     fn utc_dates() {
