@@ -69,6 +69,16 @@ pub mod maps {
     /// `LruHashMap<SockKey, u8>`: connections sk_lookup steered to the
     /// inbound listener, by the accepted socket's own tuple; read by getsockopt.
     pub const INBOUND_STEERED: &str = "INBOUND_STEERED";
+    /// `LruHashMap<DestKey, u32>`: per destination (an outbound connection's
+    /// original destination, an inbound one's app address), how many
+    /// connections in a row were short (neither end sent more than
+    /// [`crate::SHORT_CONN_MAX_SENDS`] messages); written by sockops when a
+    /// socket closes. From [`crate::globals::SHORT_CONN_THRESHOLD`] on, new
+    /// connections to it stay on plain TCP: for one exchange, setting up
+    /// and tearing down the short-circuit costs more than it saves. The
+    /// kernel's business only (what it learned, per destination, bounded
+    /// by its capacity); userspace never reads it.
+    pub const SHORT_CONNS: &str = "SHORT_CONNS";
 }
 
 /// Program names (the entry-point functions in `agent-ebpf`).
@@ -108,7 +118,19 @@ pub mod globals {
     pub const SOCKMAP_QUEUE_LIMIT_DEFAULT_KIB: u32 = 4096;
     /// Its default, in bytes.
     pub const SOCKMAP_QUEUE_LIMIT_DEFAULT: u64 = (SOCKMAP_QUEUE_LIMIT_DEFAULT_KIB as u64) << 10;
+    /// `u32`: after how many short connections in a row to a destination
+    /// ([`crate::maps::SHORT_CONNS`]) the next ones stay on plain TCP; 0:
+    /// every connection is short-circuited.
+    pub const SHORT_CONN_THRESHOLD: &str = "SHORT_CONN_THRESHOLD";
+    /// Its default (`run --short-conn-threshold`).
+    pub const SHORT_CONN_THRESHOLD_DEFAULT: u32 = 8;
 }
+
+/// A socket that sent more messages than this (sk_msg's count while it was
+/// short-circuited, TCP's data segments otherwise) made its connection
+/// long: its destination's run of short connections ([`maps::SHORT_CONNS`])
+/// starts again. Two allow a request written as headers then body.
+pub const SHORT_CONN_MAX_SENDS: u32 = 2;
 
 /// The ports of istio's sidecar conventions, used by both redirect modes.
 pub mod ports {
@@ -150,6 +172,8 @@ pub mod capacity {
     pub const DNS_SERVERS: u32 = 1024;
     /// UDP sockets with a captured DNS query outstanding.
     pub const DNS_ORIG_BY_COOKIE: u32 = 65_536;
+    /// Destinations whose run of short connections is remembered.
+    pub const SHORT_CONNS: u32 = 16_384;
 }
 
 /// Flag bits of [`NetnsConfig::flags`].
@@ -542,6 +566,34 @@ pub struct DnsServerKey {
 }
 const _: () = assert!(size_of::<DnsServerKey>() == 24);
 
+/// Where a captured connection goes, key of [`maps::SHORT_CONNS`]: an
+/// outbound connection's original destination, an inbound one's app
+/// address (the port the peer connected to).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DestKey {
+    pub netns_cookie: u64,
+    /// Network order, IPv4 v4-mapped.
+    pub ip: net::IpRaw,
+    /// Host order.
+    pub port: u16,
+    /// Always zero.
+    pub pad: [u8; 6],
+}
+const _: () = assert!(size_of::<DestKey>() == 32);
+
+impl DestKey {
+    #[must_use]
+    pub const fn new(netns_cookie: u64, ip: net::IpRaw, port: u16) -> Self {
+        Self {
+            netns_cookie,
+            ip,
+            port,
+            pad: [0; 6],
+        }
+    }
+}
+
 /// Per-socket state of a short-circuited socket, value of
 /// [`maps::SOCK_STATE`].
 #[repr(C)]
@@ -549,8 +601,10 @@ const _: () = assert!(size_of::<DnsServerKey>() == 24);
 pub struct SockState {
     /// `SockState::*` bits.
     pub flags: u32,
-    /// Always zero.
-    pub pad: u32,
+    /// Messages this socket sent while short-circuited (sk_msg counts
+    /// each, redirected or not; saturating): what makes its connection
+    /// short or long ([`SHORT_CONN_MAX_SENDS`]).
+    pub sends: u32,
     /// The socket's own tuple: its entry in [`maps::SOCKETS`] and
     /// [`maps::PEERS`].
     pub key: SockKey,
@@ -579,8 +633,9 @@ pub struct SockRef {
     pub cookie: u64,
     /// `SockRef::*` bits.
     pub flags: u32,
-    /// Always zero.
-    pub pad: u32,
+    /// Messages its peer's sk_msg redirected into it (saturating): with
+    /// what came over TCP, what its peer sent, for [`SHORT_CONN_MAX_SENDS`].
+    pub received: u32,
 }
 const _: () = assert!(size_of::<SockRef>() == 24);
 
@@ -765,6 +820,11 @@ counters! {
     BytesRedirected = 35 => "bytes_redirected",
     /// Bytes sk_msg let continue over TCP.
     BytesPassed = 36 => "bytes_passed",
+    /// sockops left a socket of a new connection out of the SOCKHASH
+    /// because the connections to its destination were short
+    /// (`--short-conn-threshold` in a row): plain TCP, cheaper for one
+    /// exchange than the short-circuit's set-up and tear-down.
+    SockhashSkippedShort = 37 => "sockhash_skipped_short",
 }
 
 impl Counter {
@@ -793,6 +853,7 @@ mod pod {
     unsafe impl aya::Pod for super::CidrKeyData {}
     unsafe impl aya::Pod for super::ListenerKey {}
     unsafe impl aya::Pod for super::DnsServerKey {}
+    unsafe impl aya::Pod for super::DestKey {}
 }
 
 #[cfg(test)]

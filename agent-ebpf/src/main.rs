@@ -12,19 +12,22 @@
 //!    and rewrites the address to 127.0.0.1:15001.
 //! 2. `sockops`, active ESTABLISHED (the app's socket): moves the entry
 //!    from `ORIG_DST_BY_COOKIE` to `ORIG_DST_BY_TUPLE[app→proxy tuple]`;
-//!    unless its reads may block (`KERNEL_LAYOUT`), creates the socket's
+//!    unless its reads may block (`KERNEL_LAYOUT`) or the last
+//!    connections to 10.0.0.2:80 were all short (`SHORT_CONNS`), creates the socket's
 //!    `SOCK_STATE`, a `PEERS` entry (its kernel address and cookie), and
 //!    puts it into `SOCKETS` (the SOCKHASH) under its own tuple.
 //! 3. `sockops`, passive ESTABLISHED (the proxy's accepted socket): claims
 //!    the `ORIG_DST_BY_TUPLE` entry (`owner` = its cookie) and, if its
-//!    listener was non-blocking (`LISTENERS`, written on listen(2)), joins
-//!    `SOCKETS` and `PEERS` the same way.
+//!    listener was non-blocking (`LISTENERS`, written on listen(2)) and
+//!    the destination's connections were not all short, joins `SOCKETS`
+//!    and `PEERS` the same way.
 //! 4. `sk_msg` (every send of a socket in `SOCKETS`): reads its
 //!    `SOCK_STATE` and the peer's `PEERS` entry, looks at both sockets in
 //!    the kernel (blocking, receive memory, TCP sequence numbers), then
 //!    redirects the message into the peer's ingress queue (found in
 //!    `SOCKETS` by the reversed tuple) or passes it to TCP; writes
-//!    `COUNTERS`, and `SOCK_STATE` when the sender turned blocking.
+//!    `COUNTERS`, the messages each end sent and received (`SOCK_STATE`,
+//!    `PEERS`), and `SOCK_STATE` when the sender turned blocking.
 //! 5. `sockops`, before each packet of a socket that turned blocking:
 //!    once its ingress queue is empty, takes it out of `SOCKETS` and
 //!    `PEERS`.
@@ -33,7 +36,9 @@
 //!    answers 10.0.0.2:80, as conntrack would.
 //! 7. `getpeername4` (the app asks who its peer is): reads
 //!    `ORIG_DST_BY_TUPLE` and answers 10.0.0.2:80, not the proxy.
-//! 8. `sockops`, state CLOSE (each socket): deletes the
+//! 8. `sockops`, state CLOSE (each socket): the proxy's end counts the
+//!    connection in `SHORT_CONNS` (short: one more in a row; long: the
+//!    run is over), from what each end sent; each socket deletes the
 //!    `ORIG_DST_BY_TUPLE` entry it owns, its `PEERS` and
 //!    `INBOUND_STEERED` entries and any left `ORIG_DST_BY_COOKIE` entry;
 //!    the kernel removes it from `SOCKETS` and frees its `SOCK_STATE`.
@@ -74,8 +79,8 @@ mod sock_release;
 mod sockops;
 
 use agent_common::{
-    CidrKeyData, Counter, DnsServerKey, KernelLayout, ListenerKey, NetnsConfig, OrigDst, PortKey,
-    SockKey, SockRef, SockState, capacity,
+    CidrKeyData, Counter, DestKey, DnsServerKey, KernelLayout, ListenerKey, NetnsConfig, OrigDst,
+    PortKey, SockKey, SockRef, SockState, capacity,
 };
 use aya_ebpf::{
     btf_maps::SkStorage,
@@ -106,6 +111,12 @@ pub const SOCKOPS_OK: u32 = 1;
 /// (`agent_common::globals::SOCKMAP_QUEUE_LIMIT`).
 #[unsafe(no_mangle)]
 static SOCKMAP_QUEUE_LIMIT: u64 = agent_common::globals::SOCKMAP_QUEUE_LIMIT_DEFAULT;
+
+/// After how many short connections in a row to a destination new ones
+/// stay on TCP (0: never); set by the loader
+/// (`agent_common::globals::SHORT_CONN_THRESHOLD`).
+#[unsafe(no_mangle)]
+static SHORT_CONN_THRESHOLD: u32 = agent_common::globals::SHORT_CONN_THRESHOLD_DEFAULT;
 
 /// Where the kernel keeps what the datapath reads, and how it treats
 /// blocking readers; set by the loader (`globals::KERNEL_LAYOUT`). Unset,
@@ -190,6 +201,10 @@ static DNS_ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
 #[map]
 static INBOUND_STEERED: LruHashMap<SockKey, u8> =
     LruHashMap::with_max_entries(capacity::INBOUND_STEERED, 0);
+
+#[map]
+static SHORT_CONNS: LruHashMap<DestKey, u32> =
+    LruHashMap::with_max_entries(capacity::SHORT_CONNS, 0);
 
 // The hooks, in the order a connection meets them.
 

@@ -99,6 +99,7 @@ fn decide(ctx: &SkMsgContext) -> Result<(), Pass> {
     }
     // SAFETY: non-null storage of this socket; sendmsg holds the socket lock.
     let state = unsafe { &mut *state };
+    state.sends = state.sends.saturating_add(1);
     let own = Sock::own(state.addr);
     let guard = l.has(KernelLayout::GUARD_BLOCKING);
     if guard && own.nonblocking(&l) != Some(true) {
@@ -120,8 +121,9 @@ fn decide(ctx: &SkMsgContext) -> Result<(), Pass> {
     );
     let mut key =
         SockKey::from_sock_ops(netns, local, md.local_port, remote, md.remote_port).reversed();
-    // SAFETY: copied out at once.
-    let Some(peer_ref) = (unsafe { PEERS.get(key) }).copied() else {
+    let entry = PEERS.get_ptr_mut(key);
+    // SAFETY: a valid value pointer of this map, copied out at once.
+    let Some(peer_ref) = entry.map(|p| unsafe { *p }) else {
         // No peer to short-circuit to (it never joined, or left): this
         // socket leaves too, at its next packet.
         state.flags |= SockState::EVICT;
@@ -155,6 +157,11 @@ fn decide(ctx: &SkMsgContext) -> Result<(), Pass> {
     // On a miss the helper returns SK_DROP; we return SK_PASS regardless, so
     // the message continues over TCP instead of being lost.
     if SOCKETS.redirect_msg(ctx, &mut key, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+        if let Some(p) = entry {
+            // SAFETY: a valid value pointer of this map (RCU keeps it for
+            // the program's run); a plain store, counted by its only sender.
+            unsafe { (*p).received = (*p).received.saturating_add(1) };
+        }
         Ok(())
     } else {
         Err(Pass::Miss)

@@ -20,8 +20,9 @@
 //! out again before its next packet, once nothing is queued for it.
 
 use agent_common::{
-    Counter, INBOUND_PASSTHROUGH_SRC_RAW, INBOUND_PASSTHROUGH_SRC_V6_RAW, KernelLayout,
-    LISTENER_NONBLOCKING, ListenerKey, PortKey, SockKey, SockRef, SockState, flags, net,
+    Counter, DestKey, INBOUND_PASSTHROUGH_SRC_RAW, INBOUND_PASSTHROUGH_SRC_V6_RAW, KernelLayout,
+    LISTENER_NONBLOCKING, ListenerKey, PortKey, SHORT_CONN_MAX_SENDS, SockKey, SockRef, SockState,
+    flags, net,
 };
 use aya_ebpf::{
     EbpfContext as _,
@@ -40,7 +41,7 @@ use aya_log_ebpf::debug;
 
 use crate::{
     INBOUND_LISTENER, INBOUND_STEERED, LISTENERS, NETNS_CONFIG, ORIG_DST_BY_COOKIE,
-    ORIG_DST_BY_TUPLE, PEERS, SOCK_STATE, SOCKETS,
+    ORIG_DST_BY_TUPLE, PEERS, SHORT_CONNS, SOCK_STATE, SOCKETS,
     counters::bump,
     kernel::{self, Sock},
 };
@@ -129,7 +130,9 @@ fn on_active_established(ctx: &SockOpsContext) {
     if is_passthrough(&key.src_ip) {
         if sockmap_enabled(key.netns_cookie) {
             watch_close(ctx);
-            insert_socket(ctx, key, End::Active);
+            if !short_run(inbound_dest(&key, End::Active)) {
+                insert_socket(ctx, key, End::Active);
+            }
         }
         return;
     }
@@ -147,7 +150,9 @@ fn on_active_established(ctx: &SockOpsContext) {
         return;
     }
     watch_close(ctx);
-    if sockmap_enabled(key.netns_cookie) {
+    if sockmap_enabled(key.netns_cookie)
+        && !short_run(DestKey::new(key.netns_cookie, orig.ip, orig.port))
+    {
         insert_socket(ctx, key, End::Active);
     }
 }
@@ -167,18 +172,24 @@ fn on_passive_established(ctx: &SockOpsContext) {
     }
     // The app's end of the proxy's inbound passthrough connection, or the
     // proxy's end of a connection connect4 redirected.
-    let passthrough = is_passthrough(&key.dst_ip);
-    if !passthrough {
+    let dest = if is_passthrough(&key.dst_ip) {
+        inbound_dest(&key, End::Passive)
+    } else {
         // The outbound port, or the DNS proxy's (a TCP DNS query).
         let proxy_port = key.src_port == cfg.outbound_port
             || (cfg.has(flags::REDIRECT_DNS) && key.src_port == cfg.dns_port);
-        if !proxy_port || !claim_orig_dst(ctx, key) {
+        if !proxy_port {
             return;
         }
+        let Some(orig) = claim_orig_dst(ctx, key) else {
+            return;
+        };
         // The entry is ours now: it goes when this socket closes.
         watch_close(ctx);
-    }
-    if !cfg.has(flags::SOCKMAP) {
+        DestKey::new(key.netns_cookie, orig.ip, orig.port)
+    };
+    // The connecting end made the same choice from the same count.
+    if !cfg.has(flags::SOCKMAP) || short_run(dest) {
         return;
     }
     // (Bytes that came over TCP before it joined, TCP Fast Open data, are
@@ -191,17 +202,103 @@ fn on_passive_established(ctx: &SockOpsContext) {
 /// The proxy's end of a redirected connection takes over the app's
 /// original-destination entry (keyed by the app's tuple): from now on the
 /// entry lives as long as this socket, so `SO_ORIGINAL_DST` still answers
-/// when the app has already closed. `false`: no entry, not a redirected
+/// when the app has already closed. `None`: no entry, not a redirected
 /// connection.
 #[inline(always)]
-fn claim_orig_dst(ctx: &SockOpsContext, key: SockKey) -> bool {
+fn claim_orig_dst(ctx: &SockOpsContext, key: SockKey) -> Option<agent_common::OrigDst> {
     let app = key.reversed();
-    let Some(entry) = ORIG_DST_BY_TUPLE.get_ptr_mut(app) else {
+    let entry = ORIG_DST_BY_TUPLE.get_ptr_mut(app)?;
+    // SAFETY: a valid value pointer of this map; a plain store, then a copy.
+    unsafe {
+        (*entry).owner = cookie(ctx);
+        Some(*entry)
+    }
+}
+
+/// Where an inbound passthrough connection (proxy → app, from 127.0.0.6
+/// or `::6`) goes: the app's address, seen from either end.
+#[inline(always)]
+fn inbound_dest(key: &SockKey, end: End) -> DestKey {
+    match end {
+        End::Active => DestKey::new(key.netns_cookie, key.dst_ip, key.dst_port),
+        End::Passive => DestKey::new(key.netns_cookie, key.src_ip, key.src_port),
+    }
+}
+
+/// The loader's `SHORT_CONN_THRESHOLD`.
+#[inline(always)]
+fn short_threshold() -> u32 {
+    // SAFETY: a read-only global, set before load.
+    unsafe { core::ptr::read_volatile(&raw const crate::SHORT_CONN_THRESHOLD) }
+}
+
+/// Whether the last connections to `dest` were all short, so many in a
+/// row that this one stays on plain TCP (counted): for one exchange, the
+/// short-circuit's set-up and tear-down cost more than it saves. Both ends
+/// of a connection ask as they are established, one right after the
+/// other, and get the same answer.
+#[inline(always)]
+fn short_run(dest: DestKey) -> bool {
+    let threshold = short_threshold();
+    if threshold == 0 {
         return false;
+    }
+    // SAFETY: a u32 read once.
+    let short = unsafe { SHORT_CONNS.get(dest) }.is_some_and(|n| *n >= threshold);
+    if short {
+        bump(Counter::SockhashSkippedShort);
+    }
+    short
+}
+
+/// The proxy's end of a closing connection counts it for its destination:
+/// short (neither end sent more than `SHORT_CONN_MAX_SENDS` messages) makes
+/// the run one longer, long ends it. What a socket sent: sk_msg's count
+/// while it was short-circuited, TCP's data segments otherwise; what its
+/// peer sent: what came over TCP and what the peer's sk_msg redirected.
+#[inline(always)]
+fn count_connection(ctx: &SockOpsContext, key: SockKey, dest: DestKey) {
+    if short_threshold() == 0 || !sockmap_enabled(key.netns_cookie) {
+        return;
+    }
+    // SAFETY: valid context; every field read on its own.
+    let ops = unsafe { &*ctx.ops };
+    let (segs_in, segs_out) = (ops.data_segs_in, ops.data_segs_out);
+    // SAFETY: valid context; `sk` is the full socket of this callback.
+    let sk = unsafe { ops.__bindgen_anon_2.sk };
+    let state = if sk.is_null() {
+        core::ptr::null_mut()
+    } else {
+        // SAFETY: BTF sk_storage map pointer and a full socket; no creation.
+        unsafe {
+            bpf_sk_storage_get(
+                core::ptr::from_ref(&SOCK_STATE).cast_mut().cast(),
+                sk.cast(),
+                core::ptr::null_mut(),
+                0,
+            )
+        }
+        .cast::<SockState>()
     };
-    // SAFETY: a valid value pointer of this map; a plain store.
-    unsafe { (*entry).owner = cookie(ctx) };
-    true
+    let (sent, received) = if state.is_null() {
+        (segs_out, segs_in)
+    } else {
+        // SAFETY: copied out at once.
+        let redirected = unsafe { PEERS.get(key) }.map_or(0, |p| p.received);
+        // SAFETY: non-null storage of this socket, which is locked here.
+        (
+            unsafe { (*state).sends },
+            segs_in.saturating_add(redirected),
+        )
+    };
+    if sent > SHORT_CONN_MAX_SENDS || received > SHORT_CONN_MAX_SENDS {
+        let _ = SHORT_CONNS.remove(dest);
+    } else if let Some(n) = SHORT_CONNS.get_ptr_mut(dest) {
+        // SAFETY: a valid value pointer of this map; a plain store.
+        unsafe { *n = (*n).saturating_add(1) };
+    } else {
+        let _ = SHORT_CONNS.insert(dest, 1, u64::from(BPF_ANY));
+    }
 }
 
 #[inline(always)]
@@ -259,7 +356,7 @@ fn insert_socket(ctx: &SockOpsContext, mut key: SockKey, end: End) {
     // creates it, so a socket without state consistently uses TCP.
     let mut fresh = SockState {
         flags: 0,
-        pad: 0,
+        sends: 0,
         key,
         addr,
     };
@@ -281,7 +378,7 @@ fn insert_socket(ctx: &SockOpsContext, mut key: SockKey, end: End) {
         addr,
         cookie: cookie(ctx),
         flags: peer_flags,
-        pad: 0,
+        received: 0,
     };
     if PEERS.insert(key, peer, u64::from(BPF_ANY)).is_err() {
         bump(Counter::SockhashInsertFailed);
@@ -420,8 +517,17 @@ fn on_close(ctx: &SockOpsContext) {
     // SAFETY: copied out at once.
     let own = unsafe { ORIG_DST_BY_TUPLE.get(key) }.is_some_and(|o| o.owner == 0);
     // SAFETY: as above.
-    let claimed =
-        unsafe { ORIG_DST_BY_TUPLE.get(key.reversed()) }.is_some_and(|o| o.owner == cookie);
+    let claimed = unsafe { ORIG_DST_BY_TUPLE.get(key.reversed()) }
+        .copied()
+        .filter(|o| o.owner == cookie);
+    // The proxy's end counts the connection: it owns the outbound entry
+    // (the app's end may close after it is gone), it made the inbound one.
+    if let Some(orig) = claimed {
+        count_connection(ctx, key, DestKey::new(key.netns_cookie, orig.ip, orig.port));
+    } else if is_passthrough(&key.src_ip) {
+        count_connection(ctx, key, inbound_dest(&key, End::Active));
+    }
+    let claimed = claimed.is_some();
     let owned = if own { key } else { key.reversed() };
     if (own || claimed) && ORIG_DST_BY_TUPLE.remove(owned).is_ok() {
         bump(Counter::SocketsClosed);

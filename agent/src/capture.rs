@@ -97,6 +97,9 @@ pub struct Settings {
     pub sockmap: bool,
     /// eBPF: bytes a short-circuited reader may fall behind.
     pub sockmap_queue_limit: u64,
+    /// eBPF: after how many short connections in a row to a destination
+    /// new ones stay on plain TCP (0: never).
+    pub short_conn_threshold: u32,
     /// While no proxy listens, let connections go where they were going.
     pub fail_open: bool,
     pub rules: CaptureRules,

@@ -105,6 +105,10 @@ pub struct NodeArgs {
     /// KiB a short-circuited reader may fall behind.
     #[arg(long, default_value_t = 4096)]
     pub sockmap_queue_kib: u32,
+    /// After how many short connections in a row to a destination new
+    /// ones use plain TCP (0: always short-circuit).
+    #[arg(long, value_name = "N", default_value_t = agent_common::globals::SHORT_CONN_THRESHOLD_DEFAULT)]
+    pub short_conn_threshold: u32,
     /// The bpffs mount the datapath is pinned under.
     #[arg(long, value_name = "PATH", default_value = crate::mounts::DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
@@ -147,6 +151,7 @@ impl NodeArgs {
             },
             sockmap: !self.no_sockmap,
             sockmap_queue_limit: u64::from(self.sockmap_queue_kib) * 1024,
+            short_conn_threshold: self.short_conn_threshold,
             cgroup,
             drain: Duration::from_secs(self.drain_timeout_secs),
             dns_port: self.dns_proxy_port,
@@ -195,6 +200,7 @@ pub fn run(args: &NodeArgs) -> Result<()> {
     let capture = EbpfCapture::load_with(
         !args.no_sockmap,
         u64::from(args.sockmap_queue_kib) * 1024,
+        args.short_conn_threshold,
         Some(pins),
         0,
     )?;

@@ -282,6 +282,87 @@ fn keep_alive_requests_and_loopback_packets(
     }
 }
 
+/// A run of short connections to one destination (each end sent at most
+/// two messages) moves the next connections to it to plain TCP, counted,
+/// byte-exact; the first long one (it is on TCP too) ends the run, and the
+/// connection after it is short-circuited again.
+#[rstest]
+fn a_run_of_short_connections_moves_the_next_ones_to_tcp() {
+    const THRESHOLD: u64 = 3;
+    require_root!();
+    let topo = Topology::new();
+    let http = Server::start(&topo.srv, SRV_IP, 8080, Behaviour::Http);
+    let _agent = topo.run_agent(
+        RedirectMode::Ebpf,
+        Placement::Outside,
+        &["--short-conn-threshold", &THRESHOLD.to_string()],
+    );
+    let _in_pod = topo.enter_pod_cgroup();
+    let counter = |c| snapshot(&topo).counter(c);
+    let mut opened = 0;
+    // `requests` on one connection, then closed; back once the proxy's end
+    // closed too (it counts the connection, then drops its entry), with
+    // the packets the connection put on the pod's loopback.
+    let mut connection = |requests: u32| {
+        let lo = topo.pod.run(lo_tx_packets);
+        let mut conn = topo.pod_connect(http.addr);
+        for i in 0..requests {
+            assert_eq!(http_get(&mut conn, "short"), HTTP_BODY, "request {i}");
+        }
+        drop(conn);
+        opened += 1;
+        let deadline = Instant::now() + tests::scaled(Duration::from_secs(10));
+        while counter(Counter::SocketsClosed) < opened {
+            assert!(
+                Instant::now() < deadline,
+                "connection {opened} did not close"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        topo.pod.run(lo_tx_packets) - lo
+    };
+    let mut short_circuited = 0;
+    for _ in 0..THRESHOLD {
+        short_circuited = connection(1);
+    }
+    assert_eq!(counter(Counter::SockhashInserted), 2 * THRESHOLD);
+    assert_eq!(counter(Counter::SockhashSkippedShort), 0);
+
+    // The run is long enough: both ends of the next one stay out.
+    let redirected = counter(Counter::MsgRedirected);
+    let plain = connection(1);
+    assert_eq!(counter(Counter::SockhashSkippedShort), 2);
+    assert_eq!(counter(Counter::SockhashInserted), 2 * THRESHOLD);
+    assert_eq!(
+        counter(Counter::MsgRedirected),
+        redirected,
+        "nothing redirected"
+    );
+    eprintln!("loopback packets: {short_circuited} short-circuited, {plain} on TCP");
+    assert!(
+        plain >= short_circuited + 2,
+        "the request and response went over loopback TCP"
+    );
+
+    // A long one, on TCP as well, ends the run.
+    connection(10);
+    assert_eq!(counter(Counter::SockhashSkippedShort), 4);
+    let redirected = counter(Counter::MsgRedirected);
+    connection(5);
+    assert_eq!(
+        counter(Counter::SockhashInserted),
+        2 * THRESHOLD + 2,
+        "short-circuited again after a long connection"
+    );
+    assert!(counter(Counter::MsgRedirected) >= redirected + 10);
+    assert_eq!(
+        counter(Counter::MsgPassed),
+        0,
+        "{:?}",
+        snapshot(&topo).counters
+    );
+}
+
 #[rstest]
 fn an_unmodified_listener_gets_the_original_destination(
     #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
@@ -494,7 +575,13 @@ fn maps_return_to_baseline_after_1000_short_connections() {
     require_root!();
     let topo = Topology::new();
     let echo = Server::start(&topo.srv, SRV_IP, 9000, Behaviour::Echo { write_size: 64 });
-    let agent = topo.run_agent(RedirectMode::Ebpf, Placement::Outside, &[]);
+    // Every one short-circuited, however short (by default a run of short
+    // connections to one destination moves the next ones to plain TCP).
+    let agent = topo.run_agent(
+        RedirectMode::Ebpf,
+        Placement::Outside,
+        &["--short-conn-threshold", "0"],
+    );
     let _in_pod = topo.enter_pod_cgroup();
     let app = Server::start(
         &topo.pod,

@@ -347,7 +347,12 @@ fn maps_return_to_baseline_after_1000_connections_of_each_family() {
         9000,
         Behaviour::HttpBody { bytes: 64 },
     );
-    let _agent = topo.run_agent(RedirectMode::Ebpf, Placement::Outside, &[]);
+    // Every one short-circuited, however short (see `--short-conn-threshold`).
+    let _agent = topo.run_agent(
+        RedirectMode::Ebpf,
+        Placement::Outside,
+        &["--short-conn-threshold", "0"],
+    );
     let _in_pod = topo.enter_pod_cgroup();
     let app = Server::start(
         &topo.pod,

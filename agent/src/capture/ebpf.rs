@@ -131,18 +131,21 @@ impl EbpfCapture {
         Self::load_with(
             settings.sockmap,
             settings.sockmap_queue_limit,
+            settings.short_conn_threshold,
             pin_dir,
             settings.netns_cookie,
         )
     }
 
     /// [`Self::load`] for any number of namespaces (node mode): whether to
-    /// short-circuit, how far a reader may fall behind, and the namespace
+    /// short-circuit, how far a reader may fall behind, after how many
+    /// short connections in a row new ones stay on TCP, and the namespace
     /// the object's own sk_lookup serves (0: none; the others get an
     /// instance each).
     pub fn load_with(
         sockmap: bool,
         sockmap_queue_limit: u64,
+        short_conn_threshold: u32,
         pin_dir: Option<PathBuf>,
         sk_lookup_netns: u64,
     ) -> Result<Self, EbpfError> {
@@ -158,6 +161,7 @@ impl EbpfCapture {
         let opts = LoadOptions {
             debug_logs: tracing::enabled!(target: "agent_ebpf", tracing::Level::DEBUG),
             sockmap_queue_limit,
+            short_conn_threshold,
             layout: layout.unwrap_or_default(),
             sk_lookup_netns,
         };

@@ -22,6 +22,9 @@ pub struct LoadOptions {
     /// How much receive memory a short-circuited socket's reader may hold,
     /// in bytes, before senders to it use TCP.
     pub sockmap_queue_limit: u64,
+    /// After how many short connections in a row to a destination new
+    /// ones stay on plain TCP (0: never).
+    pub short_conn_threshold: u32,
     /// The running kernel's layout and reader policy ([`super::kernel`],
     /// [`super::reads`]); without [`KernelLayout::VALID`] nothing is
     /// short-circuited.
@@ -36,6 +39,7 @@ impl Default for LoadOptions {
         Self {
             debug_logs: false,
             sockmap_queue_limit: globals::SOCKMAP_QUEUE_LIMIT_DEFAULT,
+            short_conn_threshold: globals::SHORT_CONN_THRESHOLD_DEFAULT,
             layout: KernelLayout::default(),
             sk_lookup_netns: 0,
         }
@@ -174,6 +178,11 @@ fn configure<'a>(
     loader.override_global(
         globals::SOCKMAP_QUEUE_LIMIT,
         &opts.sockmap_queue_limit,
+        true,
+    );
+    loader.override_global(
+        globals::SHORT_CONN_THRESHOLD,
+        &opts.short_conn_threshold,
         true,
     );
     loader.override_global(globals::KERNEL_LAYOUT, &opts.layout, true);

@@ -78,6 +78,7 @@ pub struct PodDefaults {
     pub proxy: ProxyConfig,
     pub sockmap: bool,
     pub sockmap_queue_limit: u64,
+    pub short_conn_threshold: u32,
     /// The cgroup the hooks are attached to (every pod's processes are
     /// below it).
     pub cgroup: PathBuf,
@@ -549,6 +550,7 @@ fn settings(netns: Netns, netns_cookie: u64, d: &PodDefaults, asked: Asked) -> S
         proxy: asked.proxy,
         sockmap: d.sockmap,
         sockmap_queue_limit: d.sockmap_queue_limit,
+        short_conn_threshold: d.short_conn_threshold,
         fail_open: false,
         rules: asked.rules,
         dns: asked.dns,

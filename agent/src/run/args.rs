@@ -94,6 +94,12 @@ pub struct RunArgs {
     /// kernel does not bound that queue itself).
     #[arg(long, value_name = "KIB", default_value_t = globals::SOCKMAP_QUEUE_LIMIT_DEFAULT_KIB, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
     pub sockmap_queue_kib: u32,
+    /// After how many short connections in a row to a destination (neither
+    /// end sent more than two messages) new ones to it use plain TCP
+    /// instead of the short-circuit, until one is long again; 0: always
+    /// short-circuit.
+    #[arg(long, value_name = "N", default_value_t = globals::SHORT_CONN_THRESHOLD_DEFAULT)]
+    pub short_conn_threshold: u32,
     /// Proxy worker threads.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub workers: u16,

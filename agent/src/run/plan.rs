@@ -89,6 +89,7 @@ impl Plan {
                 },
                 sockmap: !args.no_sockmap,
                 sockmap_queue_limit: u64::from(args.sockmap_queue_kib) * 1024,
+                short_conn_threshold: args.short_conn_threshold,
                 fail_open: args.fail_open && !args.fail_closed,
                 rules,
                 dns,
