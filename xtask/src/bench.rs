@@ -364,6 +364,10 @@ pub struct Counters {
     /// Bytes of the pod's short-circuited sockets sent over TCP.
     #[serde(default)]
     pub bytes_passed: u64,
+    /// Sockets kept out of the short-circuit because the connections to
+    /// their destination were short (`sockhash_skipped_short`): by design.
+    #[serde(default)]
+    pub skipped_short: u64,
 }
 
 impl Counters {
@@ -411,7 +415,9 @@ impl Sample {
     /// silent fallback), or, with nothing passed for a reason, fewer
     /// messages were redirected than operations completed. Messages passed
     /// for the backpressure, the byte order or a blocking reader (see
-    /// [`Self::spilled`]) are the design, not a fallback.
+    /// [`Self::spilled`]) are the design, not a fallback, and so are
+    /// connections kept on TCP because their destination's were short
+    /// (then only a message passed for no reason is one).
     pub fn fell_back(&self) -> bool {
         if !self.mode.sockmap() {
             return false;
@@ -419,9 +425,11 @@ impl Sample {
         match &self.result {
             Ok(m) => m.counters.is_none_or(|c| {
                 let reasoned = c.passed_for_a_reason();
-                c.msg_redirected == 0
-                    || c.msg_passed > reasoned
-                    || (reasoned == 0 && c.msg_redirected < m.client.ops.max(1))
+                let all_carried = c.skipped_short == 0;
+                c.msg_passed > reasoned
+                    || (all_carried
+                        && (c.msg_redirected == 0
+                            || (reasoned == 0 && c.msg_redirected < m.client.ops.max(1))))
             }),
             Err(_) => false,
         }
@@ -650,6 +658,7 @@ fn measure(env: &mut Env, plan: &Plan, pod_index: usize, cell: Cell) -> Result<M
             msg_blocking: get("msg_sender_blocking") + get("msg_receiver_blocking"),
             bytes_redirected: get("bytes_redirected"),
             bytes_passed: get("bytes_passed"),
+            skipped_short: get("sockhash_skipped_short"),
         }))
     };
     let before = counters(env)?;
@@ -697,6 +706,7 @@ fn measure(env: &mut Env, plan: &Plan, pod_index: usize, cell: Cell) -> Result<M
             msg_spilled: a.msg_spilled.saturating_sub(b.msg_spilled),
             msg_gated: a.msg_gated.saturating_sub(b.msg_gated),
             msg_blocking: a.msg_blocking.saturating_sub(b.msg_blocking),
+            skipped_short: a.skipped_short.saturating_sub(b.skipped_short),
             bytes_redirected: a.bytes_redirected.saturating_sub(b.bytes_redirected),
             bytes_passed: a.bytes_passed.saturating_sub(b.bytes_passed),
         }),
@@ -802,6 +812,24 @@ mod tests {
             ..counters(95, 5, 0)
         };
         assert!(!sample(Mode::M3, 100, gated).fell_back());
+        // Connections kept on TCP for being short carry nothing through
+        // the sockmap, by design; a message passed for no reason is still
+        // a fallback.
+        let kept = Counters {
+            skipped_short: 180,
+            ..counters(20, 0, 0)
+        };
+        assert!(!sample(Mode::M3, 100, kept).fell_back());
+        let none = Counters {
+            skipped_short: 200,
+            ..counters(0, 0, 0)
+        };
+        assert!(!sample(Mode::M3, 100, none).fell_back());
+        let silent = Counters {
+            skipped_short: 180,
+            ..counters(20, 3, 0)
+        };
+        assert!(sample(Mode::M3, 100, silent).fell_back());
     }
 
     #[test]

@@ -310,9 +310,11 @@ fn targets_intro(md: &mut String, spread_words: &str) {
          sent a message over TCP for no counted reason, or, with none passed, redirected fewer \
          messages than operations completed. Messages passed for the backpressure \
          (`msg_spilled`: the reader held more than the sockmap queue limit), the byte order \
-         (`msg_gated`) or a blocking reader are not a fallback: that is how the product behaves, \
-         and the round counts as a valid measurement of M3 or H3 (see Backpressure and the \
-         share of bytes short-circuited in Datapath).\n\n",
+         (`msg_gated`) or a blocking reader are not a fallback, nor are connections kept on \
+         plain TCP because the last ones to their destination were all short \
+         (`sockhash_skipped_short`, then only a message passed for no reason is one): that is \
+         how the product behaves, and the round counts as a valid measurement of M3 or H3 (see \
+         Backpressure and the share of bytes short-circuited in Datapath).\n\n",
     );
 }
 
@@ -532,11 +534,14 @@ fn datapath_table(plan: &Plan, t: &Table) -> String {
          the share of the short-circuited sockets' bytes the sockmap moved (`bytes_redirected / \
          (bytes_redirected + bytes_passed)`). A sockmap round fell back to TCP if it redirected \
          nothing, or passed a message for no counted reason, or, with none passed, redirected \
-         fewer messages than operations: counted in the last column and never as a win. lo \
+         fewer messages than operations (unless connections were kept on TCP by design: \
+         \"kept on TCP (short)\" counts the sockets left out of the short-circuit because \
+         the last connections to their destination were all short, `sockhash_skipped_short`, \
+         two per connection): counted in the last column and never as a win. lo \
          packets per op are the pod namespace's loopback packets per transaction, request, \
          connection or write (a passed message goes over lo).\n\n\
-         | cell | mode | lo packets/op | connects redirected | msgs redirected/op | msgs passed | spilled | gated | blocking | bytes short-circuited | fell back (rounds) |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | cell | mode | lo packets/op | connects redirected | msgs redirected/op | msgs passed | spilled | gated | blocking | bytes short-circuited | kept on TCP (short) | fell back (rounds) |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for &cell in &plan.cells {
         for &mode in &plan.modes {
@@ -549,13 +554,14 @@ fn datapath_table(plan: &Plan, t: &Table) -> String {
             let spilled = t.counter(cell, mode, |c, _| c.msg_spilled as f64);
             let gated = t.counter(cell, mode, |c, _| c.msg_gated as f64);
             let blocking = t.counter(cell, mode, |c, _| c.msg_blocking as f64);
+            let kept = t.counter(cell, mode, |c, _| c.skipped_short as f64);
             let share =
                 t.counter_some(cell, mode, |c| c.short_circuited_share().map(|s| s * 100.0));
             let fb = t.fallbacks(cell, mode);
             let sockmap_only = |v: String| if mode.sockmap() { v } else { "–".into() };
             let _ = writeln!(
                 md,
-                "| {} | {mode} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {mode} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 cell.name(),
                 spread_text(lo),
                 spread_text(conn),
@@ -567,6 +573,7 @@ fn datapath_table(plan: &Plan, t: &Table) -> String {
                 sockmap_only(
                     share.map_or_else(|| "–".into(), |s| format!("{} %", spread_text(Some(s))))
                 ),
+                sockmap_only(spread_text(kept)),
                 sockmap_only(fb.to_string()),
             );
         }
