@@ -286,10 +286,10 @@ fn count_connection(ctx: &SockOpsContext, key: SockKey, dest: DestKey) {
         // SAFETY: copied out at once.
         let redirected = unsafe { PEERS.get(key) }.map_or(0, |p| p.received);
         // SAFETY: non-null storage of this socket, which is locked here.
-        (
-            unsafe { (*state).sends },
-            segs_in.saturating_add(redirected),
-        )
+        let sends = unsafe { (*state).sends };
+        // TCP's count too: a socket that left the short-circuit (it turned
+        // blocking) sends over TCP, where sk_msg no longer counts.
+        (sends.max(segs_out), segs_in.saturating_add(redirected))
     };
     if sent > SHORT_CONN_MAX_SENDS || received > SHORT_CONN_MAX_SENDS {
         let _ = SHORT_CONNS.remove(dest);
