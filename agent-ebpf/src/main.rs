@@ -169,6 +169,26 @@ static ADDRESS_SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[btf_map]
 static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
 
+/// A socket's `SOCK_STATE`, if it has one (only sockets that joined the
+/// short-circuit do; never created here). `sk` may be null.
+#[inline(always)]
+fn sock_state(sk: *mut aya_ebpf::bindings::bpf_sock) -> Option<*mut SockState> {
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: BTF sk_storage map pointer and a full socket; no creation.
+    let state = unsafe {
+        aya_ebpf::helpers::generated::bpf_sk_storage_get(
+            core::ptr::from_ref(&SOCK_STATE).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<SockState>();
+    (!state.is_null()).then_some(state)
+}
+
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 

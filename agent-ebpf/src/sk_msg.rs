@@ -23,14 +23,12 @@
 
 use agent_common::{Counter, KernelLayout, SockKey, SockRef, SockState};
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::BPF_F_INGRESS,
-    helpers::generated::{bpf_get_netns_cookie, bpf_sk_storage_get},
+    EbpfContext as _, bindings::BPF_F_INGRESS, helpers::generated::bpf_get_netns_cookie,
     programs::SkMsgContext,
 };
 
 use crate::{
-    PEERS, SK_PASS, SOCK_STATE, SOCKETS,
+    PEERS, SK_PASS, SOCKETS,
     counters::{add, bump},
     kernel::{self, Sock},
 };
@@ -81,23 +79,8 @@ fn decide(ctx: &SkMsgContext) -> Result<(), Pass> {
     }
     // SAFETY: `sk` is the sending socket.
     let sk = unsafe { md.__bindgen_anon_3.sk };
-    if sk.is_null() {
-        return Err(Pass::Miss);
-    }
-    // SAFETY: BTF sk_storage map pointer and a full socket; no creation here.
-    let state = unsafe {
-        bpf_sk_storage_get(
-            core::ptr::from_ref(&SOCK_STATE).cast_mut().cast(),
-            sk.cast(),
-            core::ptr::null_mut(),
-            0,
-        )
-    }
-    .cast::<SockState>();
-    if state.is_null() {
-        return Err(Pass::Miss);
-    }
-    // SAFETY: non-null storage of this socket; sendmsg holds the socket lock.
+    let state = crate::sock_state(sk).ok_or(Pass::Miss)?;
+    // SAFETY: storage of this socket; sendmsg holds the socket lock.
     let state = unsafe { &mut *state };
     state.sends = state.sends.saturating_add(1);
     let own = Sock::own(state.addr);
@@ -135,7 +118,7 @@ fn decide(ctx: &SkMsgContext) -> Result<(), Pass> {
             Some(true) => true,
             Some(false) => {
                 // Its own reads must leave tcp_bpf_recvmsg too.
-                if let Some(entry) = PEERS.get_ptr_mut(key) {
+                if let Some(entry) = entry {
                     // SAFETY: a valid value pointer of this map; a plain store.
                     unsafe { (*entry).flags |= SockRef::EVICT };
                 }

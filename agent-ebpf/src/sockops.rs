@@ -21,8 +21,8 @@
 
 use agent_common::{
     Counter, DestKey, INBOUND_PASSTHROUGH_SRC_RAW, INBOUND_PASSTHROUGH_SRC_V6_RAW, KernelLayout,
-    LISTENER_NONBLOCKING, ListenerKey, PortKey, SHORT_CONN_MAX_SENDS, SockKey, SockRef, SockState,
-    flags, net,
+    LISTENER_NONBLOCKING, ListenerKey, OrigDst, PortKey, SHORT_CONN_MAX_SENDS, SockKey, SockRef,
+    SockState, flags, net,
 };
 use aya_ebpf::{
     EbpfContext as _,
@@ -150,9 +150,7 @@ fn on_active_established(ctx: &SockOpsContext) {
         return;
     }
     watch_close(ctx);
-    if sockmap_enabled(key.netns_cookie)
-        && !short_run(DestKey::new(key.netns_cookie, orig.ip, orig.port))
-    {
+    if sockmap_enabled(key.netns_cookie) && !short_run(outbound_dest(&key, &orig)) {
         insert_socket(ctx, key, End::Active);
     }
 }
@@ -186,7 +184,7 @@ fn on_passive_established(ctx: &SockOpsContext) {
         };
         // The entry is ours now: it goes when this socket closes.
         watch_close(ctx);
-        DestKey::new(key.netns_cookie, orig.ip, orig.port)
+        outbound_dest(&key, &orig)
     };
     // The connecting end made the same choice from the same count.
     if !cfg.has(flags::SOCKMAP) || short_run(dest) {
@@ -205,7 +203,7 @@ fn on_passive_established(ctx: &SockOpsContext) {
 /// when the app has already closed. `None`: no entry, not a redirected
 /// connection.
 #[inline(always)]
-fn claim_orig_dst(ctx: &SockOpsContext, key: SockKey) -> Option<agent_common::OrigDst> {
+fn claim_orig_dst(ctx: &SockOpsContext, key: SockKey) -> Option<OrigDst> {
     let app = key.reversed();
     let entry = ORIG_DST_BY_TUPLE.get_ptr_mut(app)?;
     // SAFETY: a valid value pointer of this map; a plain store, then a copy.
@@ -213,6 +211,13 @@ fn claim_orig_dst(ctx: &SockOpsContext, key: SockKey) -> Option<agent_common::Or
         (*entry).owner = cookie(ctx);
         Some(*entry)
     }
+}
+
+/// Where a redirected outbound connection goes: its original destination,
+/// in the namespace of `key` (either end's tuple).
+#[inline(always)]
+fn outbound_dest(key: &SockKey, orig: &OrigDst) -> DestKey {
+    DestKey::new(key.netns_cookie, orig.ip, orig.port)
 }
 
 /// Where an inbound passthrough connection (proxy → app, from 127.0.0.6
@@ -266,30 +271,16 @@ fn count_connection(ctx: &SockOpsContext, key: SockKey, dest: DestKey) {
     let (segs_in, segs_out) = (ops.data_segs_in, ops.data_segs_out);
     // SAFETY: valid context; `sk` is the full socket of this callback.
     let sk = unsafe { ops.__bindgen_anon_2.sk };
-    let state = if sk.is_null() {
-        core::ptr::null_mut()
-    } else {
-        // SAFETY: BTF sk_storage map pointer and a full socket; no creation.
-        unsafe {
-            bpf_sk_storage_get(
-                core::ptr::from_ref(&SOCK_STATE).cast_mut().cast(),
-                sk.cast(),
-                core::ptr::null_mut(),
-                0,
-            )
-        }
-        .cast::<SockState>()
-    };
-    let (sent, received) = if state.is_null() {
-        (segs_out, segs_in)
-    } else {
+    let (sent, received) = if let Some(state) = crate::sock_state(sk) {
         // SAFETY: copied out at once.
         let redirected = unsafe { PEERS.get(key) }.map_or(0, |p| p.received);
-        // SAFETY: non-null storage of this socket, which is locked here.
+        // SAFETY: storage of this socket, which is locked here.
         let sends = unsafe { (*state).sends };
         // TCP's count too: a socket that left the short-circuit (it turned
         // blocking) sends over TCP, where sk_msg no longer counts.
         (sends.max(segs_out), segs_in.saturating_add(redirected))
+    } else {
+        (segs_out, segs_in)
     };
     if sent > SHORT_CONN_MAX_SENDS || received > SHORT_CONN_MAX_SENDS {
         let _ = SHORT_CONNS.remove(dest);
@@ -415,23 +406,10 @@ fn insert_socket(ctx: &SockOpsContext, mut key: SockKey, end: End) {
 fn on_packet(ctx: &SockOpsContext) {
     // SAFETY: valid context; `sk` is the full socket of this callback.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
+    let Some(state) = crate::sock_state(sk) else {
         return;
-    }
-    // SAFETY: BTF sk_storage map pointer and a full socket; no creation here.
-    let state = unsafe {
-        bpf_sk_storage_get(
-            core::ptr::from_ref(&SOCK_STATE).cast_mut().cast(),
-            sk.cast(),
-            core::ptr::null_mut(),
-            0,
-        )
-    }
-    .cast::<SockState>();
-    if state.is_null() {
-        return;
-    }
-    // SAFETY: non-null storage of this socket, which is locked here.
+    };
+    // SAFETY: storage of this socket, which is locked here.
     let state = unsafe { &mut *state };
     // SAFETY: a u32 read once.
     let marked = PEERS
@@ -523,7 +501,7 @@ fn on_close(ctx: &SockOpsContext) {
     // The proxy's end counts the connection: it owns the outbound entry
     // (the app's end may close after it is gone), it made the inbound one.
     if let Some(orig) = claimed {
-        count_connection(ctx, key, DestKey::new(key.netns_cookie, orig.ip, orig.port));
+        count_connection(ctx, key, outbound_dest(&key, &orig));
     } else if is_passthrough(&key.src_ip) {
         count_connection(ctx, key, inbound_dest(&key, End::Active));
     }
