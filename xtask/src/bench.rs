@@ -102,10 +102,25 @@ pub enum Mode {
     M3,
     H1,
     H3,
+    /// M1 with the built-in proxy copying bulk through userspace.
+    M1C,
+    /// M3 with the built-in proxy copying bulk through userspace.
+    M3C,
 }
 
 impl Mode {
-    pub const ALL: [Self; 6] = [Self::M0, Self::M1, Self::M2, Self::M3, Self::H1, Self::H3];
+    pub const ALL: [Self; 8] = [
+        Self::M0,
+        Self::M1,
+        Self::M2,
+        Self::M3,
+        Self::H1,
+        Self::H3,
+        Self::M1C,
+        Self::M3C,
+    ];
+    /// A run without `--modes` (the splice-off modes only when asked for).
+    pub const DEFAULT: [Self; 6] = [Self::M0, Self::M1, Self::M2, Self::M3, Self::H1, Self::H3];
 
     pub const fn label(self) -> &'static str {
         match self {
@@ -115,6 +130,8 @@ impl Mode {
             Self::M3 => "M3",
             Self::H1 => "H1",
             Self::H3 => "H3",
+            Self::M1C => "M1C",
+            Self::M3C => "M3C",
         }
     }
 
@@ -126,6 +143,8 @@ impl Mode {
             Self::M3 => "`run --mode ebpf` (connect4 + sockmap), built-in proxy",
             Self::H1 => "`run --mode iptables --proxy external`, HAProxy",
             Self::H3 => "`run --mode ebpf --proxy external` (connect4 + sockmap), HAProxy",
+            Self::M1C => "M1 with `--no-splice`: bulk copied through the proxy's memory",
+            Self::M3C => "M3 with `--no-splice`: bulk copied through the proxy's memory",
         }
     }
 
@@ -146,6 +165,8 @@ impl Mode {
             Self::M3 => vec!["--mode", "ebpf"],
             Self::H1 => [&["--mode", "iptables"][..], &external].concat(),
             Self::H3 => [&["--mode", "ebpf"][..], &external].concat(),
+            Self::M1C => vec!["--mode", "iptables", "--no-splice"],
+            Self::M3C => vec!["--mode", "ebpf", "--no-splice"],
         };
         let mut args: Vec<String> = args.into_iter().map(str::to_owned).collect();
         if !self.haproxy() {
@@ -160,12 +181,12 @@ impl Mode {
 
     /// An eBPF datapath serves the pod (counters to read).
     pub const fn ebpf(self) -> bool {
-        matches!(self, Self::M2 | Self::M3 | Self::H3)
+        matches!(self, Self::M2 | Self::M3 | Self::H3 | Self::M3C)
     }
 
     /// The sk_msg short-circuit should carry the pod's bytes.
     pub const fn sockmap(self) -> bool {
-        matches!(self, Self::M3 | Self::H3)
+        matches!(self, Self::M3 | Self::H3 | Self::M3C)
     }
 }
 
@@ -179,7 +200,7 @@ fn parse_mode(s: &str) -> Result<Mode, String> {
     Mode::ALL
         .into_iter()
         .find(|m| m.label().eq_ignore_ascii_case(s.trim()))
-        .ok_or_else(|| format!("unknown mode {s:?} (M0 M1 M2 M3 H1 H3)"))
+        .ok_or_else(|| format!("unknown mode {s:?} (M0 M1 M2 M3 H1 H3 M1C M3C)"))
 }
 
 /// One scenario at one size: a row group of the report.
@@ -249,7 +270,7 @@ pub struct Plan {
 impl Plan {
     fn new(o: &Options) -> Result<Self> {
         let modes = if o.modes.is_empty() {
-            Mode::ALL.to_vec()
+            Mode::DEFAULT.to_vec()
         } else {
             let mut m = o.modes.clone();
             m.sort_unstable();

@@ -543,6 +543,13 @@ impl Collector for Proxy {
             "Bytes relayed, by direction and flow (counted as they move)",
             &bytes,
         )?;
+        counters(
+            &mut e,
+            "mesh_redirect_proxy_spliced",
+            "Ways of proxied connections (client to upstream, or back) that turned bulk and \
+             went on through splice(2), by direction",
+            &per_dir(&|d| d.spliced.load(Relaxed)),
+        )?;
         let errors: Vec<_> = proxies
             .iter()
             .flat_map(|(pod, p)| {

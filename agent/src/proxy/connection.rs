@@ -74,7 +74,9 @@ pub(super) async fn handle(
         relay::Counted {
             to_upstream: &dstats.bytes_to_upstream,
             to_client: &dstats.bytes_to_client,
+            spliced: &dstats.spliced,
         },
+        config.splice.relay(direction),
     )
     .await;
     match &outcome.end {

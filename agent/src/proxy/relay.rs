@@ -18,6 +18,7 @@ use tokio::{
     },
 };
 
+use super::splice::Pipe;
 use crate::socket;
 
 /// Which socket an error came from.
@@ -82,12 +83,23 @@ impl Activity {
 /// configured size) when a read fills it.
 const MIN_BUFFER: usize = 16 * 1024;
 
+/// Which of a relay's two sources `splice(2)` may read, once a direction
+/// turns out to be bulk (a read fills the largest buffer). Never a socket
+/// that may be in a SOCKHASH: see [`super::splice`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Splice {
+    pub from_client: bool,
+    pub from_upstream: bool,
+}
+
 /// Where a relay counts the bytes it moves, as it moves them (so a long
 /// transfer shows in the metrics while it runs).
 #[derive(Clone, Copy)]
 pub struct Counted<'a> {
     pub to_upstream: &'a AtomicU64,
     pub to_client: &'a AtomicU64,
+    /// Ways that went on through `splice(2)`.
+    pub spliced: &'a AtomicU64,
 }
 
 /// Relays until both directions reached EOF, one side failed, or nothing
@@ -100,6 +112,7 @@ pub async fn relay(
     buffer_size: usize,
     idle: Duration,
     counted: Counted<'_>,
+    splice: Splice,
 ) -> Outcome {
     let last = Activity::new();
     let (to_upstream, to_client, end) = {
@@ -111,8 +124,10 @@ pub async fn relay(
             upstream_tx,
             Side::Upstream,
             buffer_size,
+            splice.from_client,
             &last,
             counted.to_upstream,
+            counted.spliced,
         );
         let down = copy(
             upstream_rx,
@@ -120,8 +135,10 @@ pub async fn relay(
             client_tx,
             Side::Client,
             buffer_size,
+            splice.from_upstream,
             &last,
             counted.to_client,
+            counted.spliced,
         );
         tokio::pin!(up, down);
         let (mut to_upstream, mut to_client) = (None, None);
@@ -165,15 +182,19 @@ pub async fn relay(
 /// trickling connection holds no buffer memory. Reads go through
 /// `poll_read`, which takes a short read as "drained" (edge-triggered
 /// epoll), so waiting again costs no extra `read` that fails with EAGAIN.
-/// What is moved is counted in `moved` as it moves.
+/// What is moved is counted in `moved` as it moves. With `splice`, a
+/// direction whose read fills the largest buffer goes on through a pipe.
+#[allow(clippy::too_many_arguments)]
 async fn copy(
     mut from: ReadHalf<'_>,
     from_side: Side,
     to: WriteHalf<'_>,
     to_side: Side,
     max_buffer: usize,
+    mut splice: bool,
     last: &Activity,
     moved: &AtomicU64,
+    spliced_ways: &AtomicU64,
 ) -> Result<u64, (u64, RelayError)> {
     let mut total: u64 = 0;
     let mut size = MIN_BUFFER.min(max_buffer);
@@ -188,14 +209,7 @@ async fn copy(
         loop {
             buf.clear();
             let n = match from.read_buf(&mut buf).await {
-                Ok(0) => {
-                    return match SockRef::from(to.as_ref()).shutdown(Shutdown::Write) {
-                        Ok(()) => Ok(total),
-                        // The peer is already gone: nothing to half-close.
-                        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(total),
-                        Err(e) => Err(fail(to_side, e, total)),
-                    };
-                }
+                Ok(0) => return end_of_stream(&to, to_side, total),
                 Ok(n) => n,
                 // A sockmap reader may be woken with nothing to read.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -214,8 +228,66 @@ async fn copy(
             if size < max_buffer {
                 size = (size * 2).min(max_buffer);
                 buf = Vec::with_capacity(size);
+            } else if splice {
+                // Bulk: the rest goes through the kernel.
+                match Pipe::new(max_buffer) {
+                    Ok(pipe) => {
+                        spliced_ways.fetch_add(1, Ordering::Relaxed);
+                        return spliced(from, from_side, to, to_side, pipe, total, last, moved)
+                            .await;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "no pipe for splice; copying");
+                        splice = false;
+                    }
+                }
             }
         }
+    }
+}
+
+/// The rest of [`copy`] through `pipe`: what one splice takes from `from`
+/// is all in `to` before the next one.
+#[allow(clippy::too_many_arguments)]
+async fn spliced(
+    from: ReadHalf<'_>,
+    from_side: Side,
+    to: WriteHalf<'_>,
+    to_side: Side,
+    mut pipe: Pipe,
+    mut total: u64,
+    last: &Activity,
+    moved: &AtomicU64,
+) -> Result<u64, (u64, RelayError)> {
+    let fail = |side, source, total| (total, RelayError { side, source });
+    loop {
+        let n = match pipe.fill(from.as_ref()).await {
+            Ok(0) => return end_of_stream(&to, to_side, total),
+            Ok(n) => n,
+            Err(e) => return Err(fail(from_side, e, total)),
+        };
+        last.touch();
+        if let Err(e) = pipe.drain(to.as_ref(), || last.touch()).await {
+            return Err(fail(to_side, e, total));
+        }
+        total += n as u64;
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// `from` reached EOF: half-close `to`.
+fn end_of_stream(to: &WriteHalf<'_>, to_side: Side, total: u64) -> Result<u64, (u64, RelayError)> {
+    match SockRef::from(to.as_ref()).shutdown(Shutdown::Write) {
+        Ok(()) => Ok(total),
+        // The peer is already gone: nothing to half-close.
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(total),
+        Err(source) => Err((
+            total,
+            RelayError {
+                side: to_side,
+                source,
+            },
+        )),
     }
 }
 
@@ -250,6 +322,7 @@ mod tests {
         Counted {
             to_upstream: Box::leak(Box::new(AtomicU64::new(0))),
             to_client: Box::leak(Box::new(AtomicU64::new(0))),
+            spliced: Box::leak(Box::new(AtomicU64::new(0))),
         }
     }
 
@@ -272,6 +345,7 @@ mod tests {
                 8,
                 Duration::from_mins(1),
                 counted(),
+                Splice::default(),
             )
             .await
         });
@@ -307,6 +381,7 @@ mod tests {
                 1024,
                 Duration::from_mins(1),
                 c,
+                Splice::default(),
             )
             .await
         });
@@ -323,6 +398,102 @@ mod tests {
         relay.await.unwrap();
     }
 
+    /// Bulk both ways at once through splice: byte-exact, each way
+    /// counted as spliced, half-close still in order after the last byte.
+    #[tokio::test]
+    async fn bulk_goes_through_splice_byte_exact_both_ways() {
+        let (mut app, mut proxy_client) = pair().await;
+        let (mut proxy_upstream, mut server) = pair().await;
+        let c = counted();
+        let all = Splice {
+            from_client: true,
+            from_upstream: true,
+        };
+        let relay = tokio::spawn(async move {
+            relay(
+                &mut proxy_client,
+                &mut proxy_upstream,
+                16 * 1024,
+                Duration::from_mins(1),
+                c,
+                all,
+            )
+            .await
+        });
+        let up: Vec<u8> = (0..6_000_000u32).map(|i| (i % 253) as u8).collect();
+        let down: Vec<u8> = (0..7_000_000u32).map(|i| (i % 241) as u8).collect();
+        let (mut app_rx, mut app_tx) = app.split();
+        let (mut server_rx, mut server_tx) = server.split();
+        let (got_up, got_down, (), ()) = tokio::join!(
+            async {
+                let mut v = Vec::new();
+                server_rx.read_to_end(&mut v).await.unwrap();
+                v
+            },
+            async {
+                let mut v = Vec::new();
+                app_rx.read_to_end(&mut v).await.unwrap();
+                v
+            },
+            async {
+                app_tx.write_all(&up).await.unwrap();
+                app_tx.shutdown().await.unwrap();
+            },
+            async {
+                server_tx.write_all(&down).await.unwrap();
+                server_tx.shutdown().await.unwrap();
+            },
+        );
+        assert!(got_up == up, "upload byte-exact ({} bytes)", got_up.len());
+        assert!(got_down == down, "download byte-exact ({} bytes)", got_down.len());
+        let outcome = relay.await.unwrap();
+        assert!(matches!(outcome.end, End::Closed), "{outcome:?}");
+        assert_eq!(
+            (outcome.to_upstream, outcome.to_client),
+            (up.len() as u64, down.len() as u64)
+        );
+        assert_eq!(c.spliced.load(Ordering::Relaxed), 2, "both ways spliced");
+    }
+
+    /// Without splice allowed, nothing is spliced however bulk.
+    #[tokio::test]
+    async fn a_way_not_allowed_to_splice_copies() {
+        let (mut app, mut proxy_client) = pair().await;
+        let (mut proxy_upstream, mut server) = pair().await;
+        let c = counted();
+        let relay = tokio::spawn(async move {
+            relay(
+                &mut proxy_client,
+                &mut proxy_upstream,
+                16 * 1024,
+                Duration::from_mins(1),
+                c,
+                Splice {
+                    from_client: false,
+                    from_upstream: true,
+                },
+            )
+            .await
+        });
+        let up = vec![9u8; 2_000_000];
+        let (w, r) = tokio::join!(
+            async {
+                app.write_all(&up).await.unwrap();
+                app.shutdown().await.unwrap();
+            },
+            async {
+                let mut v = Vec::new();
+                server.read_to_end(&mut v).await.unwrap();
+                v
+            }
+        );
+        let () = w;
+        assert!(r == up);
+        drop(server);
+        relay.await.unwrap();
+        assert_eq!(c.spliced.load(Ordering::Relaxed), 0);
+    }
+
     #[tokio::test]
     async fn an_upstream_reset_resets_the_client() {
         let (mut app, mut proxy_client) = pair().await;
@@ -334,6 +505,7 @@ mod tests {
                 1024,
                 Duration::from_mins(1),
                 counted(),
+                Splice::default(),
             )
             .await;
             drop(proxy_client);
@@ -364,6 +536,7 @@ mod tests {
             1024,
             Duration::from_millis(200),
             counted(),
+            Splice::default(),
         )
         .await;
         assert!(matches!(outcome.end, End::Idle), "{outcome:?}");
@@ -384,6 +557,7 @@ mod tests {
                 1024,
                 Duration::from_mins(1),
                 counted(),
+                Splice::default(),
             )
             .await;
             drop(proxy_upstream);

@@ -20,7 +20,7 @@ use crate::{
     admin::{self, AdminHandle, AdminState, Readiness},
     capture::{Capture, Mode, ebpf::pin_dir},
     handoff::{self, ControlServer, PendingHandover, Requests, Served, Successor},
-    proxy::{Listeners, ProxyHandle},
+    proxy::{Listeners, ProxyHandle, SpliceLegs},
     rules::{CaptureRules, RuleArgs},
     signals::Signals,
 };
@@ -83,10 +83,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // once capture is in place, so a step that fails before that loses no
     // connection we accepted.
     let mut listeners = listeners;
+    // Without a short-circuit no socket joins a SOCKHASH; but while an
+    // agent we take over runs, its datapath may still put them in one.
+    let plain = !took_over && (mode == Mode::Iptables || !settings.sockmap);
     let mut proxy = if took_over {
         None
     } else {
-        start_proxy(&plan, listeners.take())?
+        start_proxy(&plan, listeners.take(), plain)?
     };
     let proxy_listeners: Vec<&std::net::TcpListener> = kept
         .iter()
@@ -94,7 +97,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .collect();
     capture.install(settings, &proxy_listeners)?;
     if took_over {
-        proxy = start_proxy(&plan, listeners.take())?;
+        proxy = start_proxy(&plan, listeners.take(), plain)?;
     }
     ready.set_listeners();
     ready.set_capture();
@@ -147,10 +150,20 @@ pub fn run(args: &RunArgs) -> Result<()> {
     shut_down(args, &plan, stop, capture, proxy, kept)
 }
 
-/// The built-in proxy on `listeners`, if there is one.
-fn start_proxy(plan: &Plan, listeners: Option<Listeners>) -> Result<Option<ProxyHandle>> {
+/// The built-in proxy on `listeners`, if there is one. `plain`: no socket
+/// it serves can be in a SOCKHASH, so `splice(2)` may read every leg.
+fn start_proxy(
+    plan: &Plan,
+    listeners: Option<Listeners>,
+    plain: bool,
+) -> Result<Option<ProxyHandle>> {
     Ok(match (plan.proxy.clone(), listeners) {
-        (Some(config), Some(l)) => Some(ProxyHandle::start(&plan.capture.netns, config, l)?),
+        (Some(mut config), Some(l)) => {
+            if plain && config.splice == SpliceLegs::Remote {
+                config.splice = SpliceLegs::All;
+            }
+            Some(ProxyHandle::start(&plan.capture.netns, config, l)?)
+        }
         _ => None,
     })
 }

@@ -476,7 +476,7 @@ fn results_table(plan: &Plan, t: &Table) -> String {
 }
 
 /// The ratio columns: (numerator, denominator).
-const RATIOS: [(Mode, Mode); 7] = [
+const RATIOS: [(Mode, Mode); 9] = [
     (Mode::M3, Mode::M1),
     (Mode::M3, Mode::M0),
     (Mode::M2, Mode::M1),
@@ -484,6 +484,8 @@ const RATIOS: [(Mode, Mode); 7] = [
     (Mode::M1, Mode::H1),
     (Mode::M3, Mode::H3),
     (Mode::H3, Mode::H1),
+    (Mode::M1, Mode::M1C),
+    (Mode::M3, Mode::M3C),
 ];
 
 fn ratios_table(plan: &Plan, t: &Table) -> String {
@@ -1139,10 +1141,10 @@ fn check_sample(cell: Cell, mode: Mode, m: &Measured) -> Vec<String> {
         p.push("integrity check failed".into());
     }
     match (mode, m.counters) {
-        (Mode::M0 | Mode::M1 | Mode::H1, Some(_)) => {
+        (Mode::M0 | Mode::M1 | Mode::H1 | Mode::M1C, Some(_)) => {
             p.push("an eBPF datapath serves a mode that should have none".into());
         }
-        (Mode::M0 | Mode::M1 | Mode::H1, None) => {}
+        (Mode::M0 | Mode::M1 | Mode::H1 | Mode::M1C, None) => {}
         (_, None) => p.push("no eBPF datapath counters".into()),
         (Mode::M2, Some(c)) => {
             if c.msg_redirected != 0 || c.msg_passed != 0 {
