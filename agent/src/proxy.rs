@@ -16,9 +16,9 @@
 
 mod accept;
 mod connection;
-mod splice;
 pub mod drain;
 pub mod relay;
+mod splice;
 pub mod worker;
 
 use std::{

@@ -89,6 +89,17 @@ fn bulk_64_mib_each_way_is_byte_exact(
         "bytes at the upstream differ"
     );
     assert_eq!(admin::proxied(&topo, "outbound", 1), 1, "through the proxy");
+    // Bulk went on through splice(2), except out of the app's leg in eBPF
+    // mode (it may be in the SOCKHASH, where splice cannot read).
+    let text = admin::get(&topo, "/metrics").1;
+    assert_eq!(
+        admin::metric(
+            &text,
+            "mesh_redirect_proxy_spliced_total{direction=\"outbound\"}"
+        ),
+        Some(if mode == RedirectMode::Iptables { 2 } else { 1 }),
+        "{text}"
+    );
 }
 
 /// Which side pushes while the other does not read.

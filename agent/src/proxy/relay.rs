@@ -84,13 +84,18 @@ impl Activity {
 const MIN_BUFFER: usize = 16 * 1024;
 
 /// Which of a relay's two sources `splice(2)` may read, once a direction
-/// turns out to be bulk (a read fills the largest buffer). Never a socket
+/// turns out to be bulk ([`SPLICE_AFTER`]). Never a socket
 /// that may be in a SOCKHASH: see [`super::splice`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Splice {
     pub from_client: bool,
     pub from_upstream: bool,
 }
+
+/// How many bytes one way of a connection moves before it counts as bulk
+/// and goes on through `splice(2)`: a request or a small response never
+/// costs a pipe.
+const SPLICE_AFTER: u64 = 256 * 1024;
 
 /// Where a relay counts the bytes it moves, as it moves them (so a long
 /// transfer shows in the metrics while it runs).
@@ -183,7 +188,7 @@ pub async fn relay(
 /// `poll_read`, which takes a short read as "drained" (edge-triggered
 /// epoll), so waiting again costs no extra `read` that fails with EAGAIN.
 /// What is moved is counted in `moved` as it moves. With `splice`, a
-/// direction whose read fills the largest buffer goes on through a pipe.
+/// direction that has moved [`SPLICE_AFTER`] bytes goes on through a pipe.
 #[allow(clippy::too_many_arguments)]
 async fn copy(
     mut from: ReadHalf<'_>,
@@ -221,14 +226,7 @@ async fn copy(
             }
             total += n as u64;
             moved.fetch_add(n as u64, Ordering::Relaxed);
-            if n < size {
-                // Drained for now: free the buffer and wait.
-                break;
-            }
-            if size < max_buffer {
-                size = (size * 2).min(max_buffer);
-                buf = Vec::with_capacity(size);
-            } else if splice {
+            if splice && total >= SPLICE_AFTER {
                 // Bulk: the rest goes through the kernel.
                 match Pipe::new(max_buffer) {
                     Ok(pipe) => {
@@ -241,6 +239,14 @@ async fn copy(
                         splice = false;
                     }
                 }
+            }
+            if n < size {
+                // Drained for now: free the buffer and wait.
+                break;
+            }
+            if size < max_buffer {
+                size = (size * 2).min(max_buffer);
+                buf = Vec::with_capacity(size);
             }
         }
     }
@@ -445,7 +451,11 @@ mod tests {
             },
         );
         assert!(got_up == up, "upload byte-exact ({} bytes)", got_up.len());
-        assert!(got_down == down, "download byte-exact ({} bytes)", got_down.len());
+        assert!(
+            got_down == down,
+            "download byte-exact ({} bytes)",
+            got_down.len()
+        );
         let outcome = relay.await.unwrap();
         assert!(matches!(outcome.end, End::Closed), "{outcome:?}");
         assert_eq!(

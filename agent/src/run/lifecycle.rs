@@ -85,11 +85,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let mut listeners = listeners;
     // Without a short-circuit no socket joins a SOCKHASH; but while an
     // agent we take over runs, its datapath may still put them in one.
-    let plain = !took_over && (mode == Mode::Iptables || !settings.sockmap);
+    let no_sockhash = !took_over && (mode == Mode::Iptables || !settings.sockmap);
     let mut proxy = if took_over {
         None
     } else {
-        start_proxy(&plan, listeners.take(), plain)?
+        start_proxy(&plan, listeners.take(), no_sockhash)?
     };
     let proxy_listeners: Vec<&std::net::TcpListener> = kept
         .iter()
@@ -97,7 +97,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .collect();
     capture.install(settings, &proxy_listeners)?;
     if took_over {
-        proxy = start_proxy(&plan, listeners.take(), plain)?;
+        proxy = start_proxy(&plan, listeners.take(), no_sockhash)?;
     }
     ready.set_listeners();
     ready.set_capture();
@@ -150,16 +150,16 @@ pub fn run(args: &RunArgs) -> Result<()> {
     shut_down(args, &plan, stop, capture, proxy, kept)
 }
 
-/// The built-in proxy on `listeners`, if there is one. `plain`: no socket
+/// The built-in proxy on `listeners`, if there is one. `no_sockhash`: no socket
 /// it serves can be in a SOCKHASH, so `splice(2)` may read every leg.
 fn start_proxy(
     plan: &Plan,
     listeners: Option<Listeners>,
-    plain: bool,
+    no_sockhash: bool,
 ) -> Result<Option<ProxyHandle>> {
     Ok(match (plan.proxy.clone(), listeners) {
         (Some(mut config), Some(l)) => {
-            if plain && config.splice == SpliceLegs::Remote {
+            if no_sockhash && config.splice == SpliceLegs::Remote {
                 config.splice = SpliceLegs::All;
             }
             Some(ProxyHandle::start(&plan.capture.netns, config, l)?)
