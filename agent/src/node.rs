@@ -59,7 +59,7 @@ use crate::{
     admin::{AdminHandle, AdminState, Readiness},
     capture::ebpf::{EbpfCapture, node_pin_dir},
     cgroup,
-    proxy::{ProxyConfig, SpliceLegs},
+    proxy::ProxyConfig,
     signals::Signals,
 };
 
@@ -148,8 +148,8 @@ impl NodeArgs {
                 buffer_size: 64 * 1024,
                 worker_threads: usize::from(self.workers_per_pod),
                 max_connections: self.max_connections_per_pod as usize,
-                // A pod's rules may turn its short-circuit on at any time.
-                splice: SpliceLegs::Remote,
+                // Node mode always runs the eBPF datapath.
+                splice_from_app: false,
             },
             sockmap: !self.no_sockmap,
             sockmap_queue_limit: u64::from(self.sockmap_queue_kib) * 1024,

@@ -53,45 +53,11 @@ pub struct ProxyConfig {
     pub worker_threads: usize,
     /// Connections beyond this are reset as soon as they are accepted.
     pub max_connections: usize,
-    /// Which legs a bulk direction may be read from with `splice(2)`.
-    pub splice: SpliceLegs,
-}
-
-/// Which sockets of a proxied connection `splice(2)` may read: never one
-/// that may be in a SOCKHASH (its redirected bytes are on a queue splice
-/// does not see). Those are the app's legs: the accepted socket of an
-/// outbound connection and the passthrough socket of an inbound one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SpliceLegs {
-    /// Copy through userspace everywhere.
-    Off,
-    /// The remote legs only: the outbound upstream, the inbound client.
-    Remote,
-    /// Every leg: the capture has no short-circuit (iptables mode, or
-    /// eBPF without the sockmap).
-    All,
-}
-
-impl SpliceLegs {
-    /// What a relay of a connection going `direction` may splice.
-    #[must_use]
-    pub const fn relay(self, direction: Direction) -> relay::Splice {
-        let (app, remote) = match self {
-            Self::Off => (false, false),
-            Self::Remote => (false, true),
-            Self::All => (true, true),
-        };
-        match direction {
-            Direction::Outbound => relay::Splice {
-                from_client: app,
-                from_upstream: remote,
-            },
-            Direction::Inbound => relay::Splice {
-                from_client: remote,
-                from_upstream: app,
-            },
-        }
-    }
+    /// Whether a bulk way out of the app (its leg is the accepted socket
+    /// outbound, the passthrough socket inbound) goes on through
+    /// `splice(2)`. Only where no socket can be in a SOCKHASH: see
+    /// `relay::Splice`.
+    pub splice_from_app: bool,
 }
 
 /// Which way a proxied connection goes.

@@ -104,12 +104,10 @@ pub enum Mode {
     H3,
     /// M1 with the built-in proxy copying bulk through userspace.
     M1C,
-    /// M3 with the built-in proxy copying bulk through userspace.
-    M3C,
 }
 
 impl Mode {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 7] = [
         Self::M0,
         Self::M1,
         Self::M2,
@@ -117,9 +115,8 @@ impl Mode {
         Self::H1,
         Self::H3,
         Self::M1C,
-        Self::M3C,
     ];
-    /// A run without `--modes` (the splice-off modes only when asked for).
+    /// A run without `--modes` (the splice-off mode only when asked for).
     pub const DEFAULT: [Self; 6] = [Self::M0, Self::M1, Self::M2, Self::M3, Self::H1, Self::H3];
 
     pub const fn label(self) -> &'static str {
@@ -131,7 +128,6 @@ impl Mode {
             Self::H1 => "H1",
             Self::H3 => "H3",
             Self::M1C => "M1C",
-            Self::M3C => "M3C",
         }
     }
 
@@ -144,7 +140,6 @@ impl Mode {
             Self::H1 => "`run --mode iptables --proxy external`, HAProxy",
             Self::H3 => "`run --mode ebpf --proxy external` (connect4 + sockmap), HAProxy",
             Self::M1C => "M1 with `--no-splice`: bulk copied through the proxy's memory",
-            Self::M3C => "M3 with `--no-splice`: bulk copied through the proxy's memory",
         }
     }
 
@@ -166,7 +161,6 @@ impl Mode {
             Self::H1 => [&["--mode", "iptables"][..], &external].concat(),
             Self::H3 => [&["--mode", "ebpf"][..], &external].concat(),
             Self::M1C => vec!["--mode", "iptables", "--no-splice"],
-            Self::M3C => vec!["--mode", "ebpf", "--no-splice"],
         };
         let mut args: Vec<String> = args.into_iter().map(str::to_owned).collect();
         if !self.haproxy() {
@@ -181,12 +175,12 @@ impl Mode {
 
     /// An eBPF datapath serves the pod (counters to read).
     pub const fn ebpf(self) -> bool {
-        matches!(self, Self::M2 | Self::M3 | Self::H3 | Self::M3C)
+        matches!(self, Self::M2 | Self::M3 | Self::H3)
     }
 
     /// The sk_msg short-circuit should carry the pod's bytes.
     pub const fn sockmap(self) -> bool {
-        matches!(self, Self::M3 | Self::H3 | Self::M3C)
+        matches!(self, Self::M3 | Self::H3)
     }
 }
 
@@ -200,7 +194,7 @@ fn parse_mode(s: &str) -> Result<Mode, String> {
     Mode::ALL
         .into_iter()
         .find(|m| m.label().eq_ignore_ascii_case(s.trim()))
-        .ok_or_else(|| format!("unknown mode {s:?} (M0 M1 M2 M3 H1 H3 M1C M3C)"))
+        .ok_or_else(|| format!("unknown mode {s:?} (M0 M1 M2 M3 H1 H3 M1C)"))
 }
 
 /// One scenario at one size: a row group of the report.

@@ -76,7 +76,16 @@ pub(super) async fn handle(
             to_client: &dstats.bytes_to_client,
             spliced: &dstats.spliced,
         },
-        config.splice.relay(direction),
+        match direction {
+            Direction::Outbound => relay::Splice {
+                from_client: config.splice_from_app,
+                from_upstream: false,
+            },
+            Direction::Inbound => relay::Splice {
+                from_client: false,
+                from_upstream: config.splice_from_app,
+            },
+        },
     )
     .await;
     match &outcome.end {

@@ -20,7 +20,7 @@ use crate::{
     admin::{self, AdminHandle, AdminState, Readiness},
     capture::{Capture, Mode, ebpf::pin_dir},
     handoff::{self, ControlServer, PendingHandover, Requests, Served, Successor},
-    proxy::{Listeners, ProxyHandle, SpliceLegs},
+    proxy::{Listeners, ProxyHandle},
     rules::{CaptureRules, RuleArgs},
     signals::Signals,
 };
@@ -151,7 +151,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
 }
 
 /// The built-in proxy on `listeners`, if there is one. `no_sockhash`: no socket
-/// it serves can be in a SOCKHASH, so `splice(2)` may read every leg.
+/// it serves can be in a SOCKHASH, so `splice(2)` may read the app's legs.
 fn start_proxy(
     plan: &Plan,
     listeners: Option<Listeners>,
@@ -159,9 +159,7 @@ fn start_proxy(
 ) -> Result<Option<ProxyHandle>> {
     Ok(match (plan.proxy.clone(), listeners) {
         (Some(mut config), Some(l)) => {
-            if no_sockhash && config.splice == SpliceLegs::Remote {
-                config.splice = SpliceLegs::All;
-            }
+            config.splice_from_app &= no_sockhash;
             Some(ProxyHandle::start(&plan.capture.netns, config, l)?)
         }
         _ => None,

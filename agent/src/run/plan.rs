@@ -17,7 +17,7 @@ use crate::{
     cgroup, doctor,
     iptables::istio::pod,
     netns::Netns,
-    proxy::{ProxyConfig, SpliceLegs},
+    proxy::ProxyConfig,
     rules::CaptureRules,
 };
 
@@ -68,13 +68,9 @@ impl Plan {
                     buffer_size: args.buffer_kib as usize * 1024,
                     worker_threads: usize::from(args.workers),
                     max_connections: args.max_connections as usize,
-                    // Every leg once the mode is known to have no
+                    // Kept only once the mode is known to have no
                     // short-circuit (`lifecycle`).
-                    splice: if args.no_splice {
-                        SpliceLegs::Off
-                    } else {
-                        SpliceLegs::Remote
-                    },
+                    splice_from_app: !args.no_splice,
                 };
                 (Some(config), cgroup::covering_set(&cgroup, &own))
             }

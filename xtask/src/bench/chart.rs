@@ -29,7 +29,6 @@ fn color(m: Mode) -> RGBColor {
         Mode::H1 => RGBColor(150, 210, 140),
         Mode::H3 => RGBColor(40, 150, 70),
         Mode::M1C => RGBColor(120, 60, 60),
-        Mode::M3C => RGBColor(120, 170, 230),
     }
 }
 

@@ -476,7 +476,7 @@ fn results_table(plan: &Plan, t: &Table) -> String {
 }
 
 /// The ratio columns: (numerator, denominator).
-const RATIOS: [(Mode, Mode); 9] = [
+const RATIOS: [(Mode, Mode); 8] = [
     (Mode::M3, Mode::M1),
     (Mode::M3, Mode::M0),
     (Mode::M2, Mode::M1),
@@ -485,7 +485,6 @@ const RATIOS: [(Mode, Mode); 9] = [
     (Mode::M3, Mode::H3),
     (Mode::H3, Mode::H1),
     (Mode::M1, Mode::M1C),
-    (Mode::M3, Mode::M3C),
 ];
 
 fn ratios_table(plan: &Plan, t: &Table) -> String {
