@@ -149,7 +149,7 @@ impl NodeArgs {
                 worker_threads: usize::from(self.workers_per_pod),
                 max_connections: self.max_connections_per_pod as usize,
                 // Node mode always runs the eBPF datapath.
-                splice_from_app: false,
+                splice_from_app: std::sync::Arc::new(false.into()),
             },
             sockmap: !self.no_sockmap,
             sockmap_queue_limit: u64::from(self.sockmap_queue_kib) * 1024,

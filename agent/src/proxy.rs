@@ -27,7 +27,7 @@ use std::{
     os::fd::{AsRawFd, RawFd},
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -55,9 +55,24 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Whether a bulk way out of the app (its leg is the accepted socket
     /// outbound, the passthrough socket inbound) goes on through
-    /// `splice(2)`. Only where no socket can be in a SOCKHASH: see
-    /// `relay::Splice`.
-    pub splice_from_app: bool,
+    /// `splice(2)`. Only where no socket can be in a SOCKHASH (see
+    /// `relay::Splice`); off for good once a successor has the listeners
+    /// ([`ProxyHandle::stop_splicing`]): its datapath may put the sockets
+    /// we accept from then on into one. Read per connection.
+    pub splice_from_app: Arc<AtomicBool>,
+}
+
+impl ProxyConfig {
+    /// Descriptors one connection may hold: its two sockets, and a pipe
+    /// when it may splice.
+    #[must_use]
+    pub fn fds_per_connection(&self) -> u64 {
+        if self.splice_from_app.load(Ordering::Relaxed) {
+            4
+        } else {
+            2
+        }
+    }
 }
 
 /// Which way a proxied connection goes.
@@ -279,9 +294,19 @@ pub struct ProxyHandle {
     accepting: Arc<AtomicUsize>,
     threads: Vec<JoinHandle<()>>,
     pub stats: Arc<Stats>,
+    /// `ProxyConfig::splice_from_app` of the running workers.
+    splice_from_app: Arc<AtomicBool>,
 }
 
 impl ProxyHandle {
+    /// Connections accepted from now on are copied, never spliced: a
+    /// successor has our listeners, and its datapath may put their sockets
+    /// into a SOCKHASH. Called as the listeners are handed over, seconds
+    /// before the successor can attach anything.
+    pub fn stop_splicing(&self) {
+        self.splice_from_app.store(false, Ordering::Relaxed);
+    }
+
     /// Serves `listeners` on `config.worker_threads` worker threads, each
     /// inside `netns` (so every upstream socket is created there too).
     pub fn start(
@@ -292,6 +317,7 @@ impl ProxyHandle {
         let phase = PhaseSender::new().map_err(ProxyError::Runtime)?;
         let accepting = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(Stats::default());
+        let splice_from_app = Arc::clone(&config.splice_from_app);
         let config = Arc::new(config);
         let threads = worker::start(netns, &config, listeners, &stats, &phase, &accepting)?;
         Ok(Self {
@@ -299,6 +325,7 @@ impl ProxyHandle {
             accepting,
             threads,
             stats,
+            splice_from_app,
         })
     }
 

@@ -20,6 +20,8 @@ pub(super) async fn handle(
     stats: &Stats,
 ) {
     let dstats = stats.direction(direction);
+    // As accepted: see `ProxyConfig::splice_from_app`.
+    let splice = config.splice_from_app.load(Ordering::Relaxed);
     let _ = client.set_nodelay(true);
     let dst = match socket::original_dst(&client) {
         Ok(dst) => dst,
@@ -78,12 +80,12 @@ pub(super) async fn handle(
         },
         match direction {
             Direction::Outbound => relay::Splice {
-                from_client: config.splice_from_app,
+                from_client: splice,
                 from_upstream: false,
             },
             Direction::Inbound => relay::Splice {
                 from_client: false,
-                from_upstream: config.splice_from_app,
+                from_upstream: splice,
             },
         },
     )

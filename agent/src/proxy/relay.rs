@@ -18,7 +18,7 @@ use tokio::{
     },
 };
 
-use super::splice::Pipe;
+use super::splice::{Filled, Pipe};
 use crate::socket;
 
 /// Which socket an error came from.
@@ -199,7 +199,10 @@ pub async fn relay(
 /// epoll), so waiting again costs no extra `read` that fails with EAGAIN.
 /// What is moved is counted in `moved` as it moves. With `splice`, a
 /// direction that has moved [`SPLICE_AFTER`] bytes goes on through a pipe.
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one way of a relay, all its parts"
+)]
 async fn copy(
     mut from: ReadHalf<'_>,
     from_side: Side,
@@ -237,17 +240,27 @@ async fn copy(
             total += n as u64;
             moved.fetch_add(n as u64, Ordering::Relaxed);
             if splice && total >= SPLICE_AFTER {
-                // Bulk: the rest goes through the kernel.
+                // Bulk: the rest goes through the kernel, unless there is no
+                // pipe or only a small one (a uid past pipe-user-pages-soft).
+                splice = false;
                 match Pipe::new(PIPE_SLOTS_FOR * max_buffer) {
-                    Ok(pipe) => {
+                    Ok(pipe) if pipe.capacity() >= max_buffer => {
                         spliced_ways.fetch_add(1, Ordering::Relaxed);
-                        return spliced(from, from_side, to, to_side, pipe, total, last, moved)
-                            .await;
+                        let ways = (&from, from_side, &to, to_side);
+                        match spliced(ways, pipe, total, last, moved).await {
+                            Spliced::Ended(r) => return r,
+                            // Read on: `recv` steps over the urgent byte.
+                            Spliced::Urgent(t) => {
+                                total = t;
+                                break;
+                            }
+                        }
                     }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "no pipe for splice; copying");
-                        splice = false;
-                    }
+                    Ok(pipe) => tracing::debug!(
+                        capacity = pipe.capacity(),
+                        "splice pipe smaller than the buffer; copying"
+                    ),
+                    Err(e) => tracing::debug!(error = %e, "no pipe for splice; copying"),
                 }
             }
             if n < size {
@@ -262,29 +275,34 @@ async fn copy(
     }
 }
 
+/// How [`spliced`] ended.
+enum Spliced {
+    /// As [`copy`] ends.
+    Ended(Result<u64, (u64, RelayError)>),
+    /// At urgent data, with this many bytes moved so far (the pipe empty).
+    Urgent(u64),
+}
+
 /// The rest of [`copy`] through `pipe`: what one splice takes from `from`
 /// is all in `to` before the next one.
-#[allow(clippy::too_many_arguments)]
 async fn spliced(
-    from: ReadHalf<'_>,
-    from_side: Side,
-    to: WriteHalf<'_>,
-    to_side: Side,
+    (from, from_side, to, to_side): (&ReadHalf<'_>, Side, &WriteHalf<'_>, Side),
     mut pipe: Pipe,
     mut total: u64,
     last: &Activity,
     moved: &AtomicU64,
-) -> Result<u64, (u64, RelayError)> {
-    let fail = |side, source, total| (total, RelayError { side, source });
+) -> Spliced {
+    let fail = |side, source, total| Spliced::Ended(Err((total, RelayError { side, source })));
     loop {
         let n = match pipe.fill(from.as_ref()).await {
-            Ok(0) => return end_of_stream(&to, to_side, total),
-            Ok(n) => n,
-            Err(e) => return Err(fail(from_side, e, total)),
+            Ok(Filled::Moved(n)) => n,
+            Ok(Filled::End) => return Spliced::Ended(end_of_stream(to, to_side, total)),
+            Ok(Filled::Urgent) => return Spliced::Urgent(total),
+            Err(e) => return fail(from_side, e, total),
         };
         last.touch();
         if let Err(e) = pipe.drain(to.as_ref(), || last.touch()).await {
-            return Err(fail(to_side, e, total));
+            return fail(to_side, e, total);
         }
         total += n as u64;
         moved.fetch_add(n as u64, Ordering::Relaxed);
@@ -473,6 +491,53 @@ mod tests {
             (up.len() as u64, down.len() as u64)
         );
         assert_eq!(c.spliced.load(Ordering::Relaxed), 2, "both ways spliced");
+    }
+
+    /// Urgent data stops a splice for good; the way goes back to `recv`,
+    /// which steps over the urgent byte as the copying relay does: every
+    /// other byte arrives, in order, and the end is propagated.
+    #[tokio::test]
+    async fn urgent_data_in_a_spliced_way_is_stepped_over_as_when_copying() {
+        let (mut app, mut proxy_client) = pair().await;
+        let (mut proxy_upstream, mut server) = pair().await;
+        let c = counted();
+        let relay = tokio::spawn(async move {
+            relay(
+                &mut proxy_client,
+                &mut proxy_upstream,
+                16 * 1024,
+                Duration::from_mins(1),
+                c,
+                Splice {
+                    from_client: true,
+                    from_upstream: false,
+                },
+            )
+            .await
+        });
+        let before: Vec<u8> = (0..600_000u32).map(|i| (i % 249) as u8).collect();
+        let after: Vec<u8> = (0..100_000u32).map(|i| (i % 13) as u8).collect();
+        let reader = tokio::spawn(async move {
+            let mut v = Vec::new();
+            server.read_to_end(&mut v).await.unwrap();
+            (v, server)
+        });
+        app.write_all(&before).await.unwrap();
+        // Let the way turn spliced before the urgent byte.
+        while c.spliced.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        SockRef::from(&app).send_out_of_band(b"!").unwrap();
+        app.write_all(&after).await.unwrap();
+        app.shutdown().await.unwrap();
+        let (got, server) = tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("the way must not stall at the urgent mark")
+            .unwrap();
+        let want = [before, after].concat();
+        assert!(got == want, "{} bytes, want {}", got.len(), want.len());
+        drop((app, server));
+        relay.await.unwrap();
     }
 
     /// Without splice allowed, nothing is spliced however bulk.

@@ -17,6 +17,19 @@ use std::{
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+/// What one [`Pipe::fill`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filled {
+    /// This many bytes are in the pipe.
+    Moved(usize),
+    /// The stream ended.
+    End,
+    /// The next byte is TCP urgent data: `splice` stops in front of it for
+    /// good, where `recv` steps over it (no `SO_OOBINLINE`), so the rest is
+    /// to be read with `recv`.
+    Urgent,
+}
+
 /// A non-blocking pipe that holds what one `splice` from a socket moved
 /// until it is spliced on.
 pub struct Pipe {
@@ -54,16 +67,28 @@ impl Pipe {
         })
     }
 
+    /// What the pipe holds at most.
+    pub const fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Moves what `from` has (up to the pipe's room) into the pipe, once
-    /// `from` is readable. `Ok(0)`: end of stream.
-    pub async fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
+    /// `from` is readable. At the urgent mark `from` stays readable.
+    pub async fn fill(&mut self, from: &TcpStream) -> io::Result<Filled> {
         let room = self.capacity - self.held;
-        let w = self.write.as_raw_fd();
-        let n = from
-            .async_io(Interest::READABLE, || splice(from.as_raw_fd(), w, room))
+        let (r, w) = (from.as_raw_fd(), self.write.as_raw_fd());
+        let filled = from
+            .async_io(Interest::READABLE, || match splice(r, w, room) {
+                Ok(0) | Err(_) if at_urgent_mark(r) => Ok(Filled::Urgent),
+                Ok(0) => Ok(Filled::End),
+                Ok(n) => Ok(Filled::Moved(n)),
+                Err(e) => Err(e),
+            })
             .await?;
-        self.held += n;
-        Ok(n)
+        if let Filled::Moved(n) = filled {
+            self.held += n;
+        }
+        Ok(filled)
     }
 
     /// Moves what the pipe holds into `to`, waiting while `to` is full.
@@ -86,6 +111,15 @@ impl Pipe {
         }
         Ok(())
     }
+}
+
+/// `ioctl(SIOCATMARK)`: whether the next byte of `fd` is urgent data.
+fn at_urgent_mark(fd: RawFd) -> bool {
+    /// From `<linux/sockios.h>`.
+    const SIOCATMARK: libc::Ioctl = 0x8905;
+    let mut at: libc::c_int = 0;
+    // SAFETY: the ioctl writes one int to `at`.
+    unsafe { libc::ioctl(fd, SIOCATMARK, &raw mut at) == 0 && at != 0 }
 }
 
 /// One non-blocking `splice(2)` of up to `len` bytes.
@@ -141,10 +175,11 @@ mod tests {
         assert!(pipe.capacity >= 4096);
         let mut moved = 0;
         loop {
-            let n = pipe.fill(&from).await.unwrap();
-            if n == 0 {
-                break;
-            }
+            let n = match pipe.fill(&from).await.unwrap() {
+                Filled::Moved(n) => n,
+                Filled::End => break,
+                Filled::Urgent => panic!("no urgent data was sent"),
+            };
             pipe.drain(&to, || {}).await.unwrap();
             assert_eq!(pipe.held, 0);
             moved += n;

@@ -114,7 +114,7 @@ impl Worker {
                 return drop(ready.send(Err(e)));
             }
         };
-        let fit = match connections_that_fit() {
+        let fit = match connections_that_fit(config.fds_per_connection()) {
             Ok(fit) => fit,
             Err(e) => return drop(ready.send(Err(ProxyError::Runtime(e)))),
         };
@@ -374,9 +374,9 @@ fn open_fds() -> io::Result<Vec<RawFd>> {
     Ok(fds)
 }
 
-/// How many connections (two descriptors each) this thread's descriptor
-/// table still holds under `RLIMIT_NOFILE`.
-fn connections_that_fit() -> io::Result<usize> {
+/// How many connections (`per_connection` descriptors each) this thread's
+/// descriptor table still holds under `RLIMIT_NOFILE`.
+fn connections_that_fit(per_connection: u64) -> io::Result<usize> {
     let used = std::fs::read_dir("/proc/thread-self/fd")?.count() as u64;
     // SAFETY: getrlimit with a valid struct.
     let limit = unsafe {
@@ -386,7 +386,7 @@ fn connections_that_fit() -> io::Result<usize> {
         }
         lim.rlim_cur
     };
-    let room = limit.saturating_sub(used + WORKER_FD_MARGIN) / 2;
+    let room = limit.saturating_sub(used + WORKER_FD_MARGIN) / per_connection.max(1);
     Ok(usize::try_from(room).unwrap_or(usize::MAX))
 }
 
@@ -394,12 +394,14 @@ fn connections_that_fit() -> io::Result<usize> {
 const FD_OVERHEAD: u64 = 512;
 
 /// Raises the open-file limit so each worker's descriptor table holds its
-/// share of `max_connections` (two descriptors each), raising the hard
+/// share of `max_connections` (`fds_per_connection` each), raising the hard
 /// limit too when it is lower and we may (`CAP_SYS_RESOURCE`), else up to
 /// the hard limit. The proxy then says how many connections fit.
-pub fn raise_fd_limit(max_connections: usize, workers: usize) {
-    let share = max_connections.div_ceil(workers.max(1)) as u64;
-    let want = 2 * share + FD_OVERHEAD;
+pub fn raise_fd_limit(config: &ProxyConfig) {
+    let share = config
+        .max_connections
+        .div_ceil(config.worker_threads.max(1)) as u64;
+    let want = config.fds_per_connection() * share + FD_OVERHEAD;
     // SAFETY: getrlimit/setrlimit with valid structs.
     unsafe {
         let mut lim: libc::rlimit = std::mem::zeroed();

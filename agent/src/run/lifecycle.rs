@@ -4,7 +4,7 @@
 //! everything to the successor).
 
 use std::{
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -44,7 +44,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let plan = Plan::new(args)?;
     let settings = &plan.capture;
     if let Some(p) = &plan.proxy {
-        crate::proxy::worker::raise_fd_limit(p.max_connections, p.worker_threads);
+        crate::proxy::worker::raise_fd_limit(p);
     }
     let mode = choose_mode(args.mode, &plan, &args.pretend_missing)?;
     let pins = (mode == Mode::Ebpf && !args.no_pin)
@@ -83,13 +83,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // once capture is in place, so a step that fails before that loses no
     // connection we accepted.
     let mut listeners = listeners;
-    // Without a short-circuit no socket joins a SOCKHASH; but while an
-    // agent we take over runs, its datapath may still put them in one.
-    let no_sockhash = !took_over && (mode == Mode::Iptables || !settings.sockmap);
     let mut proxy = if took_over {
         None
     } else {
-        start_proxy(&plan, listeners.take(), no_sockhash)?
+        start_proxy(&plan, listeners.take(), mode, took_over)?
     };
     let proxy_listeners: Vec<&std::net::TcpListener> = kept
         .iter()
@@ -97,7 +94,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .collect();
     capture.install(settings, &proxy_listeners)?;
     if took_over {
-        proxy = start_proxy(&plan, listeners.take(), no_sockhash)?;
+        proxy = start_proxy(&plan, listeners.take(), mode, took_over)?;
     }
     ready.set_listeners();
     ready.set_capture();
@@ -144,22 +141,27 @@ pub fn run(args: &RunArgs) -> Result<()> {
         logger,
         &mut control,
         kept.as_ref(),
+        proxy.as_ref(),
         &mut agent,
     ));
     ready.set_draining();
     shut_down(args, &plan, stop, capture, proxy, kept)
 }
 
-/// The built-in proxy on `listeners`, if there is one. `no_sockhash`: no socket
-/// it serves can be in a SOCKHASH, so `splice(2)` may read the app's legs.
+/// The built-in proxy on `listeners`, if there is one. It may splice out of
+/// the app's legs only if none can be in a SOCKHASH: no short-circuit, and
+/// no agent we `took_over` whose datapath may still put them in one.
 fn start_proxy(
     plan: &Plan,
     listeners: Option<Listeners>,
-    no_sockhash: bool,
+    mode: Mode,
+    took_over: bool,
 ) -> Result<Option<ProxyHandle>> {
+    let no_sockhash = !took_over && (mode == Mode::Iptables || !plan.capture.sockmap);
     Ok(match (plan.proxy.clone(), listeners) {
         (Some(mut config), Some(l)) => {
-            config.splice_from_app &= no_sockhash;
+            let on = no_sockhash && config.splice_from_app.load(Ordering::Relaxed);
+            config.splice_from_app = Arc::new(on.into());
             Some(ProxyHandle::start(&plan.capture.netns, config, l)?)
         }
         _ => None,
@@ -270,6 +272,7 @@ async fn wait(
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     control: &mut ControlServer,
     listeners: Option<&Listeners>,
+    proxy: Option<&ProxyHandle>,
     agent: &mut dyn Requests,
 ) -> Result<Stop> {
     let mut logs = match logger {
@@ -311,6 +314,9 @@ async fn wait(
                         }
                         Ok(Served::Pending(p)) => {
                             info!("a new agent has the listeners and is getting ready: serving on until it is");
+                            if let Some(proxy) = proxy {
+                                proxy.stop_splicing();
+                            }
                             // SAFETY: an owned clone of the connection, open and
                             // unchanged for as long as the AsyncFd owns it.
                             let fd = unsafe {
