@@ -20,8 +20,6 @@ pub(super) async fn handle(
     stats: &Stats,
 ) {
     let dstats = stats.direction(direction);
-    // As accepted: see `ProxyConfig::splice_from_app`.
-    let splice = config.splice_from_app.load(Ordering::Relaxed);
     let _ = client.set_nodelay(true);
     let dst = match socket::original_dst(&client) {
         Ok(dst) => dst,
@@ -67,6 +65,9 @@ pub(super) async fn handle(
         }
     };
     let _ = upstream.set_nodelay(true);
+    // Once both sockets exist (inbound, the app's leg is the one just
+    // connected): see `ProxyConfig::splice_from_app`.
+    let splice = config.splice_from_app.load(Ordering::Relaxed);
     debug!("relaying");
     let outcome = relay::relay(
         &mut client,

@@ -79,7 +79,12 @@ impl Pipe {
         let (r, w) = (from.as_raw_fd(), self.write.as_raw_fd());
         let filled = from
             .async_io(Interest::READABLE, || match splice(r, w, room) {
-                Ok(0) | Err(_) if at_urgent_mark(r) => Ok(Filled::Urgent),
+                // Only a stop that is not an error (reading an error
+                // clears it: it must reach the relay).
+                Ok(0) if at_urgent_mark(r) => Ok(Filled::Urgent),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && at_urgent_mark(r) => {
+                    Ok(Filled::Urgent)
+                }
                 Ok(0) => Ok(Filled::End),
                 Ok(n) => Ok(Filled::Moved(n)),
                 Err(e) => Err(e),

@@ -309,6 +309,9 @@ async fn wait(
                         Ok(Served::Idle) => break,
                         Ok(Served::Answered) => {}
                         Ok(Served::HandedOver) => {
+                            if let Some(proxy) = proxy {
+                                proxy.stop_splicing();
+                            }
                             handed_over = true;
                             break;
                         }
