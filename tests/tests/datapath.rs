@@ -77,7 +77,7 @@ fn bulk_64_mib_each_way_is_byte_exact(
     let total = tests::bulk_bytes(64 << 20);
     let topo = Topology::new();
     let echo = Server::start(&topo.srv, SRV_IP, 9000, Behaviour::Echo { write_size });
-    let _agent = topo.run_agent(mode, Placement::Outside, &[]);
+    let _agent = topo.run_agent(mode, Placement::Outside, &["--splice"]);
     let _in_pod = topo.enter_pod_cgroup();
     let mut conn = topo.pod_connect(echo.addr);
     let sent_hash = tests::transfer::echo_round_trip(&mut conn, total, write_size);
@@ -89,9 +89,10 @@ fn bulk_64_mib_each_way_is_byte_exact(
         "bytes at the upstream differ"
     );
     assert_eq!(admin::proxied(&topo, "outbound", 1), 1, "through the proxy");
-    // The upload went on through splice(2) in iptables mode; in eBPF mode
-    // the app's leg may be in the SOCKHASH, where splice cannot read. The
-    // download (into the app's loopback socket) is copied in both.
+    // With `--splice` the upload went on through splice(2) in iptables
+    // mode; in eBPF mode the app's leg may be in the SOCKHASH, where splice
+    // cannot read. The download (into the app's loopback socket) is copied
+    // in both.
     let text = admin::get(&topo, "/metrics").1;
     assert_eq!(
         admin::metric(
@@ -161,10 +162,13 @@ fn drain(r: &mut TcpStream) -> (u64, [u8; 32]) {
 /// reader reads, every byte arrives in order. Under the short-circuit a
 /// message goes over TCP when its reader holds too much, or at once when
 /// the reader does blocking reads where those are unsafe in a sockmap.
+/// With `--splice` as without (one splice as large as a whole pipe once
+/// let the proxy's loopback socket grow to 23 MiB here).
 #[rstest]
 fn a_reader_that_does_not_read_holds_the_writer_back(
     #[values(RedirectMode::Ebpf, RedirectMode::Iptables)] mode: RedirectMode,
     #[values(Pusher::App, Pusher::Server)] pusher: Pusher,
+    #[values(false, true)] splice: bool,
 ) {
     require_root!();
     let topo = Topology::new();
@@ -172,7 +176,8 @@ fn a_reader_that_does_not_read_holds_the_writer_back(
         .srv
         .run(|| TcpListener::bind((SRV_IP, 9000)))
         .expect("bind");
-    let agent = topo.run_agent(mode, Placement::Outside, &[]);
+    let args: &[&str] = if splice { &["--splice"] } else { &[] };
+    let agent = topo.run_agent(mode, Placement::Outside, args);
     let mut app = {
         let _in_pod = topo.enter_pod_cgroup();
         topo.pod_connect_blocking(SocketAddrV4::new(SRV_IP, 9000))

@@ -103,7 +103,7 @@ pub enum Mode {
     H1,
     H3,
     /// M1 with the built-in proxy copying bulk through userspace.
-    M1C,
+    M1S,
 }
 
 impl Mode {
@@ -114,7 +114,7 @@ impl Mode {
         Self::M3,
         Self::H1,
         Self::H3,
-        Self::M1C,
+        Self::M1S,
     ];
     /// A run without `--modes` (the splice-off mode only when asked for).
     pub const DEFAULT: [Self; 6] = [Self::M0, Self::M1, Self::M2, Self::M3, Self::H1, Self::H3];
@@ -127,7 +127,7 @@ impl Mode {
             Self::M3 => "M3",
             Self::H1 => "H1",
             Self::H3 => "H3",
-            Self::M1C => "M1C",
+            Self::M1S => "M1S",
         }
     }
 
@@ -139,7 +139,7 @@ impl Mode {
             Self::M3 => "`run --mode ebpf` (connect4 + sockmap), built-in proxy",
             Self::H1 => "`run --mode iptables --proxy external`, HAProxy",
             Self::H3 => "`run --mode ebpf --proxy external` (connect4 + sockmap), HAProxy",
-            Self::M1C => "M1 with `--no-splice`: bulk copied through the proxy's memory",
+            Self::M1S => "M1 with `--splice`: bulk out of the app moved with splice(2)",
         }
     }
 
@@ -160,13 +160,19 @@ impl Mode {
             Self::M3 => vec!["--mode", "ebpf"],
             Self::H1 => [&["--mode", "iptables"][..], &external].concat(),
             Self::H3 => [&["--mode", "ebpf"][..], &external].concat(),
-            Self::M1C => vec!["--mode", "iptables", "--no-splice"],
+            Self::M1S => vec!["--mode", "iptables", "--splice"],
         };
         let mut args: Vec<String> = args.into_iter().map(str::to_owned).collect();
         if !self.haproxy() {
             args.extend(["--workers".to_owned(), workers.to_string()]);
         }
         Some(args)
+    }
+
+    /// The agent's built-in proxy serves the pod (its `/metrics` count
+    /// what it relayed).
+    pub const fn builtin_proxy(self) -> bool {
+        !matches!(self, Self::M0 | Self::H1 | Self::H3)
     }
 
     pub const fn haproxy(self) -> bool {
@@ -194,7 +200,7 @@ fn parse_mode(s: &str) -> Result<Mode, String> {
     Mode::ALL
         .into_iter()
         .find(|m| m.label().eq_ignore_ascii_case(s.trim()))
-        .ok_or_else(|| format!("unknown mode {s:?} (M0 M1 M2 M3 H1 H3 M1C)"))
+        .ok_or_else(|| format!("unknown mode {s:?} (M0 M1 M2 M3 H1 H3 M1S)"))
 }
 
 /// One scenario at one size: a row group of the report.
@@ -414,6 +420,35 @@ pub struct Measured {
     /// before (all namespaces; bytes queued in sockets).
     #[serde(default)]
     pub tcp_mem_peak_kib: u64,
+    /// `None`: the built-in proxy does not serve this pod.
+    #[serde(default)]
+    pub proxy: Option<ProxyWays>,
+}
+
+/// How the built-in proxy moved a cell's connections (deltas of its
+/// `/metrics`): each connection has two ways (to the upstream and back),
+/// and a way either went on through `splice(2)` or was copied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyWays {
+    pub connections: u64,
+    pub spliced: u64,
+}
+
+impl ProxyWays {
+    /// The ways relayed by copying through the proxy.
+    #[must_use]
+    pub const fn copied(&self) -> u64 {
+        (2 * self.connections).saturating_sub(self.spliced)
+    }
+
+    /// What `after` counted since `self`.
+    #[must_use]
+    pub const fn since(self, before: Self) -> Self {
+        Self {
+            connections: self.connections.saturating_sub(before.connections),
+            spliced: self.spliced.saturating_sub(before.spliced),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -677,6 +712,7 @@ fn measure(env: &mut Env, plan: &Plan, pod_index: usize, cell: Cell) -> Result<M
         }))
     };
     let before = counters(env)?;
+    let ways_before = env::proxy_ways(pod)?;
     let conntrack_flushed = cell == Cell::S4 && env::flush_conntrack(pod);
     let proxy_pid = pod.proxy_pid();
     let server_pid = env.server_pid();
@@ -709,7 +745,9 @@ fn measure(env: &mut Env, plan: &Plan, pod_index: usize, cell: Cell) -> Result<M
     }
     let client = client?;
     let after = counters(env)?;
+    let ways_after = env::proxy_ways(pod)?;
     Ok(Measured {
+        proxy: ways_after.zip(ways_before).map(|(a, b)| a.since(b)),
         client,
         tcp_mem_peak_kib: mem_peak.saturating_sub(mem0),
         proxy_cpu_ns: p1.saturating_sub(p0),
@@ -794,6 +832,7 @@ mod tests {
                 counters: Some(c),
                 conntrack_flushed: false,
                 tcp_mem_peak_kib: 0,
+                proxy: None,
             }),
         }
     }

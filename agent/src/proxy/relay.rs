@@ -85,11 +85,12 @@ const MIN_BUFFER: usize = 16 * 1024;
 
 /// Which of a relay's two sources `splice(2)` may read, once a direction
 /// turns out to be bulk ([`SPLICE_AFTER`]). Never a socket that may be in
-/// a SOCKHASH (see [`super::splice`]). Measured (`bench`, iptables mode):
-/// a way out of the app (loopback in, to the upstream) is 1.17-1.22x
-/// faster spliced at 128 KiB writes; a way from the upstream into the
-/// app's loopback socket was 0.81-0.89x as fast for a 100 MB body, with
-/// 1.7x the kernel TCP memory, so only the first is spliced.
+/// a SOCKHASH (see [`super::splice`]). Measured (`bench`, iptables mode,
+/// M1S/M1): a way from the upstream into the app's loopback socket was
+/// 0.81-0.89x as fast for a 100 MB body, with 1.7x the kernel TCP memory,
+/// so only a way out of the app (loopback in, to the upstream) may be
+/// spliced; and even that is 0.71-0.82x at 16 KiB writes and 0.96-0.99x
+/// at 128 KiB on the reference host, so it is off unless `--splice`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Splice {
     pub from_client: bool,
@@ -247,7 +248,7 @@ async fn copy(
                     Ok(pipe) if pipe.capacity() >= max_buffer => {
                         spliced_ways.fetch_add(1, Ordering::Relaxed);
                         let ways = (&from, from_side, &to, to_side);
-                        match spliced(ways, pipe, total, last, moved).await {
+                        match spliced(ways, pipe, max_buffer, total, last, moved).await {
                             Spliced::Ended(r) => return r,
                             // Read on: `recv` steps over the urgent byte.
                             Spliced::Urgent(t) => {
@@ -284,17 +285,23 @@ enum Spliced {
 }
 
 /// The rest of [`copy`] through `pipe`: what one splice takes from `from`
-/// is all in `to` before the next one.
+/// is all in `to` before the next one. One splice takes at most `chunk`
+/// bytes (the relay buffer, as one read would): the kernel grows a
+/// socket's receive buffer with what is read from it per round trip, and
+/// a whole pipe (16 buffers) per call grew the proxy's loopback socket to
+/// 18 MiB, which the app then filled once the upstream stopped reading
+/// (4.8-7.8 MiB when copying; 5.6-7.7 MiB with this cap).
 async fn spliced(
     (from, from_side, to, to_side): (&ReadHalf<'_>, Side, &WriteHalf<'_>, Side),
     mut pipe: Pipe,
+    chunk: usize,
     mut total: u64,
     last: &Activity,
     moved: &AtomicU64,
 ) -> Spliced {
     let fail = |side, source, total| Spliced::Ended(Err((total, RelayError { side, source })));
     loop {
-        let n = match pipe.fill(from.as_ref()).await {
+        let n = match pipe.fill(from.as_ref(), chunk).await {
             Ok(Filled::Moved(n)) => n,
             Ok(Filled::End) => return Spliced::Ended(end_of_stream(to, to_side, total)),
             Ok(Filled::Urgent) => return Spliced::Urgent(total),

@@ -72,10 +72,11 @@ impl Pipe {
         self.capacity
     }
 
-    /// Moves what `from` has (up to the pipe's room) into the pipe, once
-    /// `from` is readable. At the urgent mark `from` stays readable.
-    pub async fn fill(&mut self, from: &TcpStream) -> io::Result<Filled> {
-        let room = self.capacity - self.held;
+    /// Moves what `from` has (up to `most` bytes and the pipe's room) into
+    /// the pipe, once `from` is readable. At the urgent mark `from` stays
+    /// readable.
+    pub async fn fill(&mut self, from: &TcpStream, most: usize) -> io::Result<Filled> {
+        let room = (self.capacity - self.held).min(most);
         let (r, w) = (from.as_raw_fd(), self.write.as_raw_fd());
         let filled = from
             .async_io(Interest::READABLE, || match splice(r, w, room) {
@@ -180,7 +181,7 @@ mod tests {
         assert!(pipe.capacity >= 4096);
         let mut moved = 0;
         loop {
-            let n = match pipe.fill(&from).await.unwrap() {
+            let n = match pipe.fill(&from, usize::MAX).await.unwrap() {
                 Filled::Moved(n) => n,
                 Filled::End => break,
                 Filled::Urgent => panic!("no urgent data was sent"),

@@ -100,10 +100,11 @@ pub struct RunArgs {
     /// short-circuit.
     #[arg(long, value_name = "N", default_value_t = globals::SHORT_CONN_THRESHOLD_DEFAULT)]
     pub short_conn_threshold: u32,
-    /// Copy bulk transfers through userspace in the built-in proxy, not
-    /// with `splice(2)` (for comparisons).
+    /// Move bulk out of the app's loopback leg with `splice(2)` in the
+    /// built-in proxy, where no short-circuit serves the pod (measured
+    /// slower than copying on the reference host: off by default).
     #[arg(long, action = switch!(), num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
-    pub no_splice: bool,
+    pub splice: bool,
     /// Proxy worker threads.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub workers: u16,

@@ -160,8 +160,13 @@ fn start_proxy(
     let no_sockhash = !took_over && (mode == Mode::Iptables || !plan.capture.sockmap);
     Ok(match (plan.proxy.clone(), listeners) {
         (Some(mut config), Some(l)) => {
-            let on = no_sockhash && config.splice_from_app.load(Ordering::Relaxed);
-            config.splice_from_app = Arc::new(on.into());
+            let asked = config.splice_from_app.load(Ordering::Relaxed);
+            if asked && !no_sockhash {
+                tracing::info!(
+                    "--splice: not where the app's sockets may be in a SOCKHASH (a short-circuit, or a predecessor's); copying"
+                );
+            }
+            config.splice_from_app = Arc::new((asked && no_sockhash).into());
             Some(ProxyHandle::start(&plan.capture.netns, config, l)?)
         }
         _ => None,

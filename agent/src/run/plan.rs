@@ -70,7 +70,7 @@ impl Plan {
                     max_connections: args.max_connections as usize,
                     // Kept only once the mode is known to have no
                     // short-circuit (`lifecycle`).
-                    splice_from_app: std::sync::Arc::new((!args.no_splice).into()),
+                    splice_from_app: std::sync::Arc::new(args.splice.into()),
                 };
                 (Some(config), cgroup::covering_set(&cgroup, &own))
             }

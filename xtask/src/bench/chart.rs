@@ -28,7 +28,7 @@ fn color(m: Mode) -> RGBColor {
         Mode::M3 => RGBColor(30, 100, 200),
         Mode::H1 => RGBColor(150, 210, 140),
         Mode::H3 => RGBColor(40, 150, 70),
-        Mode::M1C => RGBColor(120, 60, 60),
+        Mode::M1S => RGBColor(120, 60, 60),
     }
 }
 

@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::{
-    Mode,
+    Mode, ProxyWays,
     proto::{ClientJob, ClientResult, Job, SERVER_READY},
 };
 use crate::cmd;
@@ -190,6 +190,7 @@ impl Env {
         let mut c = Command::new(&self.agent_bin);
         c.args(["run", "--netns", &netns_path, "--cgroup"])
             .arg(&pod.cgroup)
+            .args(["--admin", ADMIN])
             .args(&agent_args)
             .args(
                 self.control_dir
@@ -395,6 +396,49 @@ impl Env {
             d => Some(d["counters"].clone()),
         })
     }
+}
+
+/// Where each pod's agent serves `/metrics`, inside the pod's namespace.
+const ADMIN: &str = "127.0.0.1:15000";
+
+/// The built-in proxy's connections and spliced ways so far (its
+/// `/metrics`, scraped inside the pod's namespace), or `None` when the
+/// built-in proxy does not serve the pod.
+pub fn proxy_ways(pod: &Pod) -> Result<Option<ProxyWays>> {
+    if !pod.mode.builtin_proxy() {
+        return Ok(None);
+    }
+    let url = format!("http://{ADMIN}/metrics");
+    let out = cmd::stdout_of(Command::new("ip").args([
+        "netns",
+        "exec",
+        &pod.netns,
+        "curl",
+        "-sSf",
+        "--max-time",
+        "5",
+        &url,
+    ]))
+    .with_context(|| format!("scraping {url} in {}", pod.netns))?;
+    Ok(Some(ProxyWays {
+        connections: metric_sum(&out, "mesh_redirect_proxy_connections_total"),
+        spliced: metric_sum(&out, "mesh_redirect_proxy_spliced_total"),
+    }))
+}
+
+/// The sum of a Prometheus text exposition's samples of `name` (over all
+/// its label sets).
+fn metric_sum(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.split_once("} ")?.1,
+                None => rest.strip_prefix(' ')?,
+            };
+            value.trim().parse::<u64>().ok()
+        })
+        .sum()
 }
 
 /// Empties the pod's conntrack table (with `conntrack -F`), if the tool is
@@ -639,4 +683,22 @@ pub fn process_cpu_ns(pid: u32) -> u64 {
         .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metric_sum;
+
+    #[test]
+    fn a_metric_is_summed_over_its_label_sets_and_nothing_else() {
+        let text = "# HELP mesh_redirect_proxy_spliced Ways\n\
+                    # TYPE mesh_redirect_proxy_spliced counter\n\
+                    mesh_redirect_proxy_spliced_total{direction=\"outbound\"} 3\n\
+                    mesh_redirect_proxy_spliced_total{direction=\"inbound\"} 4\n\
+                    mesh_redirect_proxy_spliced_totally 100\n\
+                    mesh_redirect_proxy_connections_total 9\n";
+        assert_eq!(metric_sum(text, "mesh_redirect_proxy_spliced_total"), 7);
+        assert_eq!(metric_sum(text, "mesh_redirect_proxy_connections_total"), 9);
+        assert_eq!(metric_sum(text, "mesh_redirect_missing"), 0);
+    }
 }

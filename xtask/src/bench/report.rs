@@ -265,6 +265,7 @@ pub fn write(plan: &Plan, sys: &System, samples: &[Sample]) -> Result<Written> {
     md.push_str(&ratios_md);
     md.push_str("\n## Datapath counters\n\n");
     md.push_str(&datapath_table(plan, &table));
+    md.push_str(&proxy_ways_section(plan, &table));
     md.push_str("\n## Flags\n\n");
     md.push_str(&flags(plan, &table, samples));
     let _ = writeln!(
@@ -484,7 +485,7 @@ const RATIOS: [(Mode, Mode); 8] = [
     (Mode::M1, Mode::H1),
     (Mode::M3, Mode::H3),
     (Mode::H3, Mode::H1),
-    (Mode::M1, Mode::M1C),
+    (Mode::M1S, Mode::M1),
 ];
 
 fn ratios_table(plan: &Plan, t: &Table) -> String {
@@ -576,6 +577,50 @@ fn datapath_table(plan: &Plan, t: &Table) -> String {
                 ),
                 sockmap_only(spread_text(kept)),
                 sockmap_only(fb.to_string()),
+            );
+        }
+    }
+    md
+}
+
+/// How the built-in proxy moved each cell's connections (empty without a
+/// mode it serves).
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "counter values are far below 2^52"
+)]
+fn proxy_ways_section(plan: &Plan, t: &Table) -> String {
+    let modes: Vec<Mode> = plan
+        .modes
+        .iter()
+        .copied()
+        .filter(|m| m.builtin_proxy())
+        .collect();
+    if modes.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from(
+        "\n## The built-in proxy's ways\n\n\
+         From the agent's `/metrics` before and after each cell (deltas; median and spread over \
+         rounds). Each connection has two ways, to the upstream and back. With `--splice` \
+         (mode M1S), a way goes on through `splice(2)` once it has moved 256 KiB, and only out \
+         of a socket that no SOCKHASH can hold (the app's loopback leg when no sockmap serves \
+         the pod: iptables mode or `--no-sockmap`; never after a handover); every other way is \
+         copied through the proxy (in a sockmap mode the app's leg is short-circuited in the \
+         kernel and the proxy copies its upstream leg). Into the app's socket it is always \
+         copied: spliced, a 100 MB download was slower and held more kernel memory.\n\n\
+         | cell | mode | connections | ways spliced | ways copied |\n\
+         |---|---|---:|---:|---:|\n",
+    );
+    for &cell in &plan.cells {
+        for &mode in &modes {
+            let _ = writeln!(
+                md,
+                "| {} | {mode} | {} | {} | {} |",
+                cell.name(),
+                spread_text(t.proxy_ways(cell, mode, |w| w.connections as f64)),
+                spread_text(t.proxy_ways(cell, mode, |w| w.spliced as f64)),
+                spread_text(t.proxy_ways(cell, mode, |w| w.copied() as f64)),
             );
         }
     }
@@ -1140,10 +1185,10 @@ fn check_sample(cell: Cell, mode: Mode, m: &Measured) -> Vec<String> {
         p.push("integrity check failed".into());
     }
     match (mode, m.counters) {
-        (Mode::M0 | Mode::M1 | Mode::H1 | Mode::M1C, Some(_)) => {
+        (Mode::M0 | Mode::M1 | Mode::H1 | Mode::M1S, Some(_)) => {
             p.push("an eBPF datapath serves a mode that should have none".into());
         }
-        (Mode::M0 | Mode::M1 | Mode::H1 | Mode::M1C, None) => {}
+        (Mode::M0 | Mode::M1 | Mode::H1 | Mode::M1S, None) => {}
         (_, None) => p.push("no eBPF datapath counters".into()),
         (Mode::M2, Some(c)) => {
             if c.msg_redirected != 0 || c.msg_passed != 0 {

@@ -288,6 +288,23 @@ impl<'a> Table<'a> {
         spread(&v)
     }
 
+    /// A built-in proxy counter (derived per cell) over rounds.
+    pub fn proxy_ways(
+        &self,
+        cell: Cell,
+        mode: Mode,
+        get: fn(&super::ProxyWays) -> f64,
+    ) -> Option<Spread> {
+        let v: Vec<f64> = self
+            .rounds()
+            .filter_map(|r| {
+                let m = self.sample(cell, mode, r)?.result.as_ref().ok()?;
+                Some(get(m.proxy.as_ref()?))
+            })
+            .collect();
+        spread(&v)
+    }
+
     /// [`Self::counter`] over the rounds where `get` has a value.
     pub fn counter_some(
         &self,
