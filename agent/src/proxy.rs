@@ -237,6 +237,9 @@ fn bind_std(addr: SocketAddr) -> Result<std::net::TcpListener, ProxyError> {
             sock.set_only_v6(true)?;
         }
         sock.set_nonblocking(true)?;
+        // Inherited by every socket it accepts (see `worker::register`);
+        // set before `listen`, so none established early goes without.
+        sock.set_tcp_nodelay(true)?;
         sock.bind(&addr.into())?;
         sock.listen(4096)?;
         Ok(sock.into())

@@ -9,16 +9,16 @@ use std::{io, net::SocketAddr, os::fd::AsFd, time::Duration};
 
 use socket2::SockRef;
 
-/// The original destination of an accepted connection: for an IPv4
+/// The original destination of a connection accepted from `peer` (as
+/// `accept` returned it: no `getpeername` per connection): for an IPv4
 /// connection (an `AF_INET` socket, or a dual-stack one with a v4-mapped
 /// peer) `getsockopt(SOL_IP, SO_ORIGINAL_DST)`, for an IPv6 one
 /// `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)`, as Envoy asks.
-pub fn original_dst(stream: &impl AsFd) -> io::Result<SocketAddr> {
+pub fn original_dst(stream: &impl AsFd, peer: SocketAddr) -> io::Result<SocketAddr> {
     let sock = SockRef::from(stream);
-    let v4 = match sock.peer_addr()?.as_socket() {
-        Some(SocketAddr::V4(_)) => true,
-        Some(SocketAddr::V6(p)) => p.ip().to_ipv4_mapped().is_some(),
-        None => false,
+    let v4 = match peer {
+        SocketAddr::V4(_) => true,
+        SocketAddr::V6(p) => p.ip().to_ipv4_mapped().is_some(),
     };
     let addr = if v4 {
         sock.original_dst_v4()?

@@ -116,7 +116,9 @@ fn landed(proxy: &TcpListener) -> Landed {
     let deadline = Instant::now() + tests::scaled(Duration::from_millis(500));
     loop {
         match proxy.accept() {
-            Ok((s, _)) => return Landed::Proxy(socket::original_dst(&s).expect("SO_ORIGINAL_DST")),
+            Ok((s, peer)) => {
+                return Landed::Proxy(socket::original_dst(&s, peer).expect("SO_ORIGINAL_DST"));
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -320,9 +322,9 @@ fn the_original_destination_outlives_an_app_that_already_closed(
     // once) well before this accept.
     std::thread::sleep(Duration::from_millis(300));
     proxy.outbound.set_nonblocking(false).unwrap();
-    let (mut s, _) = proxy.outbound.accept().unwrap();
+    let (mut s, peer) = proxy.outbound.accept().unwrap();
     assert_eq!(
-        socket::original_dst(&s).expect("SO_ORIGINAL_DST"),
+        socket::original_dst(&s, peer).expect("SO_ORIGINAL_DST"),
         dst.into()
     );
     let mut got = Vec::new();

@@ -404,16 +404,16 @@ fn an_unmodified_listener_gets_the_original_destination(
     let _app = app.join().unwrap().expect("app connect");
     listener.set_nonblocking(true).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    let accepted = loop {
+    let (accepted, peer) = loop {
         match listener.accept() {
-            Ok((s, _)) => break s,
+            Ok(a) => break a,
             Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(5));
             }
             Err(e) => panic!("the redirected connection never arrived: {e}"),
         }
     };
-    assert_eq!(socket::original_dst(&accepted).unwrap(), dst.into());
+    assert_eq!(socket::original_dst(&accepted, peer).unwrap(), dst.into());
     // Raw bytes, as netfilter's getorigdst() writes them.
     let raw = raw_original_dst(&accepted).expect("raw SO_ORIGINAL_DST");
     assert_eq!(

@@ -140,13 +140,16 @@ fn redirect_lands_on_the_proxy_with_the_original_destination(#[case] backend: Ba
 
     let target = SocketAddrV4::new(SRV_IP, 80);
     let app = connect(&ns, target, None).expect("connect is captured");
-    let (accepted, _) = proxy.accept().unwrap();
+    let (accepted, peer) = proxy.accept().unwrap();
     assert_eq!(
         app.peer_addr().unwrap(),
         target.into(),
         "the app sees its destination"
     );
-    assert_eq!(socket::original_dst(&accepted).unwrap(), target.into());
+    assert_eq!(
+        socket::original_dst(&accepted, peer).unwrap(),
+        target.into()
+    );
 
     // Marked sockets (our proxy's upstream connections) go where they were
     // going: nothing listens on the server, so the connect is refused.
@@ -507,8 +510,11 @@ fn cli_install_twice_reconcile_and_cleanup(#[case] backend: Backend, #[case] nam
     let proxy = proxy_listener(&ns);
     let target = SocketAddrV4::new(SRV_IP, 443);
     let _app = connect(&ns, target, None).expect("captured");
-    let (accepted, _) = proxy.accept().unwrap();
-    assert_eq!(socket::original_dst(&accepted).unwrap(), target.into());
+    let (accepted, peer) = proxy.accept().unwrap();
+    assert_eq!(
+        socket::original_dst(&accepted, peer).unwrap(),
+        target.into()
+    );
 
     let out = cli(&topo.pod, &install);
     assert!(out.status.success(), "same again: {}", stderr(&out));

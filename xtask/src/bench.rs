@@ -102,7 +102,7 @@ pub enum Mode {
     M3,
     H1,
     H3,
-    /// M1 with the built-in proxy copying bulk through userspace.
+    /// M1 with `--splice`: bulk out of the app moved with splice(2).
     M1S,
 }
 
@@ -116,7 +116,7 @@ impl Mode {
         Self::H3,
         Self::M1S,
     ];
-    /// A run without `--modes` (the splice-off mode only when asked for).
+    /// A run without `--modes` (the splice mode only when asked for).
     pub const DEFAULT: [Self; 6] = [Self::M0, Self::M1, Self::M2, Self::M3, Self::H1, Self::H3];
 
     pub const fn label(self) -> &'static str {
@@ -712,7 +712,7 @@ fn measure(env: &mut Env, plan: &Plan, pod_index: usize, cell: Cell) -> Result<M
         }))
     };
     let before = counters(env)?;
-    let ways_before = env::proxy_ways(pod)?;
+    let ways_before = env::proxy_ways(pod);
     let conntrack_flushed = cell == Cell::S4 && env::flush_conntrack(pod);
     let proxy_pid = pod.proxy_pid();
     let server_pid = env.server_pid();
@@ -745,7 +745,7 @@ fn measure(env: &mut Env, plan: &Plan, pod_index: usize, cell: Cell) -> Result<M
     }
     let client = client?;
     let after = counters(env)?;
-    let ways_after = env::proxy_ways(pod)?;
+    let ways_after = env::proxy_ways(pod);
     Ok(Measured {
         proxy: ways_after.zip(ways_before).map(|(a, b)| a.since(b)),
         client,

@@ -84,7 +84,7 @@ pub(super) async fn serve(
             async move {
                 let _held = (permit, room, open);
                 tokio::select! {
-                    () = connection::handle(client, direction, &config, &stats) => {}
+                    () = connection::handle(client, peer, direction, &config, &stats) => {}
                     _ = close_all.wait_for(|c| *c) => debug!("closed at shutdown"),
                 }
             }

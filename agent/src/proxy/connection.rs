@@ -13,15 +13,17 @@ use agent_common::{INBOUND_PASSTHROUGH_SRC, INBOUND_PASSTHROUGH_SRC_V6};
 use super::{Direction, ProxyConfig, Stats, relay};
 use crate::socket;
 
+/// `client` was accepted from `peer`; it has `TCP_NODELAY` from its
+/// listener (see `worker::register`).
 pub(super) async fn handle(
     mut client: TcpStream,
+    peer: SocketAddr,
     direction: Direction,
     config: &ProxyConfig,
     stats: &Stats,
 ) {
     let dstats = stats.direction(direction);
-    let _ = client.set_nodelay(true);
-    let dst = match socket::original_dst(&client) {
+    let dst = match socket::original_dst(&client, peer) {
         Ok(dst) => dst,
         Err(e) => {
             stats.orig_dst_missing.fetch_add(1, Ordering::Relaxed);

@@ -183,14 +183,21 @@ impl Worker {
     }
 }
 
-/// The listeners, with this thread's runtime.
+/// The listeners, with this thread's runtime. Each has `TCP_NODELAY`,
+/// which every socket it accepts inherits (one call per listener instead
+/// of one per connection): set when bound, and here again for listeners
+/// an older agent handed over without it (a connection it had already
+/// established keeps what the listener had then).
 fn register(listeners: Listeners) -> io::Result<Vec<(TcpListener, Direction)>> {
     let Listeners { outbound, inbound } = listeners;
     outbound
         .into_iter()
         .map(|l| (l, Direction::Outbound))
         .chain(inbound.into_iter().map(|l| (l, Direction::Inbound)))
-        .map(|(l, d)| TcpListener::from_std(l).map(|l| (l, d)))
+        .map(|(l, d)| {
+            socket2::SockRef::from(&l).set_tcp_nodelay(true)?;
+            TcpListener::from_std(l).map(|l| (l, d))
+        })
         .collect()
 }
 
@@ -295,7 +302,7 @@ pub(super) fn start(
             max_connections = config.max_connections,
             allowed = max,
             workers,
-            "proxy: RLIMIT_NOFILE holds fewer connections than --max-connections (two descriptors each, per worker); connections beyond are reset; raise the limit or --workers"
+            "proxy: RLIMIT_NOFILE holds fewer connections than --max-connections (two descriptors each, four with --splice, per worker); connections beyond are reset; raise the limit or --workers"
         );
     }
     info!(outbound_port = config.outbound_port, inbound_port = ?config.inbound_port, mark = config.mark, workers, max_connections = max, "proxy: listeners up");
@@ -416,5 +423,28 @@ pub fn raise_fd_limit(config: &ProxyConfig) {
             lim.rlim_cur = lim.rlim_max;
             let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a registered listener accepts has `TCP_NODELAY` already (the
+    /// relay sets it on no accepted socket), also where the listener came
+    /// without it, as from an older agent.
+    #[tokio::test]
+    async fn an_accepted_socket_inherits_nodelay_from_its_registered_listener() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let listeners = Listeners {
+            outbound: vec![l],
+            inbound: Vec::new(),
+        };
+        let registered = register(listeners).unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = registered[0].0.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 }

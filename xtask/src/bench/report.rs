@@ -608,7 +608,9 @@ fn proxy_ways_section(plan: &Plan, t: &Table) -> String {
          the pod: iptables mode or `--no-sockmap`; never after a handover); every other way is \
          copied through the proxy (in a sockmap mode the app's leg is short-circuited in the \
          kernel and the proxy copies its upstream leg). Into the app's socket it is always \
-         copied: spliced, a 100 MB download was slower and held more kernel memory.\n\n\
+         copied: spliced, a 100 MB download was slower and held more kernel memory. \
+         \"ways copied\" is two per connection less those spliced (a connection reset before \
+         its relay, e.g. its upstream refused, counts too).\n\n\
          | cell | mode | connections | ways spliced | ways copied |\n\
          |---|---|---:|---:|---:|\n",
     );
