@@ -441,7 +441,7 @@ impl ProxyWays {
         (2 * self.connections).saturating_sub(self.spliced)
     }
 
-    /// What `after` counted since `self`.
+    /// What `self` counted since `before`.
     #[must_use]
     pub const fn since(self, before: Self) -> Self {
         Self {

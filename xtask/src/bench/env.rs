@@ -428,24 +428,22 @@ pub fn proxy_ways(pod: &Pod) -> Option<ProxyWays> {
         return None;
     };
     Some(ProxyWays {
-        connections: metric_sum(&out, "mesh_redirect_proxy_connections_total"),
-        spliced: metric_sum(&out, "mesh_redirect_proxy_spliced_total"),
+        connections: metric_samples(&out, "mesh_redirect_proxy_connections_total").sum(),
+        spliced: metric_samples(&out, "mesh_redirect_proxy_spliced_total").sum(),
     })
 }
 
-/// The sum of a Prometheus text exposition's samples of `name` (over all
-/// its label sets).
-fn metric_sum(text: &str, name: &str) -> u64 {
-    text.lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix(name)?;
-            let value = match rest.strip_prefix('{') {
-                Some(labelled) => labelled.split_once("} ")?.1,
-                None => rest.strip_prefix(' ')?,
-            };
-            value.trim().parse::<u64>().ok()
-        })
-        .sum()
+/// The values of a Prometheus text exposition's samples of `name` (one
+/// per label set, or the one without labels).
+pub fn metric_samples<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = u64> + 'a {
+    text.lines().filter_map(move |l| {
+        let rest = l.strip_prefix(name)?;
+        let value = match rest.strip_prefix('{') {
+            Some(labelled) => labelled.split_once("} ")?.1,
+            None => rest.strip_prefix(' ')?,
+        };
+        value.trim().parse::<u64>().ok()
+    })
 }
 
 /// Empties the pod's conntrack table (with `conntrack -F`), if the tool is
@@ -694,7 +692,11 @@ pub fn process_cpu_ns(pid: u32) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::metric_sum;
+    use super::metric_samples;
+
+    fn metric_sum(text: &str, name: &str) -> u64 {
+        metric_samples(text, name).sum()
+    }
 
     #[test]
     fn a_metric_is_summed_over_its_label_sets_and_nothing_else() {

@@ -247,8 +247,8 @@ fn footprint(admin: SocketAddrV4) -> Result<(u64, u64)> {
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let metric = |name: &str| -> Result<u64> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        super::env::metric_samples(&text, name)
+            .next()
             .with_context(|| format!("no {name} in the node agent's /metrics"))
     };
     Ok((

@@ -278,14 +278,7 @@ impl<'a> Table<'a> {
         mode: Mode,
         get: fn(&super::Counters, &Measured) -> f64,
     ) -> Option<Spread> {
-        let v: Vec<f64> = self
-            .rounds()
-            .filter_map(|r| {
-                let m = self.sample(cell, mode, r)?.result.as_ref().ok()?;
-                Some(get(m.counters.as_ref()?, m))
-            })
-            .collect();
-        spread(&v)
+        self.over_rounds(cell, mode, |m| Some(get(m.counters.as_ref()?, m)))
     }
 
     /// A built-in proxy counter (derived per cell) over rounds.
@@ -295,14 +288,7 @@ impl<'a> Table<'a> {
         mode: Mode,
         get: fn(&super::ProxyWays) -> f64,
     ) -> Option<Spread> {
-        let v: Vec<f64> = self
-            .rounds()
-            .filter_map(|r| {
-                let m = self.sample(cell, mode, r)?.result.as_ref().ok()?;
-                Some(get(m.proxy.as_ref()?))
-            })
-            .collect();
-        spread(&v)
+        self.over_rounds(cell, mode, |m| Some(get(m.proxy.as_ref()?)))
     }
 
     /// [`Self::counter`] over the rounds where `get` has a value.
@@ -312,12 +298,20 @@ impl<'a> Table<'a> {
         mode: Mode,
         get: fn(&super::Counters) -> Option<f64>,
     ) -> Option<Spread> {
+        self.over_rounds(cell, mode, |m| get(m.counters.as_ref()?))
+    }
+
+    /// What `get` derives from each round's measurement of `cell` in
+    /// `mode`, over the rounds that measured it and where it has a value.
+    fn over_rounds(
+        &self,
+        cell: Cell,
+        mode: Mode,
+        get: impl Fn(&Measured) -> Option<f64>,
+    ) -> Option<Spread> {
         let v: Vec<f64> = self
             .rounds()
-            .filter_map(|r| {
-                let m = self.sample(cell, mode, r)?.result.as_ref().ok()?;
-                get(m.counters.as_ref()?)
-            })
+            .filter_map(|r| get(self.sample(cell, mode, r)?.result.as_ref().ok()?))
             .collect();
         spread(&v)
     }
